@@ -1,0 +1,386 @@
+"""The Editor: routes typed requests to method modules, owns the per-image caches, reports progress.
+
+One Editor per process; the model bundle is loaded lazily on first use and shared. GPU work is
+serialised with a lock (the UI also runs one queue), and every change to the shared UNet happens
+inside a context manager that undoes it.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import io
+import logging
+import platform
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from editing import drag_diffusion
+from editing.geometry import grid_to_points, points_to_grid, resize_image, resize_mask, scale_point, working_size
+from editing.images import image_hash, pil_to_tensor, tensor_to_pil
+from editing.inversion import Inversion, Schedule, ddim_step, invert, unet_eps
+from editing.lora import lora_adapter, train_identity_lora
+from editing.requests import DragRequest, EditCancelled, EditError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]
+RECIPE_VERSION = 1
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    recipe: dict
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    unet_calls: dict[str, int] = field(default_factory=dict)  # phase -> NFE (batch elements)
+    notices: list[str] = field(default_factory=list)
+    final_points: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.timings.values())
+
+
+@dataclass
+class _Generated:
+    """What a generation keeps so a drag of its image needs no inversion and no LoRA."""
+
+    inversion: Inversion  # latents[k] on the generation's own trajectory
+    prompt: str
+    guidance_scale: float
+    recipe: dict
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+            return self[key], True
+        value = make()
+        self[key] = value
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value, False
+
+
+class _Run:
+    """Timing, NFE counting and progress for one request."""
+
+    def __init__(self, unet, progress: Progress | None, cancel):
+        self.timings: dict[str, float] = {}
+        self.nfe: dict[str, int] = {}
+        self.phase = "setup"
+        self.progress, self.cancel = progress, cancel
+        self._hook = unet.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        self.nfe[self.phase] = self.nfe.get(self.phase, 0) + int(x.shape[0])
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        self.phase = name
+        self.report(0.0, "")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self, frac: float, msg: str = ""):
+        if self.cancel is not None and self.cancel.is_set():
+            raise EditCancelled("Cancelled.")
+        if self.progress:
+            self.progress(self.phase, float(frac), msg)
+
+    def close(self):
+        self._hook.remove()
+
+
+def _png_b64(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _from_b64(s: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(s)))
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+class Editor:
+    """Entry point of the engine: ``Editor("tiny").drag(DragRequest(...))``."""
+
+    def __init__(self, model_spec: str = "auto", *, allow_pickle: bool = False, max_side: int = 2048,
+                 device: str | None = None, dtype: torch.dtype | None = None, offload: bool = False,
+                 resolution: int | None = None):
+        from models.loader import resolve_auto
+
+        self.banner = ""
+        if model_spec == "auto":
+            model_spec, self.banner = resolve_auto()
+        self.model_spec = model_spec
+        self.allow_pickle, self.max_side = allow_pickle, int(max_side)
+        self.device, self.dtype, self.offload = device, dtype, offload
+        self.resolution = resolution  # working long side; default the model's native resolution
+        self._bundle = None
+        self._lock = threading.RLock()
+        self._latents = _LRU(8)  # (image, size) -> VAE posterior (mean, std)
+        self._loras = _LRU(4)  # (image, size, prompt, lora params) -> LoRA state dict (CPU)
+        self._inversions = _LRU(4)  # (lora key, strength, steps) -> Inversion
+        self._generated = _LRU(8)  # image hash -> _Generated
+
+    # ---- model -------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model_spec
+
+    def load(self, progress: Callable[[str], None] | None = None):
+        """Load (once) and return the ModelBundle."""
+        from models.loader import load_bundle
+
+        with self._lock:
+            if self._bundle is None:
+                self._bundle = load_bundle(self.model_spec, allow_pickle=self.allow_pickle, device=self.device,
+                                           dtype=self.dtype, offload=self.offload, progress=progress)
+            return self._bundle
+
+    def _working_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        b = self._bundle
+        return working_size(size, self.resolution or b.native_resolution, b.pixel_multiple)
+
+    # ---- cached stages -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _posterior(self, img: Image.Image, key) -> tuple[torch.Tensor, torch.Tensor]:
+        def make():
+            b = self._bundle
+            x = pil_to_tensor(img).to(b.device, b.dtype)
+            dist = b.vae.encode(x).latent_dist
+            s = b.vae.config.scaling_factor
+            return dist.mean.float() * s, dist.std.float() * s
+
+        return self._latents.get_or(key, make)[0]
+
+    def _identity_lora(self, run: _Run, img, img_key, prompt, steps, rank, lr, seed):
+        if steps <= 0:
+            return None, None
+        key = (img_key, prompt, steps, rank, lr, seed)
+
+        def make():
+            b = self._bundle
+            with run.step("lora"):
+                return train_identity_lora(
+                    b.unet, self._posterior(img, img_key), b.encode_prompt(prompt), b.scheduler.alphas_cumprod,
+                    steps=steps, rank=rank, lr=lr, seed=seed, cancel=run.cancel,
+                    progress=lambda f, loss: run.report(f, f"LoRA step {round(f * steps)}/{steps}, loss {loss:.4f}"),
+                )
+
+        state, _ = self._loras.get_or(key, make)
+        return state, key
+
+    def train_identity_lora(self, image, prompt: str = "", steps: int = 80, rank: int = 16, lr: float = 5e-4,
+                            seed: int = 42, progress: Progress | None = None, cancel=None) -> None:
+        """Train (or find cached) the identity LoRA a later drag of ``image`` will use."""
+        req = DragRequest(image, (((0, 0), (1, 1)),), prompt=prompt, lora_steps=steps, lora_rank=rank, lora_lr=lr, seed=seed)
+        with self._lock:
+            self.load()
+            img, _, _ = self._prepare(req)
+            run = _Run(self._bundle.unet, progress, cancel)
+            try:
+                self._identity_lora(run, img, (image_hash(img), img.size), prompt, steps, rank, lr, seed)
+            finally:
+                run.close()
+
+    # ---- drag --------------------------------------------------------------------------------
+    def _prepare(self, req: DragRequest):
+        """Limit the size, then resize image/mask/points to the working resolution."""
+        notices, image, mask, points = list(req.notices), req.image, req.mask, req.points
+        if max(image.size) > self.max_side:
+            s = self.max_side / max(image.size)
+            new = (max(8, round(image.width * s)), max(8, round(image.height * s)))
+            notices.append(f"The image was {image.width}×{image.height}; it was downscaled to {new[0]}×{new[1]} "
+                           f"(limit {self.max_side} px).")
+            points = tuple((scale_point(h, image.size, new), scale_point(t, image.size, new)) for h, t in points)
+            if mask is not None:
+                mask = np.asarray(Image.fromarray(mask).resize(new, Image.NEAREST))
+            image = image.resize(new, Image.LANCZOS)
+        work = self._working_size(image.size)
+        return resize_image(image, work), (image, mask, points), notices
+
+    def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None) -> EditResult:
+        """DragDiffusion edit: (identity LoRA) → DDIM inversion → latent optimisation → denoise."""
+        if not isinstance(request, DragRequest):
+            raise EditError("drag() takes a DragRequest.")
+        with self._lock:
+            b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
+            run = _Run(b.unet, progress, cancel)
+            try:
+                return self._drag(request, run)
+            finally:
+                run.close()
+
+    def _drag(self, req: DragRequest, run: _Run) -> EditResult:
+        b = self._bundle
+        work_img, (image, mask, points), notices = self._prepare(req)
+        img_key = (image_hash(work_img), work_img.size)
+        gen = self._generated.get(image_hash(req.image))
+        if gen is not None and len(gen.inversion.schedule.timesteps) != req.n_inference_steps:
+            notices.append("This image was generated with another step count, so it is inverted like a photo.")
+            gen = None
+        prompt = req.prompt or (gen.prompt if gen else "")
+        guidance = gen.guidance_scale if gen is not None and req.guidance_scale == 1.0 else req.guidance_scale
+        cond = b.encode_prompt(prompt)
+        schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
+        start = schedule.start_index(req.inversion_strength)
+        t = schedule.timesteps[start]
+
+        lora_state, lora_key = None, None
+        if gen is None:
+            lora_state, lora_key = self._identity_lora(run, work_img, img_key, prompt, req.lora_steps, req.lora_rank,
+                                                       req.lora_lr, req.seed)
+        with lora_adapter(b.unet, lora_state, req.lora_rank):
+            if gen is not None:
+                z_t = gen.inversion.latents[len(schedule.timesteps) - start]
+            else:
+                with run.step("encode"):
+                    z0 = self._posterior(work_img, img_key)[0]
+
+                def make_inv():
+                    with run.step("inversion"):
+                        return invert(b.unet, z0, cond, schedule, start, progress=run.report, cancel=run.cancel)
+
+                inv, _ = self._inversions.get_or((img_key, prompt, lora_key, req.inversion_strength, req.n_inference_steps), make_inv)
+                z_t = inv.z_t
+            z_t = z_t.to(b.device)
+            lat_hw = z_t.shape[-2:]
+            grid_hw = (work_img.height // 2, work_img.width // 2)
+            pts_h = points_to_grid([h for h, _ in points], image.size, grid_hw)
+            pts_t = points_to_grid([g for _, g in points], image.size, grid_hw)
+            keep = None
+            if mask is not None:
+                keep = (1.0 - resize_mask(mask, tuple(lat_hw))).to(b.device)
+            with run.step("drag"):
+                out = drag_diffusion.optimize_latent(
+                    b.unet, z_t, t, cond, schedule, pts_h, pts_t, grid_hw, keep=keep, lr=req.latent_lr,
+                    max_steps=req.max_steps, r_m=req.r_m, r_p=req.r_p, lam=req.lam,
+                    progress=lambda f, m: run.report(f, m), cancel=run.cancel,
+                )
+            if not out.arrived:
+                notices.append(f"Stopped after {out.steps} steps before every handle reached its target; "
+                               "raise 'max steps' or run again from this result.")
+            with run.step("denoise"):
+                z0_edit = drag_diffusion.denoise_with_reference(
+                    b.unet, z_t, out.latent, cond, schedule, start, uncond=b.encode_prompt(""),
+                    guidance_scale=guidance, progress=run.report, cancel=run.cancel,
+                )
+        with run.step("decode"), torch.no_grad():
+            x = b.vae.decode((z0_edit / b.vae.config.scaling_factor).to(b.dtype)).sample
+            result = tensor_to_pil(x).resize(image.size, Image.LANCZOS)
+        final = grid_to_points(out.handles, grid_hw, image.size)
+        recipe = self._recipe("drag", req, extra={"steps_run": out.steps, "arrived": out.arrived,
+                                                  "generated": gen.recipe if gen else None})
+        return EditResult(result, recipe, run.timings, run.nfe, notices, final)
+
+    # ---- generation (drag-ready) --------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, seed: int = 42, size: tuple[int, int] | None = None, guidance_scale: float = 7.5,
+                 n_inference_steps: int = 50, progress: Progress | None = None, cancel=None) -> EditResult:
+        """Text-to-image with DDIM; keeps its latent trajectory so dragging the result skips inversion and LoRA."""
+        if not isinstance(prompt, str):
+            raise EditError("The prompt must be text.")
+        for name, v, lo, hi in (("guidance_scale", guidance_scale, 1.0, 30.0), ("n_inference_steps", n_inference_steps, 2, 200)):
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and lo <= v <= hi):
+                raise EditError(f"{name}={v} is outside [{lo}, {hi}].")
+        with self._lock:
+            b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
+            run = _Run(b.unet, progress, cancel)
+            try:
+                native = self.resolution or b.native_resolution
+                w, h = working_size(size or (native, native), native, b.pixel_multiple)
+                schedule = Schedule.from_scheduler(b.scheduler, int(n_inference_steps))
+                cond, uncond = b.encode_prompt(prompt), b.encode_prompt("")
+                gen = torch.Generator("cpu").manual_seed(int(seed))
+                f = b.vae_scale_factor
+                x = torch.randn((1, b.unet.config.in_channels, h // f, w // f), generator=gen).to(b.device)
+                traj = [x]
+                with run.step("generate"):
+                    for i, t in enumerate(schedule.timesteps):
+                        run.report(i / len(schedule.timesteps))
+                        e_u, e_c = unet_eps(b.unet, torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+                        x = ddim_step(x, e_u + guidance_scale * (e_c - e_u), schedule.alpha(t), schedule.alpha(t - schedule.stride))
+                        traj.append(x)
+                with run.step("decode"):
+                    img = tensor_to_pil(b.vae.decode((x / b.vae.config.scaling_factor).to(b.dtype)).sample)
+                # Inversion-shaped trajectory: latents[k] is the latent at timesteps[n - k].
+                inv = Inversion([z.cpu() for z in reversed(traj)], schedule, 0)
+                recipe = {"task": "generate", "prompt": prompt, "seed": int(seed), "size": [w, h],
+                          "guidance_scale": guidance_scale, "n_inference_steps": int(n_inference_steps),
+                          "model": self.model_spec, "versions": versions(), "recipe_version": RECIPE_VERSION}
+                self._generated[image_hash(img)] = _Generated(inv, prompt, guidance_scale, recipe)
+                while len(self._generated) > self._generated.size:
+                    self._generated.popitem(last=False)
+                return EditResult(img, recipe, run.timings, run.nfe, [], [])
+            finally:
+                run.close()
+
+    def is_drag_ready(self, image: Image.Image) -> bool:
+        return image is not None and image_hash(image.convert("RGB")) in self._generated
+
+    # ---- recipes -----------------------------------------------------------------------------
+    def _recipe(self, task: str, req: DragRequest, extra: dict) -> dict:
+        r = {"task": task, "recipe_version": RECIPE_VERSION, "model": self.model_spec,
+             "resolution": self.resolution, "params": req.params(), "versions": versions(),
+             "image_png": _png_b64(req.image)}
+        r["params"]["points"] = [[list(h), list(t)] for h, t in req.points]
+        if req.mask is not None:
+            r["mask_png"] = _png_b64(Image.fromarray(req.mask.astype(np.uint8) * 255))
+        r.update({k: v for k, v in extra.items() if v is not None})
+        return r
+
+    def replay(self, recipe: dict, progress: Progress | None = None, cancel=None) -> EditResult:
+        """Re-run a recipe produced by this engine (a generation first, when the drag started from one)."""
+        if not isinstance(recipe, dict) or "task" not in recipe:
+            raise EditError("This is not a DragCanvas recipe (no 'task' field).")
+        if recipe.get("model") not in (None, self.model_spec):
+            log.warning("recipe was made with %s; replaying with %s", recipe.get("model"), self.model_spec)
+        task = recipe["task"]
+        if task == "generate":
+            return self.generate(recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
+                                 recipe["n_inference_steps"], progress=progress, cancel=cancel)
+        if task == "drag":
+            if recipe.get("generated"):
+                self.replay(recipe["generated"], progress=progress, cancel=cancel)
+            try:
+                params = dict(recipe["params"])
+                points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
+                image = _from_b64(recipe["image_png"]).convert("RGB")
+                mask = np.asarray(_from_b64(recipe["mask_png"]).convert("L")) > 127 if recipe.get("mask_png") else None
+            except (KeyError, ValueError, TypeError) as e:
+                raise EditError(f"The recipe is incomplete or damaged ({type(e).__name__}: {e}).") from None
+            known = {f.name for f in dataclasses.fields(DragRequest)}
+            req = DragRequest(image, points, mask, **{k: v for k, v in params.items() if k in known})
+            return self.drag(req, progress=progress, cancel=cancel)
+        raise EditError(f"Unknown recipe task {task!r}.")

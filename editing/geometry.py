@@ -1,0 +1,46 @@
+"""The one place where user pixels become working-image, latent or feature-grid coordinates."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def working_size(size: tuple[int, int], native: int, multiple: int) -> tuple[int, int]:
+    """Scale (w, h) so the long side is ``native`` and both sides are multiples of ``multiple``.
+
+    Diffusion models are trained at one resolution; keeping the aspect ratio and rounding to the
+    UNet's down-sampling multiple lets any image shape go through without distortion.
+    """
+    w, h = size
+    s = native / max(w, h)
+    rw = max(multiple, int(round(w * s / multiple)) * multiple)
+    rh = max(multiple, int(round(h * s / multiple)) * multiple)
+    return rw, rh
+
+
+def scale_point(p: tuple[float, float], src: tuple[int, int], dst: tuple[int, int]) -> tuple[float, float]:
+    """Map (x, y) between images of sizes ``src`` and ``dst`` (w, h), treating pixels as unit cells."""
+    return ((p[0] + 0.5) * dst[0] / src[0] - 0.5, (p[1] + 0.5) * dst[1] / src[1] - 0.5)
+
+
+def points_to_grid(points, image_size: tuple[int, int], grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(x, y) image pixels -> (N, 2) float tensor of (x, y) in a grid of ``grid_hw`` = (H, W) cells."""
+    h, w = grid_hw
+    return torch.tensor([scale_point(p, image_size, (w, h)) for p in points], dtype=torch.float32)
+
+
+def grid_to_points(grid_pts: torch.Tensor, grid_hw: tuple[int, int], image_size: tuple[int, int]):
+    h, w = grid_hw
+    return [scale_point((float(x), float(y)), (w, h), image_size) for x, y in grid_pts.tolist()]
+
+
+def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
+    """H×W bool -> (1, 1, h, w) float in {0, 1}; a cell counts as editable if any pixel in it is."""
+    h, w = hw
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (torch.nn.functional.adaptive_max_pool2d(m, (h, w)) > 0).float()
+
+
+def resize_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    return img if img.size == size else img.resize(size, Image.LANCZOS)

@@ -1,0 +1,113 @@
+"""Identity LoRA (DragDiffusion §3.2): a short peft fine-tune so denoising keeps the object's identity."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from editing.inversion import add_noise
+from editing.requests import EditCancelled
+
+log = logging.getLogger(__name__)
+
+# to_q, to_k, to_v, to_out.0 of every attention layer of the UNet (REFERENCE.md).
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+
+
+def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """L = E_{t,ε} ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, c)‖²  (DDPM simple loss)."""
+    return F.mse_loss(eps_pred.float(), eps.float())
+
+
+def train_identity_lora(
+    unet,
+    posterior: tuple[torch.Tensor, torch.Tensor],
+    cond: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    steps: int = 80,
+    rank: int = 16,
+    lr: float = 5e-4,
+    batch: int = 4,
+    seed: int = 42,
+    name: str = "identity",
+    progress: Callable[[float, float], None] | None = None,
+    cancel=None,
+) -> dict[str, torch.Tensor]:
+    """Fine-tune a fresh LoRA on one image; return its weights (CPU) and leave the UNet as it was.
+
+    Each step draws ``batch`` fresh samples from the VAE posterior (mean, std) of the image, a
+    uniform t and noise, and takes an AdamW step (lr 5e-4, betas .9/.999, wd 1e-2) on the ε-MSE.
+    """
+    from peft import get_peft_model_state_dict
+
+    device = posterior[0].device
+    dtype = next(unet.parameters()).dtype
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    unet.add_adapter(lora_config(rank), adapter_name=name)
+    try:
+        params = [p for n, p in unet.named_parameters() if f".{name}." in n]
+        for p in params:  # train the adapter in fp32 even when the frozen UNet is fp16
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-2)
+        use_amp = device.type == "cuda" and dtype != torch.float32
+        scaler = torch.amp.GradScaler("cuda", enabled=use_amp and dtype == torch.float16)
+        mean, std = posterior
+        a_table = alphas_cumprod.to(device)
+        unet.train()
+        for step in range(steps):
+            if cancel is not None and cancel.is_set():
+                raise EditCancelled("Cancelled during identity-LoRA training.")
+            shape = (batch, *mean.shape[1:])
+            z0 = mean + std * torch.randn(shape, generator=gen).to(device)
+            noise = torch.randn(shape, generator=gen).to(device)
+            t = torch.randint(0, len(a_table), (batch,), generator=gen).to(device)
+            zt = add_noise(z0, noise, a_table[t].view(-1, 1, 1, 1))
+            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+                pred = unet(zt.to(dtype) if not use_amp else zt, t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
+                loss = diffusion_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if progress:
+                progress((step + 1) / steps, loss.detach().item())
+        state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
+        return state
+    finally:
+        unet.eval()
+        unet.delete_adapters(name)
+        unet.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def lora_adapter(unet, state: dict[str, torch.Tensor] | None, rank: int, name: str = "identity"):
+    """Attach a trained LoRA for the duration of the block; remove it afterwards (also on error)."""
+    if not state:
+        yield
+        return
+    from peft import set_peft_model_state_dict
+
+    unet.add_adapter(lora_config(rank), adapter_name=name)
+    try:
+        dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
+        set_peft_model_state_dict(unet, state, adapter_name=name)
+        for n, p in unet.named_parameters():
+            if f".{name}." in n:
+                p.data = p.data.to(dtype)
+        unet.set_adapters([name])
+        unet.requires_grad_(False)
+        yield
+    finally:
+        unet.delete_adapters(name)
+        unet.requires_grad_(False)
