@@ -156,7 +156,7 @@ def optimize_latent(
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if progress:
             dist = torch.linalg.norm(handles - targets, dim=1).max().item()
             progress((step + 1) / max_steps, f"step {step + 1}: loss {losses[-1]:.3f}, farthest handle {dist:.1f} cells away")

@@ -168,6 +168,11 @@ class Editor:
                                            dtype=self.dtype, offload=self.offload, progress=progress)
             return self._bundle
 
+    def clear_caches(self) -> None:
+        """Forget per-image latents, LoRAs, inversions and generations (the model stays loaded)."""
+        for c in (self._latents, self._loras, self._inversions, self._generated):
+            c.clear()
+
     def _working_size(self, size: tuple[int, int]) -> tuple[int, int]:
         b = self._bundle
         return working_size(size, self.resolution or b.native_resolution, b.pixel_multiple)
@@ -319,7 +324,11 @@ class Editor:
             run = _Run(b.unet, progress, cancel)
             try:
                 native = self.resolution or b.native_resolution
-                w, h = working_size(size or (native, native), native, b.pixel_multiple)
+                m = b.pixel_multiple
+                w, h = size or (native, native)
+                if not (isinstance(w, int) and isinstance(h, int) and m <= w <= 4096 and m <= h <= 4096):
+                    raise EditError(f"Image size {w}×{h} must be whole numbers between {m} and 4096.")
+                w, h = max(m, round(w / m) * m), max(m, round(h / m) * m)  # the UNet needs multiples of m
                 schedule = Schedule.from_scheduler(b.scheduler, int(n_inference_steps))
                 cond, uncond = b.encode_prompt(prompt), b.encode_prompt("")
                 gen = torch.Generator("cpu").manual_seed(int(seed))

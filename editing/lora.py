@@ -53,7 +53,9 @@ def train_identity_lora(
     device = posterior[0].device
     dtype = next(unet.parameters()).dtype
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    unet.add_adapter(lora_config(rank), adapter_name=name)
+    with torch.random.fork_rng(devices=[]):  # seeded LoRA init without touching the global RNG
+        torch.manual_seed(seed)
+        unet.add_adapter(lora_config(rank), adapter_name=name)
     try:
         params = [p for n, p in unet.named_parameters() if f".{name}." in n]
         for p in params:  # train the adapter in fp32 even when the frozen UNet is fp16

@@ -1,0 +1,64 @@
+"""The command line end to end, in a subprocess, on the tiny model."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from editing.images import read_recipe
+from tests.conftest import scene
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny", "--lora-steps", "2", "--n-inference-steps", "8", "--max-steps", "3"]
+
+
+def run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "editing", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_drag_then_replay(tmp_path):
+    scene(90, 60).save(tmp_path / "in.png")
+    m = np.zeros((60, 90), np.uint8)
+    m[10:50, 10:70] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    out, recipe = tmp_path / "out.png", tmp_path / "r.json"
+    p = run("drag", "--image", str(tmp_path / "in.png"), "--points", "30,30>45,28", "--mask", str(tmp_path / "mask.png"),
+            "--prompt", "a red disk", "--seed", "3", "--out", str(out), "--recipe", str(recipe), *FAST)
+    assert p.returncode == 0, p.stderr
+    assert "[    drag]" in p.stderr or "drag" in p.stderr  # progress on stderr
+    assert Image.open(out).size == (90, 60)
+    embedded = read_recipe(out)
+    assert embedded["params"]["prompt"] == "a red disk" and json.loads(recipe.read_text())["params"]["seed"] == 3
+    out2 = tmp_path / "again.png"
+    p = run("replay", str(recipe), "--out", str(out2))
+    assert p.returncode == 0, p.stderr
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(out2)))
+
+
+def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, capsys):
+    from editing.__main__ import main
+
+    scene().save(tmp_path / "in.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    img = str(tmp_path / "in.png")
+    cases = [
+        (["drag", "--image", img, "--points", "1,2>3"], "Cannot read point pair"),
+        (["drag", "--image", img, "--points", "10,10>500,10"], "outside"),
+        (["drag", "--image", img, "--points", "10,10>10,10"], "same point"),
+        (["drag", "--image", str(tmp_path / "junk.png"), "--points", "10,10>20,10"], "not a readable image"),
+        (["drag", "--image", str(tmp_path / "nope.png"), "--points", "10,10>20,10"], "does not exist"),
+        (["drag", "--image", img, "--points", "10,10>20,10", "--latent-lr", "nan"], "finite"),
+        (["drag", "--image", img, "--points", "10,10>20,10", "--model", "nope"], "Unknown model"),
+        (["replay", str(tmp_path / "missing.json")], "does not exist"),
+        (["replay", img], "carries no DragCanvas recipe"),
+    ]
+    for args, words in cases:
+        code = main([*args, "--model", "tiny"] if "--model" not in args else args)
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error:") and words in last, (args, last)
