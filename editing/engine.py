@@ -136,7 +136,7 @@ class Editor:
 
     def __init__(self, model_spec: str = "auto", *, allow_pickle: bool = False, max_side: int = 2048,
                  device: str | None = None, dtype: torch.dtype | None = None, offload: bool = False,
-                 resolution: int | None = None):
+                 resolution: int | None = None, lora_checkpointing: bool = False):
         from models.loader import resolve_auto
 
         self.banner = ""
@@ -146,6 +146,7 @@ class Editor:
         self.allow_pickle, self.max_side = allow_pickle, int(max_side)
         self.device, self.dtype, self.offload = device, dtype, offload
         self.resolution = resolution  # working long side; default the model's native resolution
+        self.lora_checkpointing = lora_checkpointing  # trade identity-LoRA speed for memory
         self._bundle = None
         self._lock = threading.RLock()
         self._latents = _LRU(8)  # (image, size) -> VAE posterior (mean, std)
@@ -200,6 +201,7 @@ class Editor:
                 return train_identity_lora(
                     b.unet, self._posterior(img, img_key), b.encode_prompt(prompt), b.scheduler.alphas_cumprod,
                     steps=steps, rank=rank, lr=lr, seed=seed, cancel=run.cancel,
+                    grad_checkpointing=self.lora_checkpointing,
                     progress=lambda f, loss: run.report(f, f"LoRA step {round(f * steps)}/{steps}, loss {loss:.4f}"),
                 )
 

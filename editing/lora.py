@@ -40,6 +40,7 @@ def train_identity_lora(
     batch: int = 4,
     seed: int = 42,
     name: str = "identity",
+    grad_checkpointing: bool = False,
     progress: Callable[[float, float], None] | None = None,
     cancel=None,
 ) -> dict[str, torch.Tensor]:
@@ -87,6 +88,8 @@ def train_identity_lora(
         state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
         return state
     finally:
+        if grad_checkpointing:
+            unet.disable_gradient_checkpointing()
         unet.eval()
         unet.delete_adapters(name)
         unet.requires_grad_(False)

@@ -172,3 +172,17 @@ def test_working_size_keeps_aspect_and_multiple():
     assert working_size((512, 341), 512, 64) == (512, 320)
     assert working_size((341, 512), 512, 64) == (320, 512)
     assert working_size((50, 2000), 256, 64) == (64, 256)
+
+
+def test_lora_gradient_checkpointing_matches_plain_training(bundle):
+    unet, cond = bundle.unet, bundle.encode_prompt("")
+    z0 = _z0(bundle)
+    runs = []
+    for ckpt in (False, True):
+        losses = []
+        state = train_identity_lora(unet, (z0, torch.zeros_like(z0)), cond, bundle.scheduler.alphas_cumprod, steps=3,
+                                    rank=2, batch=1, seed=1, grad_checkpointing=ckpt, progress=lambda f, l: losses.append(l))
+        runs.append((losses, state))
+    assert np.allclose(runs[0][0], runs[1][0], rtol=1e-4)
+    assert all(torch.allclose(runs[0][1][k], runs[1][1][k], atol=1e-5) for k in runs[0][1])
+    assert not unet.is_gradient_checkpointing
