@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from editing import cuda_graphs
 from editing.attention import mutual_self_attention
 from editing.features import run_for_features
-from editing.inversion import Schedule, ddim_step, unet_eps
+from editing.inversion import Schedule, ddim_step, noise_predictor
 from editing.requests import EditCancelled
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def optimize_latent(
     lam: float = 0.1,
     progress: Callable[[float, str], None] | None = None,
     cancel=None,
+    use_graphs: bool | None = None,
 ) -> DragOutcome:
     """Motion supervision + point tracking on z_t (§3.3); stops as soon as every handle has arrived.
 
@@ -136,6 +138,17 @@ def optimize_latent(
         eps0, feat0 = _features(unet, z_t, t, cond, grid_hw, need_output)
         x_prev_ref = ddim_step(z_t, eps0.float(), a_t, a_prev) if need_output else None
     z = z_t.detach().clone().float().requires_grad_(True)
+
+    t_dev = torch.tensor(t, device=device)  # a device tensor: graph capture cannot copy a Python int in
+
+    def forward(z):  # (1, 4, h, w) -> features (and ε when the mask term needs it)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp, cache_enabled=False):
+            eps, feat = _features(unet, z, t_dev, cond, grid_hw, need_output)
+        return (feat, eps.float()) if need_output else (feat,)
+
+    if use_graphs is None:
+        use_graphs = cuda_graphs.enabled(device)
+    forward = cuda_graphs.graphed(forward, (z.detach().clone().requires_grad_(True),), unet=unet, use=use_graphs)
     opt = torch.optim.Adam([z], lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     losses: list[float] = []
@@ -143,8 +156,8 @@ def optimize_latent(
     for step in range(max_steps):
         if cancel is not None and cancel.is_set():
             raise EditCancelled("Cancelled during drag optimisation.")
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            eps, feat = _features(unet, z, t, cond, grid_hw, need_output)
+        feat, *rest = forward(z)
+        eps = rest[0] if rest else None
         if step > 0:
             handles = track_points(feat0, feat, handles0, handles, r_p)
         if all_arrived(handles, targets):
@@ -188,11 +201,12 @@ def denoise_with_reference(
     conds = torch.cat([uncond.expand(2, -1, -1), cond.expand(2, -1, -1)]) if cfg else cond.expand(2, -1, -1)
     ts = schedule.timesteps[start:]
     with mutual_self_attention(unet):
+        eps_fn = noise_predictor(unet, conds, (conds.shape[0], *x.shape[1:]), x.device)
         for i, t in enumerate(ts):
             if cancel is not None and cancel.is_set():
                 raise EditCancelled("Cancelled while denoising.")
             inp = torch.cat([x, x]) if cfg else x  # groups of [orig, edit] per CFG branch
-            eps = unet_eps(unet, inp, t, conds)
+            eps = eps_fn(inp, t)
             if cfg:
                 e_u, e_c = eps.chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)

@@ -26,7 +26,7 @@ from PIL import Image
 from editing import drag_diffusion
 from editing.geometry import grid_to_points, points_to_grid, resize_image, resize_mask, scale_point, working_size
 from editing.images import image_hash, pil_to_tensor, tensor_to_pil
-from editing.inversion import Inversion, Schedule, ddim_step, invert, unet_eps
+from editing.inversion import Inversion, Schedule, ddim_step, invert, noise_predictor
 from editing.lora import lora_adapter, train_identity_lora
 from editing.requests import DragRequest, EditCancelled, EditError
 
@@ -84,11 +84,18 @@ class _Run:
         self.nfe: dict[str, int] = {}
         self.phase = "setup"
         self.progress, self.cancel = progress, cancel
-        self._hook = unet.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._hook = unet.register_forward_pre_hook(self._counter(), with_kwargs=True)
 
-    def _count(self, module, args, kwargs):
-        x = args[0] if args else kwargs["sample"]
-        self.nfe[self.phase] = self.nfe.get(self.phase, 0) + int(x.shape[0])
+    def _counter(self):
+        def count(module, args, kwargs, replay=False):
+            if count.paused and not replay:
+                return
+            x = args[0] if args else kwargs["sample"]
+            self.nfe[self.phase] = self.nfe.get(self.phase, 0) + int(x.shape[0])
+
+        count._counts_nfe = True  # CUDA-graph replays report here too (editing/cuda_graphs.py)
+        count.paused = False
+        return count
 
     @contextlib.contextmanager
     def step(self, name: str):
@@ -338,9 +345,10 @@ class Editor:
                 x = torch.randn((1, b.unet.config.in_channels, h // f, w // f), generator=gen).to(b.device)
                 traj = [x]
                 with run.step("generate"):
+                    eps_fn = noise_predictor(b.unet, torch.cat([uncond, cond]), (2, *x.shape[1:]), b.device)
                     for i, t in enumerate(schedule.timesteps):
                         run.report(i / len(schedule.timesteps))
-                        e_u, e_c = unet_eps(b.unet, torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+                        e_u, e_c = eps_fn(torch.cat([x, x]), t).chunk(2)
                         x = ddim_step(x, e_u + guidance_scale * (e_c - e_u), schedule.alpha(t), schedule.alpha(t - schedule.stride))
                         traj.append(x)
                 with run.step("decode"):

@@ -61,6 +61,22 @@ def unet_eps(unet, x: torch.Tensor, t: int, cond: torch.Tensor) -> torch.Tensor:
     return unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype)).sample.float()
 
 
+def noise_predictor(unet, cond: torch.Tensor, shape: tuple, device, use_graphs: bool | None = None):
+    """``eps(x, t)`` for a fixed batch shape and prompt; replayed as a CUDA graph on the GPU."""
+    from editing import cuda_graphs
+
+    dtype = next(unet.parameters()).dtype
+    cond = cond.expand(shape[0], -1, -1).to(dtype)
+
+    def fn(x, t):
+        return unet(x.to(dtype), t, encoder_hidden_states=cond).sample.float()
+
+    use = cuda_graphs.enabled(torch.device(device)) if use_graphs is None else use_graphs
+    sample = (torch.zeros(shape, device=device), torch.zeros((), dtype=torch.long, device=device))
+    g = cuda_graphs.graphed(fn, sample, unet=unet, batch=shape[0], use=use)
+    return lambda x, t: g(x, torch.as_tensor(t, dtype=torch.long, device=device))
+
+
 @dataclass
 class Inversion:
     """z₀ and every latent on the way up: ``latents[k]`` sits at ``timesteps[len - k]`` (k ≥ 1)."""
@@ -92,10 +108,11 @@ def invert(
     latents = [z0.float()]
     ts = list(reversed(schedule.timesteps[start:]))  # 1, 21, …, t_start
     x = latents[0]
+    eps_fn = noise_predictor(unet, cond, tuple(x.shape), x.device)
     for i, t in enumerate(ts):
         if cancel is not None and cancel.is_set():
             raise EditCancelled("Cancelled during inversion.")
-        eps = unet_eps(unet, x, t, cond)
+        eps = eps_fn(x, t)
         x = ddim_step(x, eps, schedule.alpha(t - schedule.stride), schedule.alpha(t))
         latents.append(x)
         if progress:

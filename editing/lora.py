@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from editing import cuda_graphs
 from editing.inversion import add_noise
 from editing.requests import EditCancelled
 
@@ -26,6 +27,19 @@ def lora_config(rank: int):
 def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """L = E_{t,ε} ‖ε − ε_θ(√ᾱ_t z₀ + √(1−ᾱ_t) ε, t, c)‖²  (DDPM simple loss)."""
     return F.mse_loss(eps_pred.float(), eps.float())
+
+
+class _NoisePredictor(torch.nn.Module):
+    """ε_θ(z_t, t, c) for one fixed prompt and batch shape: the unit that is CUDA-graphed in training."""
+
+    def __init__(self, unet, cond: torch.Tensor, amp_dtype: torch.dtype, use_amp: bool):
+        super().__init__()
+        self.unet, self.cond, self.amp_dtype, self.use_amp = unet, cond, amp_dtype, use_amp
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(zt.device.type, dtype=self.amp_dtype, enabled=self.use_amp, cache_enabled=False):
+            x = zt if self.use_amp else zt.to(self.amp_dtype)
+            return self.unet(x, t, encoder_hidden_states=self.cond).sample
 
 
 def train_identity_lora(
@@ -68,17 +82,22 @@ def train_identity_lora(
         mean, std = posterior
         a_table = alphas_cumprod.to(device)
         unet.train()
+        if grad_checkpointing:  # recompute activations in backward: less memory, ~30% more time
+            unet.enable_gradient_checkpointing()
+        shape = (batch, *mean.shape[1:])
+        predict = _NoisePredictor(unet, cond.expand(batch, -1, -1).to(dtype), dtype, use_amp)
+        predict = cuda_graphs.graphed(
+            predict, (torch.zeros(shape, device=device), torch.zeros(batch, dtype=torch.long, device=device)),
+            unet=unet, batch=batch, use=cuda_graphs.enabled(device) and not grad_checkpointing,
+        )
         for step in range(steps):
             if cancel is not None and cancel.is_set():
                 raise EditCancelled("Cancelled during identity-LoRA training.")
-            shape = (batch, *mean.shape[1:])
             z0 = mean + std * torch.randn(shape, generator=gen).to(device)
             noise = torch.randn(shape, generator=gen).to(device)
             t = torch.randint(0, len(a_table), (batch,), generator=gen).to(device)
             zt = add_noise(z0, noise, a_table[t].view(-1, 1, 1, 1))
-            with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-                pred = unet(zt.to(dtype) if not use_amp else zt, t, encoder_hidden_states=cond.expand(batch, -1, -1)).sample
-                loss = diffusion_loss(pred, noise)
+            loss = diffusion_loss(predict(zt, t), noise)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
