@@ -9,7 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tiny models gain nothing from two, and OpenMP threads spin-waiting for each other
+# on oversubscribed cores (browser, server, CLI subprocesses) made runs up to 30x slower.
+torch.set_num_threads(1)
 
 # Few steps, tiny model: each drag takes a second or two on 2 CPU cores.
 FAST = dict(lora_steps=3, n_inference_steps=10, max_steps=4)

@@ -16,7 +16,7 @@ FAST = ["--model", "tiny", "--lora-steps", "2", "--n-inference-steps", "8", "--m
 
 
 def run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "editing", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
