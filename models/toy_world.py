@@ -1,0 +1,231 @@
+"""A seeded procedural toy world: small RGB scenes of flat-coloured shapes, with captions and ground truth.
+
+Every scene is 64×64 and holds one to three non-overlapping shapes (disk, square, triangle, ring) in one
+of six well-separated colours and three sizes, on a plain or gently graded gray / white / black
+background. Each scene comes with a caption ("a red disk and a small blue square on gray") and,
+per shape, a bool mask, its centroid ``(x, y)`` in pixels, its colour name and its class.
+
+It is the training set of the built-in ``toy`` model (``models/train_toy.py``) and the ground truth of
+the offline quality benchmark (``bench/toy_quality.py``): ``render`` rebuilds a scene with a shape
+moved, and ``segment_colour`` finds a colour's pixels in any image (a sample, an edit), so a dragged
+shape's new centroid can be measured.
+
+Seeds: training uses seeds below ``HELDOUT_SEED``; benchmarks draw scenes from ``HELDOUT_SEED`` up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image
+
+SIZE = 64  # image side, pixels
+HELDOUT_SEED = 1_000_000_000  # first seed of the held-out (benchmark) scenes; training stays below
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 210, 40),
+    "purple": (150, 60, 200),
+    "cyan": (40, 205, 215),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+}
+KINDS = ("disk", "square", "triangle", "ring")
+SIZES: dict[str, float] = {"small": 6.0, "medium": 9.0, "large": 12.5}  # "radius" in pixels
+GRADIENT_AMPLITUDE = 20.0  # a graded background varies by ± this much (0-255 scale) across the image
+SEGMENT_MAX_DISTANCE = 100.0  # RGB distance beyond which a pixel belongs to no palette colour
+
+_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5  # pixel centres
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape: geometry (``kind``, ``colour``, ``size``, ``center``, ``radius``) and its rendered ground truth.
+
+    ``mask`` (H×W bool, the pixels it covers) and ``centroid`` (``(x, y)``, the mask's mean) are filled
+    in by ``render``; a Shape built by hand only needs the geometry.
+    """
+
+    kind: str
+    colour: str
+    size: str
+    center: tuple[float, float]  # (x, y) in pixels
+    radius: float
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    centroid: tuple[float, float] | None = None
+
+    def moved(self, dx: float, dy: float) -> "Shape":
+        """The same shape translated by ``(dx, dy)`` pixels (ground truth cleared; call ``render``)."""
+        return replace(self, center=(self.center[0] + dx, self.center[1] + dy), mask=None, centroid=None)
+
+
+@dataclass(frozen=True)
+class Background:
+    """A background colour name and a linear gradient ``(gx, gy)``: brightness offset at the right / bottom edge."""
+
+    colour: str = "gray"
+    gradient: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered scene: PIL RGB ``image`` (64×64), ``caption``, ``shapes`` (with masks and centroids), ``background``."""
+
+    image: Image.Image
+    caption: str
+    shapes: list[Shape]
+    background: Background
+    seed: int | None = None
+
+
+def _coverage(kind: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of one shape on the pixel grid, from an (approximate) signed distance."""
+    dx, dy = _XX - cx, _YY - cy
+    if kind == "disk":
+        d = np.sqrt(dx * dx + dy * dy) - r
+    elif kind == "square":
+        d = np.maximum(np.abs(dx), np.abs(dy)) - r * 0.85  # about the disk's area
+    elif kind == "ring":
+        d = np.abs(np.sqrt(dx * dx + dy * dy) - r * 0.72) - r * 0.28
+    elif kind == "triangle":
+        # Equilateral, pointing up, centroid at (cx, cy); circumradius 1.25 r. Max of the three half-planes.
+        ri = r * 0.625  # inradius
+        s3 = np.float32(np.sqrt(3.0) / 2.0)
+        d = np.maximum(np.maximum(dy - ri, -0.5 * dy + s3 * dx - ri), -0.5 * dy - s3 * dx - ri)
+    else:
+        raise ValueError(f"unknown shape kind {kind!r}; choose one of {KINDS}")
+    return np.clip(0.5 - d, 0.0, 1.0)
+
+
+def _background_array(background: Background) -> np.ndarray:
+    """H×W×3 float background: the base colour plus a linear brightness gradient centred on the image."""
+    base = np.asarray(BACKGROUNDS[background.colour], np.float32)
+    gx, gy = background.gradient
+    shade = gx * (_XX / SIZE - 0.5) * 2 + gy * (_YY / SIZE - 0.5) * 2
+    return base[None, None, :] + shade[..., None]
+
+
+def render(shapes: list[Shape], background: Background | str = "gray") -> Scene:
+    """Draw ``shapes`` (in order, later ones on top) on ``background``; return the Scene with ground truth.
+
+    Each returned shape's ``mask`` is the pixels it covers at least half and that no later shape covers
+    (so masks never overlap), and ``centroid`` is that mask's mean ``(x, y)`` (the centre if fully hidden).
+    The caption is rebuilt from the shapes, so a scene with a shape moved keeps its caption.
+    """
+    if isinstance(background, str):
+        background = Background(background)
+    img = _background_array(background)
+    covers = [_coverage(s.kind, s.center[0], s.center[1], s.radius) for s in shapes]
+    for s, c in zip(shapes, covers):
+        col = np.asarray(COLOURS[s.colour], np.float32)
+        img = img * (1 - c[..., None]) + col * c[..., None]
+    out = []
+    hidden = np.zeros((SIZE, SIZE), bool)
+    for s, c in reversed(list(zip(shapes, covers))):
+        m = (c >= 0.5) & ~hidden
+        hidden |= c >= 0.5
+        if m.any():
+            cen = (float(_XX[m].mean()), float(_YY[m].mean()))
+        else:
+            cen = tuple(map(float, s.center))
+        out.append(replace(s, mask=m, centroid=cen))
+    out.reverse()
+    image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
+    return Scene(image, caption(out, background), out, background)
+
+
+def _phrase(s: Shape) -> str:
+    size = "" if s.size == "medium" else s.size + " "  # "small"/"large" are said, "medium" is not
+    return f"a {size}{s.colour} {s.kind}"
+
+
+def caption(shapes: list[Shape], background: Background | str = "gray") -> str:
+    """'a red disk, a small blue square and a large cyan ring on gray' (shapes left to right).
+
+    At most 73 tokens with ``models.tiny.tiny_tokenizer`` (one token per character), within CLIP's 77."""
+    bg = background if isinstance(background, str) else background.colour
+    parts = [_phrase(s) for s in sorted(shapes, key=lambda s: s.center[0])]
+    if not parts:
+        return f"a plain {bg} background"
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{body} on {bg}"  # "on a gray background" would push 3-shape captions past 77 tokens
+
+
+def random_shapes(rng: np.random.Generator, n: int) -> list[Shape]:
+    """``n`` random shapes placed without overlap (fewer if placement fails after many tries)."""
+    shapes: list[Shape] = []
+    for _ in range(n):
+        for _try in range(30):
+            size = str(rng.choice(list(SIZES)))
+            r = SIZES[size]
+            reach = r * 1.25 + 1.5  # the triangle's circumradius, plus a margin inside the frame
+            cx, cy = rng.uniform(reach, SIZE - reach, size=2)
+            if all(np.hypot(cx - o.center[0], cy - o.center[1]) > (r + o.radius) * 1.25 + 2 for o in shapes):
+                shapes.append(Shape(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), size,
+                                    (float(cx), float(cy)), r))
+                break
+    return shapes
+
+
+def make_scene(seed: int) -> Scene:
+    """The scene of ``seed``: deterministic, one to three shapes, plain (half the time) or graded background."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4))
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    grad = (0.0, 0.0) if rng.random() < 0.5 else tuple(float(g) for g in rng.uniform(-1, 1, 2) * GRADIENT_AMPLITUDE)
+    shapes = random_shapes(rng, n)
+    scene = render(shapes, Background(bg, grad))
+    return replace(scene, seed=seed)
+
+
+def make_batch(seeds) -> tuple[np.ndarray, list[str]]:
+    """Images (N×64×64×3 uint8) and captions of the scenes of ``seeds``."""
+    scenes = [make_scene(int(s)) for s in seeds]
+    return np.stack([np.asarray(s.image) for s in scenes]), [s.caption for s in scenes]
+
+
+def segment_colour(image, colour: str, max_distance: float = SEGMENT_MAX_DISTANCE) -> np.ndarray:
+    """Bool H×W mask of the pixels whose nearest palette entry is ``colour``.
+
+    The palette is every shape colour and every background colour, so anti-aliased edges, gradients and
+    the colour drift of a generated image are assigned to the closest named colour; pixels farther than
+    ``max_distance`` (RGB, 0-255) from every entry belong to none.
+    """
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; choose one of {sorted(COLOURS)}")
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, np.float32)[..., :3]
+    names = list(COLOURS) + ["bg-" + b for b in BACKGROUNDS]
+    pal = np.asarray(list(COLOURS.values()) + list(BACKGROUNDS.values()), np.float32)
+    d = np.linalg.norm(a[:, :, None, :] - pal[None, None], axis=-1)  # H×W×P
+    nearest = d.argmin(-1)
+    return (nearest == names.index(colour)) & (d.min(-1) <= max_distance)
+
+
+def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a bool mask: (labels H×W int, 0 = background; count)."""
+    import cv2
+
+    n, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    return lab, n - 1
+
+
+def largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a bool mask (empty mask in, empty mask out)."""
+    lab, n = label(mask)
+    if n == 0:
+        return np.zeros_like(mask, bool)
+    sizes = np.bincount(lab.ravel())[1:]
+    return lab == (1 + int(sizes.argmax()))
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    """Mean ``(x, y)`` of a bool mask's pixels (pixel centres), or None if empty."""
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
