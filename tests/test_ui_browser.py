@@ -1,0 +1,189 @@
+"""The real app in headless Chromium: upload, paint a mask, click points, run; and the error paths.
+
+Needs Debian's chromium at /usr/bin/chromium (skipped otherwise). On failure a full-page screenshot
+is saved under tests/artifacts/.
+"""
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+sync_api = pytest.importorskip("playwright.sync_api")
+PlaywrightTimeout = sync_api.TimeoutError
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).parent / "artifacts"
+FAST = dict(lora_steps=2, n_inference_steps=4, max_steps=3)
+RUN_TIMEOUT_MS = 300_000  # a tiny-model drag takes seconds, but the CI machine has 2 busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app_url(editor, browser):
+    from ui import build_demo
+
+    demo = build_demo(editor, settings=FAST).queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def page(browser, app_url, request):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    open_app(page, app_url)
+    failed_before = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed_before:  # this test failed: keep what the page showed
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    yy, xx = np.mgrid[0:64, 0:96]
+    a = np.stack([xx * 2, yy * 3, (xx + yy)], -1).astype(np.uint8)
+    a[20:40, 15:30] = (220, 40, 40)
+    path = tmp_path_factory.mktemp("browser") / "in.png"
+    Image.fromarray(a).save(path)
+    return str(path)
+
+
+def open_app(page, url):
+    """Load the app and wait until it is live: an upload made before the frontend has connected
+    (its heartbeat) can be dropped without any event."""
+    with page.expect_response(lambda r: "/heartbeat/" in r.url):
+        page.goto(url)
+    page.wait_for_selector("#canvas input[type=file]", state="attached")
+
+
+def upload(page, path, attempts: int = 3):
+    """Upload into the canvas. Rarely (busy machine, right after page load) the canvas shows the file
+    but sends no event to the server; then start over with a fresh page."""
+    for attempt in range(1, attempts + 1):
+        page.locator("#canvas input[type=file]").set_input_files(path)
+        try:
+            page.wait_for_selector("#points img", timeout=30_000)
+            wait_preview_settled(page)  # the canvas may send the same picture with a second event
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts:
+                raise
+            open_app(page, page.url)
+
+
+def wait_preview_settled(page, quiet_ms: int = 1500):
+    """A stroke can update the preview more than once; click only once it has stopped changing."""
+    src, same_since = None, 0
+    while same_since < quiet_ms:
+        page.wait_for_timeout(250)
+        now = page.get_attribute("#points img", "src")
+        same_since = same_since + 250 if now == src else 0
+        src = now
+
+
+def click_point(page, fx: float, fy: float, expect: str):
+    """Click at a fraction of the points image and wait for the points line to say `expect`."""
+    img = page.locator("#points img")
+    box = img.bounding_box()
+    img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+    page.wait_for_function("t => document.querySelector('#points-info').innerText.includes(t)", arg=expect)
+
+
+def run_and_wait(page) -> str:
+    page.click("#run")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')",
+                           timeout=RUN_TIMEOUT_MS)
+    return page.inner_text("#status")
+
+
+def expect_message(page, text: str):
+    """Wait for a gr.Warning / gr.Error toast containing `text`."""
+    page.locator(".toast-wrap").get_by_text(text).first.wait_for(state="visible", timeout=RUN_TIMEOUT_MS)
+
+
+def test_upload_paint_click_run(page, image_path):
+    upload(page, image_path)
+    before = page.get_attribute("#points img", "src")
+
+    # Paint a stroke across the middle of the canvas (the brush is the active tool after an upload).
+    box = page.locator("#canvas canvas").first.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 80, cy)
+    page.mouse.down()
+    for i in range(1, 17):
+        page.mouse.move(cx - 80 + 10 * i, cy + (i % 4))
+    page.mouse.up()
+    # The preview re-renders with the frozen area dimmed.
+    page.wait_for_function("s => document.querySelector('#points img')?.src !== s", arg=before)
+    wait_preview_settled(page)
+
+    click_point(page, 0.3, 0.5, "now click its")
+    click_point(page, 0.55, 0.5, "1 handle → target pair")
+    status = run_and_wait(page)
+    assert "Only the painted area could change" in status
+    assert page.locator("#result img").count() >= 1
+    assert page.locator("#history img").count() == 1
+
+    # Continue from the result: it becomes the working image, with no points.
+    page.locator("#history img").first.click()
+    page.click("#continue")
+    page.wait_for_function("() => document.querySelector('#points-info').innerText.startsWith('Click a handle')")
+
+
+def test_error_messages_then_app_keeps_serving(page, image_path):
+    page.click("#run")  # nothing uploaded yet
+    expect_message(page, "No image: upload or generate an image first.")
+
+    upload(page, image_path)
+    click_point(page, 0.3, 0.5, "now click its")
+    page.click("#run")  # a handle without a target
+    expect_message(page, "every handle needs a target")
+
+    click_point(page, 0.6, 0.5, "1 handle → target pair")
+    status = run_and_wait(page)
+    assert "No mask" in status
+
+
+def test_cancel_stops_a_run_and_keeps_inputs(page, image_path):
+    upload(page, image_path)
+    click_point(page, 0.3, 0.5, "now click its")
+    click_point(page, 0.6, 0.5, "1 handle → target pair")
+    page.click("#advanced")  # open the accordion, then ask for a long identity-LoRA training
+    steps = page.locator("#field-lora_steps input[type=number]")
+    steps.wait_for(state="visible")
+    steps.fill("400")
+    steps.press("Enter")
+    page.click("#run")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('LoRA step')",
+                           timeout=RUN_TIMEOUT_MS)
+    page.click("#cancel")
+    expect_message(page, "Your image, mask and points are unchanged")  # the engine's EditCancelled
+    assert "Cancelled" in page.inner_text("#status")
+    assert "1 handle → target pair" in page.inner_text("#points-info")
+
+    steps.fill("2")  # the app keeps serving: a short run right after works
+    steps.press("Enter")
+    assert "Done" in run_and_wait(page)
