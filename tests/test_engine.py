@@ -174,3 +174,14 @@ def test_cancel_mid_run_then_next_request_works(editor):
     r = editor.drag(req)  # caches hold no half-finished state
     assert r.image.size == (96, 64)
     assert not getattr(editor.load().unet, "peft_config", {})  # identity LoRA removed after the cancel
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"n_inference_steps": 1}, "n_inference_steps"),
+    ({"size": (10, 10)}, "Image size"),
+    ({"size": (64.5, 64)}, "Image size"),
+])
+def test_generate_bad_input(editor, kwargs, match):
+    with pytest.raises(EditError, match=match):
+        editor.generate("a cat", **kwargs)

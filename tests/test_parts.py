@@ -186,3 +186,19 @@ def test_lora_gradient_checkpointing_matches_plain_training(bundle):
     assert np.allclose(runs[0][0], runs[1][0], rtol=1e-4)
     assert all(torch.allclose(runs[0][1][k], runs[1][1][k], atol=1e-5) for k in runs[0][1])
     assert not unet.is_gradient_checkpointing
+
+
+def test_optimisation_stops_at_once_when_handles_have_arrived(bundle):
+    z_t = torch.randn(1, 4, 8, 8)
+    s = Schedule.from_scheduler(bundle.scheduler, 10)
+    calls = []
+    hook = bundle.unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        h = torch.tensor([[10.0, 10.0]])
+        out = dd.optimize_latent(bundle.unet, z_t, s.timesteps[3], bundle.encode_prompt(""), s, h, h + 1.0, (32, 32),
+                                 max_steps=20)
+    finally:
+        hook.remove()
+    assert out.arrived and out.steps == 0 and out.losses == []
+    assert len(calls) == 2  # the reference pass and the first check, nothing more
+    assert torch.equal(out.latent, z_t)

@@ -173,7 +173,7 @@ def notify(notices) -> None:
 def summary(result, has_mask: bool) -> str:
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items() if v >= 0.05)
     area = "Only the painted area could change." if has_mask else "No mask: the whole image could change."
-    return f"Done in {sum(result.timings.values()):.1f} s ({phases}). {area}"
+    return f"Done in {result.total_s:.1f} s ({phases}). {area}"
 
 
 def canvas_image(value) -> tuple[Image.Image | None, np.ndarray | None]:
@@ -301,7 +301,7 @@ class EngineHandlers:
         details = {"timings_s": {k: round(v, 3) for k, v in result.timings.items()}, "recipe": result.recipe}
         session.add_result(None, result, "generated", details)
         return (result.image, *session.preview(), prompt, *session.shown(), session.gallery(),
-                f"Generated in {sum(result.timings.values()):.1f} s. It is drag-ready: click points on it and run.")
+                f"Generated in {result.total_s:.1f} s. It is drag-ready: click points on it and run.")
 
     @shows_errors
     def train_lora(self, image, prompt, session: Session, progress=gr.Progress(), **settings):
