@@ -6,47 +6,49 @@ inside a context manager that undoes it.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
-import io
 import logging
-import platform
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
 from editing import drag_diffusion
-from editing.geometry import grid_to_points, points_to_grid, resize_image, resize_mask, scale_point, working_size
+from editing.geometry import (
+    grid_to_points,
+    points_to_grid,
+    resize_image,
+    resize_mask,
+    scale_point,
+    working_size,
+)
 from editing.images import image_hash, pil_to_tensor, tensor_to_pil
 from editing.inversion import Inversion, Schedule, ddim_step, invert, noise_predictor
 from editing.lora import lora_adapter, train_identity_lora
-from editing.requests import DragRequest, EditCancelled, EditError
+from editing.requests import DragRequest, EditError
+from editing.runtime import (
+    RECIPE_VERSION,
+    TASKS,
+    EditResult,
+    Progress,
+    Run,
+    Task,
+    decode_image,
+    decode_mask,
+    encode_image,
+    encode_mask,
+    load_task_modules,
+    register,
+    task_for,
+    versions,
+)
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[str, float, str], None]
-RECIPE_VERSION = 1
-
-
-@dataclass
-class EditResult:
-    image: Image.Image
-    recipe: dict
-    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
-    unet_calls: dict[str, int] = field(default_factory=dict)  # phase -> NFE (batch elements)
-    notices: list[str] = field(default_factory=list)
-    final_points: list[tuple[float, float]] = field(default_factory=list)
-
-    @property
-    def total_s(self) -> float:
-        return sum(self.timings.values())
 
 
 @dataclass
@@ -75,68 +77,6 @@ class _LRU(OrderedDict):
         return value, False
 
 
-class _Run:
-    """Timing, NFE counting and progress for one request."""
-
-    def __init__(self, unet, progress: Progress | None, cancel):
-        self.timings: dict[str, float] = {}
-        self.nfe: dict[str, int] = {}
-        self.phase = "setup"
-        self.progress, self.cancel = progress, cancel
-        self._hook = unet.register_forward_pre_hook(self._counter(), with_kwargs=True)
-
-    def _counter(self):
-        def count(module, args, kwargs, replay=False):
-            if count.paused and not replay:
-                return
-            x = args[0] if args else kwargs["sample"]
-            self.nfe[self.phase] = self.nfe.get(self.phase, 0) + int(x.shape[0])
-
-        count._counts_nfe = True  # CUDA-graph replays report here too (editing/cuda_graphs.py)
-        count.paused = False
-        return count
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        self.phase = name
-        self.report(0.0, "")
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-
-    def report(self, frac: float, msg: str = ""):
-        if self.cancel is not None and self.cancel.is_set():
-            raise EditCancelled("Cancelled.")
-        if self.progress:
-            self.progress(self.phase, float(frac), msg)
-
-    def close(self):
-        self._hook.remove()
-
-
-def _png_b64(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _from_b64(s: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(s)))
-
-
-def versions() -> dict:
-    import diffusers
-    import peft
-    import transformers
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 class Editor:
     """Entry point of the engine: ``Editor("tiny").drag(DragRequest(...))``."""
 
@@ -159,6 +99,8 @@ class Editor:
         self._loras = _LRU(4)  # (image, size, prompt, lora params) -> LoRA state dict (CPU)
         self._inversions = _LRU(4)  # (lora key, strength, steps) -> Inversion
         self._generated = _LRU(8)  # image hash -> _Generated
+        self._loras_now: tuple[tuple[str, float], ...] = ()  # LoRAs of the edit in progress (recorded in recipes)
+        load_task_modules()
 
     # ---- model -------------------------------------------------------------------------------
     @property
@@ -196,7 +138,7 @@ class Editor:
 
         return self._latents.get_or(key, make)[0]
 
-    def _identity_lora(self, run: _Run, img, img_key, prompt, steps, rank, lr, seed):
+    def _identity_lora(self, run: Run, img, img_key, prompt, steps, rank, lr, seed):
         if steps <= 0:
             return None, None
         key = (img_key, prompt, steps, rank, lr, seed)
@@ -221,41 +163,102 @@ class Editor:
         with self._lock:
             self.load()
             img, _, _ = self._prepare(req)
-            run = _Run(self._bundle.unet, progress, cancel)
+            run = Run(self._bundle.unet, progress, cancel)
             try:
                 self._identity_lora(run, img, (image_hash(img), img.size), prompt, steps, rank, lr, seed)
             finally:
                 run.close()
 
-    # ---- drag --------------------------------------------------------------------------------
-    def _prepare(self, req: DragRequest):
-        """Limit the size, then resize image/mask/points to the working resolution."""
-        notices, image, mask, points = list(req.notices), req.image, req.mask, req.points
+    # ---- helpers for task modules ------------------------------------------------------------------
+    @property
+    def bundle(self):
+        """The loaded ModelBundle (task code runs after ``load``)."""
+        return self._bundle
+
+    def fit(self, image: Image.Image, mask=None, points=()):
+        """Limit the size to ``max_side``, then resize to the working resolution.
+
+        Returns ``(work_image, (image, mask, points), notices)``: the working-size image for the model,
+        and the (possibly downscaled) image, mask and points that results are reported against.
+        """
+        notices = []
         if max(image.size) > self.max_side:
             s = self.max_side / max(image.size)
             new = (max(8, round(image.width * s)), max(8, round(image.height * s)))
             notices.append(f"The image was {image.width}×{image.height}; it was downscaled to {new[0]}×{new[1]} "
                            f"(limit {self.max_side} px).")
-            points = tuple((scale_point(h, image.size, new), scale_point(t, image.size, new)) for h, t in points)
+            points = tuple(tuple(scale_point(p, image.size, new) for p in pair) for pair in points)
             if mask is not None:
                 mask = np.asarray(Image.fromarray(mask).resize(new, Image.NEAREST))
             image = image.resize(new, Image.LANCZOS)
         work = self._working_size(image.size)
         return resize_image(image, work), (image, mask, points), notices
 
-    def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None) -> EditResult:
+    def posterior(self, work_img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached VAE posterior (mean, std), already × scaling_factor, of a working-size image."""
+        return self._posterior(work_img, (image_hash(work_img), work_img.size))
+
+    def remember_generation(self, image: Image.Image, trajectory: list[torch.Tensor], schedule: Schedule,
+                            prompt: str, guidance_scale: float, recipe: dict) -> None:
+        """Keep a generated image's DDIM trajectory (z_T first … z_0 last) so drags of it skip inversion and LoRA."""
+        inv = Inversion([z.detach().cpu() for z in reversed(trajectory)], schedule, 0)
+        self._generated[image_hash(image)] = _Generated(inv, prompt, guidance_scale, recipe)
+        while len(self._generated) > self._generated.size:
+            self._generated.popitem(last=False)
+
+    def generation_of(self, image: Image.Image) -> _Generated | None:
+        """What ``remember_generation`` kept for this exact image, if anything."""
+        return None if image is None else self._generated.get(image_hash(image.convert("RGB")))
+
+    def recipe(self, task: str, params: dict, images: dict | None = None, masks: dict | None = None,
+               extra: dict | None = None) -> dict:
+        """A JSON recipe: task, model, params, and the pictures it needs (base64 PNG) to replay."""
+        r = {"task": task, "recipe_version": RECIPE_VERSION, "model": self.model_spec, "resolution": self.resolution,
+             "params": params, "versions": versions(), "loras": [list(x) for x in self._loras_now]}
+        for k, img in (images or {}).items():
+            if img is not None:
+                r[f"{k}_png"] = encode_image(img)
+        for k, m in (masks or {}).items():
+            if m is not None:
+                r[f"{k}_png"] = encode_mask(m)
+        r.update({k: v for k, v in (extra or {}).items() if v is not None})
+        return r
+
+    # ---- any task ----------------------------------------------------------------------------------
+    def edit(self, request, progress: Progress | None = None, cancel=None, loras=()) -> EditResult:
+        """Run any registered task's request (drag, move, sketch, …). ``loras``: ((path or name, weight), …)
+        LoRAs active for this edit (the identity LoRA of a drag stacks on top)."""
+        task = task_for(request)
+        with self._lock:
+            b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
+            run = Run(b.unet, progress, cancel)
+            self._loras_now = tuple((str(p), float(w)) for p, w in (loras or ()))
+            try:
+                with self._lora_context(self._loras_now):
+                    return task.run(self, request, run)
+            finally:
+                self._loras_now = ()
+                run.close()
+
+    def _lora_context(self, loras):
+        if not loras:
+            return contextlib.nullcontext()
+        from editing.lora_library import activate  # issue 6: the LoRA library
+
+        return activate(self._bundle, loras, allow_pickle=self.allow_pickle)
+
+    # ---- drag --------------------------------------------------------------------------------
+    def _prepare(self, req: DragRequest):
+        work, (image, mask, points), notices = self.fit(req.image, req.mask, req.points)
+        return work, (image, mask, points), list(req.notices) + notices
+
+    def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None, loras=()) -> EditResult:
         """DragDiffusion edit: (identity LoRA) → DDIM inversion → latent optimisation → denoise."""
         if not isinstance(request, DragRequest):
             raise EditError("drag() takes a DragRequest.")
-        with self._lock:
-            b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
-            run = _Run(b.unet, progress, cancel)
-            try:
-                return self._drag(request, run)
-            finally:
-                run.close()
+        return self.edit(request, progress, cancel, loras)
 
-    def _drag(self, req: DragRequest, run: _Run) -> EditResult:
+    def _drag(self, req: DragRequest, run: Run) -> EditResult:
         b = self._bundle
         work_img, (image, mask, points), notices = self._prepare(req)
         img_key = (image_hash(work_img), work_img.size)
@@ -313,7 +316,7 @@ class Editor:
             x = b.vae.decode((z0_edit / b.vae.config.scaling_factor).to(b.dtype)).sample
             result = tensor_to_pil(x).resize(image.size, Image.LANCZOS)
         final = grid_to_points(out.handles, grid_hw, image.size)
-        recipe = self._recipe("drag", req, extra={"steps_run": out.steps, "arrived": out.arrived,
+        recipe = self._drag_recipe(req, extra={"steps_run": out.steps, "arrived": out.arrived,
                                                   "generated": gen.recipe if gen else None})
         return EditResult(result, recipe, run.timings, run.nfe, notices, final)
 
@@ -329,7 +332,7 @@ class Editor:
                 raise EditError(f"{name}={v} is outside [{lo}, {hi}].")
         with self._lock:
             b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
-            run = _Run(b.unet, progress, cancel)
+            run = Run(b.unet, progress, cancel)
             try:
                 native = self.resolution or b.native_resolution
                 m = b.pixel_multiple
@@ -352,14 +355,10 @@ class Editor:
                         traj.append(x)
                 with run.step("decode"):
                     img = tensor_to_pil(b.vae.decode((x / b.vae.config.scaling_factor).to(b.dtype)).sample)
-                # Inversion-shaped trajectory: latents[k] is the latent at timesteps[n - k].
-                inv = Inversion([z.cpu() for z in reversed(traj)], schedule, 0)
                 recipe = {"task": "generate", "prompt": prompt, "seed": int(seed), "size": [w, h],
                           "guidance_scale": guidance_scale, "n_inference_steps": int(n_inference_steps),
                           "model": self.model_spec, "versions": versions(), "recipe_version": RECIPE_VERSION}
-                self._generated[image_hash(img)] = _Generated(inv, prompt, guidance_scale, recipe)
-                while len(self._generated) > self._generated.size:
-                    self._generated.popitem(last=False)
+                self.remember_generation(img, traj, schedule, prompt, guidance_scale, recipe)
                 return EditResult(img, recipe, run.timings, run.nfe, [], [])
             finally:
                 run.close()
@@ -368,15 +367,10 @@ class Editor:
         return image is not None and image_hash(image.convert("RGB")) in self._generated
 
     # ---- recipes -----------------------------------------------------------------------------
-    def _recipe(self, task: str, req: DragRequest, extra: dict) -> dict:
-        r = {"task": task, "recipe_version": RECIPE_VERSION, "model": self.model_spec,
-             "resolution": self.resolution, "params": req.params(), "versions": versions(),
-             "image_png": _png_b64(req.image)}
-        r["params"]["points"] = [[list(h), list(t)] for h, t in req.points]
-        if req.mask is not None:
-            r["mask_png"] = _png_b64(Image.fromarray(req.mask.astype(np.uint8) * 255))
-        r.update({k: v for k, v in extra.items() if v is not None})
-        return r
+    def _drag_recipe(self, req: DragRequest, extra: dict) -> dict:
+        params = req.params()
+        params["points"] = [[list(h), list(t)] for h, t in req.points]
+        return self.recipe("drag", params, images={"image": req.image}, masks={"mask": req.mask}, extra=extra)
 
     def replay(self, recipe: dict, progress: Progress | None = None, cancel=None) -> EditResult:
         """Re-run a recipe produced by this engine (a generation first, when the drag started from one)."""
@@ -388,17 +382,23 @@ class Editor:
         if task == "generate":
             return self.generate(recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
                                  recipe["n_inference_steps"], progress=progress, cancel=cancel)
-        if task == "drag":
-            if recipe.get("generated"):
-                self.replay(recipe["generated"], progress=progress, cancel=cancel)
-            try:
-                params = dict(recipe["params"])
-                points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
-                image = _from_b64(recipe["image_png"]).convert("RGB")
-                mask = np.asarray(_from_b64(recipe["mask_png"]).convert("L")) > 127 if recipe.get("mask_png") else None
-            except (KeyError, ValueError, TypeError) as e:
-                raise EditError(f"The recipe is incomplete or damaged ({type(e).__name__}: {e}).") from None
-            known = {f.name for f in dataclasses.fields(DragRequest)}
-            req = DragRequest(image, points, mask, **{k: v for k, v in params.items() if k in known})
-            return self.drag(req, progress=progress, cancel=cancel)
-        raise EditError(f"Unknown recipe task {task!r}.")
+        if task not in TASKS:
+            raise EditError(f"Unknown recipe task {task!r}.")
+        if recipe.get("generated"):  # the edit started from an image generated here: make it drag-ready again
+            self.replay(recipe["generated"], progress=progress, cancel=cancel)
+        try:
+            request = TASKS[task].from_recipe(recipe)
+        except (KeyError, ValueError, TypeError) as e:
+            raise EditError(f"The recipe is incomplete or damaged ({type(e).__name__}: {e}).") from None
+        return self.edit(request, progress, cancel, loras=[tuple(x) for x in recipe.get("loras") or ()])
+
+
+def _drag_from_recipe(recipe: dict) -> DragRequest:
+    params = dict(recipe["params"])
+    points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
+    known = {f.name for f in dataclasses.fields(DragRequest)}
+    return DragRequest(decode_image(recipe["image_png"]), points, decode_mask(recipe.get("mask_png")),
+                       **{k: v for k, v in params.items() if k in known})
+
+
+register(Task("drag", DragRequest, run=lambda editor, req, run: editor._drag(req, run), from_recipe=_drag_from_recipe))

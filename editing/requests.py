@@ -41,12 +41,12 @@ DRAG_FIELDS: dict[str, tuple[float, float, float, str]] = {
     "guidance_scale": (1.0, 20.0, 1.0, "classifier-free guidance while denoising (1 = none, as for real images)"),
     "seed": (0, 2**31 - 1, 42, "random seed (LoRA crops/noise)"),
 }
-_INT_FIELDS = {"lora_steps", "lora_rank", "n_inference_steps", "max_steps", "r_m", "r_p", "seed"}
 MAX_POINT_PAIRS = 16
 
 
-def _check_number(name: str, value: Any, table: dict) -> float | int:
-    lo, hi, _, why = table[name]
+def check_number(name: str, value: Any, table: dict) -> float | int:
+    """Validate ``value`` against ``table[name] = (min, max, default, why)``; whole numbers when the default is an int."""
+    lo, hi, default, why = table[name]
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -55,14 +55,14 @@ def _check_number(name: str, value: Any, table: dict) -> float | int:
         raise EditError(f"{name} must be a finite number, got {value!r} ({why}).")
     if not lo <= v <= hi:
         raise EditError(f"{name}={value} is outside [{lo}, {hi}] ({why}).")
-    if name in _INT_FIELDS:
+    if isinstance(default, int) and not isinstance(default, bool):
         if v != int(v):
             raise EditError(f"{name} must be a whole number, got {value!r}.")
         return int(v)
     return v
 
 
-def _check_point(p: Any, size: tuple[int, int], what: str) -> Point:
+def check_point(p: Any, size: tuple[int, int], what: str) -> Point:
     w, h = size
     try:
         x, y = (float(c) for c in p)
@@ -161,7 +161,7 @@ class DragRequest:
         if min(img.size) < 8:
             raise EditError(f"The image is {img.width}×{img.height}; it must be at least 8 px on each side.")
         for name in DRAG_FIELDS:
-            set_(name, _check_number(name, getattr(self, name), DRAG_FIELDS))
+            set_(name, check_number(name, getattr(self, name), DRAG_FIELDS))
         if round(self.inversion_strength * self.n_inference_steps) < 1:
             raise EditError("inversion_strength × n_inference_steps must be at least 1 step.")
         if not isinstance(self.prompt, str):
@@ -175,8 +175,8 @@ class DragRequest:
         for i, pair in enumerate(pairs, 1):
             if len(pair) != 2:
                 raise EditError(f"Point pair {i} must be (handle, target).")
-            h = _check_point(pair[0], img.size, f"Handle {i}")
-            t = _check_point(pair[1], img.size, f"Target {i}")
+            h = check_point(pair[0], img.size, f"Handle {i}")
+            t = check_point(pair[1], img.size, f"Target {i}")
             if math.dist(h, t) < 1.0:
                 raise EditError(f"Handle {i} and its target are the same point: move the target away.")
             checked.append((h, t))

@@ -40,7 +40,7 @@ def test_drag_then_replay(tmp_path):
 
 
 def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, capsys):
-    from editing.__main__ import main
+    from editing.cli import main
 
     scene().save(tmp_path / "in.png")
     (tmp_path / "junk.png").write_bytes(b"not an image")

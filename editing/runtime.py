@@ -1,0 +1,177 @@
+"""What every task shares: the result type, the per-request run (timing, UNet-call counting,
+progress, cancel), recipe encoding, and the task registry the Editor dispatches through.
+
+A task is one edit kind (``drag``, ``move``, ``sketch``, …). Its module registers it::
+
+    register(Task("sketch", SketchRequest, run=run_sketch, from_recipe=sketch_from_recipe))
+
+``run(editor, request, run) -> EditResult`` executes it on the Editor's loaded bundle (the Editor
+holds the lock, counts UNet calls and activates the chosen LoRAs around it); ``from_recipe(recipe)``
+rebuilds the request from the JSON a result carried, so ``Editor.replay`` works for every task.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import importlib
+import io
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from editing.requests import EditCancelled, EditError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float, str], None]  # (phase, fraction 0..1, message)
+RECIPE_VERSION = 1
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    recipe: dict
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    unet_calls: dict[str, int] = field(default_factory=dict)  # phase -> NFE (batch elements)
+    notices: list[str] = field(default_factory=list)
+    final_points: list[tuple[float, float]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)  # a batch (image is images[0]); empty = [image]
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific facts (e.g. memory-bank size)
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.timings.values())
+
+    @property
+    def all_images(self) -> list[Image.Image]:
+        return self.images or [self.image]
+
+
+class Run:
+    """Timing, NFE counting and progress for one request.
+
+    ``with run.step("phase"):`` times a phase (CUDA-synchronised) and attributes UNet calls to it;
+    ``run.report(frac, msg)`` reports progress and raises ``EditCancelled`` once Cancel was pressed.
+    Extra modules (ControlNet, adapters) can be counted with ``run.count_module(module, "controlnet")``.
+    """
+
+    def __init__(self, unet, progress: Progress | None, cancel):
+        self.timings: dict[str, float] = {}
+        self.nfe: dict[str, int] = {}
+        self.calls: dict[str, dict[str, int]] = {}  # other counted modules: name -> phase -> calls
+        self.phase = "setup"
+        self.progress, self.cancel = progress, cancel
+        self._hooks = [unet.register_forward_pre_hook(self._counter(self.nfe), with_kwargs=True)]
+
+    def _counter(self, table: dict):
+        def count(module, args, kwargs, replay=False):
+            if count.paused and not replay:
+                return
+            x = args[0] if args else kwargs["sample"]
+            table[self.phase] = table.get(self.phase, 0) + int(x.shape[0])
+
+        count._counts_nfe = True  # CUDA-graph replays report here too (editing/cuda_graphs.py)
+        count.paused = False
+        return count
+
+    def count_module(self, module: torch.nn.Module, name: str) -> None:
+        """Also count the batch elements ``module`` is called with (removed by ``close``)."""
+        table = self.calls.setdefault(name, {})
+        self._hooks.append(module.register_forward_pre_hook(self._counter(table), with_kwargs=True))
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        self.phase = name
+        self.report(0.0, "")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self, frac: float, msg: str = ""):
+        if self.cancel is not None and self.cancel.is_set():
+            raise EditCancelled("Cancelled.")
+        if self.progress:
+            self.progress(self.phase, float(frac), msg)
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+# ---- recipes ---------------------------------------------------------------------------------------
+def encode_image(img: Image.Image) -> str:
+    """PNG bytes as base64 text, for recipes."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode_image(s: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB")
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a damaged recipe
+        raise EditError(f"The recipe holds a damaged image ({type(e).__name__}).") from None
+
+
+def encode_mask(mask: np.ndarray | None) -> str | None:
+    return None if mask is None else encode_image(Image.fromarray(mask.astype(np.uint8) * 255))
+
+
+def decode_mask(s: str | None) -> np.ndarray | None:
+    return None if not s else np.asarray(decode_image(s).convert("L")) > 127
+
+
+def versions() -> dict:
+    import diffusers
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+# ---- tasks -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    name: str
+    request_type: type
+    run: Callable  # (editor, request, run: Run) -> EditResult
+    from_recipe: Callable[[dict], Any]  # recipe -> request
+
+
+TASKS: dict[str, Task] = {}
+# Modules that register tasks; imported by the Editor on construction.
+TASK_MODULES = ("editing.guidance", "editing.generation", "editing.dreambooth")
+
+
+def register(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def task_for(request) -> Task:
+    for t in TASKS.values():
+        if type(request) is t.request_type:
+            return t
+    raise EditError(f"No task takes a {type(request).__name__}.")
+
+
+def load_task_modules() -> None:
+    for name in TASK_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a missing dependency inside the module is a real error
+                raise
