@@ -1,17 +1,37 @@
-"""The DragCanvas Blocks: title, model banner, tabs."""
+"""The DragCanvas Blocks: title, model banner, tabs.
+
+Tabs are built by the functions in ``TABS`` (``module:function``, each ``build(editor, settings, links)``);
+a tab module not written yet is skipped. ``ui/links.py`` is how tabs send images to each other.
+"""
 from __future__ import annotations
 
 import html
+import importlib
 
 import gradio as gr
 
-from ui.drag_tab import build_drag_tab
+from ui.links import Links, make_inboxes
 
 INTRO = ("# DragCanvas\n"
-         "Drag points on an image and the content follows (DragDiffusion). Model: `{model}`.")
+         "Drag points on an image and the content follows; move, paste and restyle objects; sketch, generate "
+         "and personalise. Model: `{model}`.")
 
 BANNER_STYLE = ("padding:.6em 1em;border-radius:8px;border:1px solid #e0b000;"
                 "background:#fff4cc;color:#5c4400;font-weight:600")
+
+TABS = ("ui.drag_tab:build_drag_tab", "ui.guided_tabs:build_guided_tabs", "ui.sketch_tab:build_sketch_tab",
+        "ui.generate_tab:build_generate_tab", "ui.personalize_tab:build_personalize_tab")
+
+
+def _builder(spec: str):
+    module_name, fn = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        return None
+    return getattr(module, fn)
 
 
 def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
@@ -21,6 +41,11 @@ def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
         gr.Markdown(INTRO.format(model=editor.model_name))
         gr.HTML(f'<div style="{BANNER_STYLE}">⚠️ {html.escape(editor.banner)}</div>' if editor.banner else "",
                 visible=bool(editor.banner), elem_id="banner")
-        with gr.Tabs():
-            build_drag_tab(editor, settings)
+        inboxes = make_inboxes()
+        with gr.Tabs() as tabs:
+            links = Links(editor, tabs, inboxes)
+            for spec in TABS:
+                build = _builder(spec)
+                if build is not None:
+                    build(editor, settings, links)
     return demo

@@ -334,12 +334,20 @@ def _field_input(name: str, value) -> gr.components.Component:
     return gr.Slider(lo, hi, value=value, step=step, label=label, info=why, elem_id=f"field-{name}")
 
 
-def build_drag_tab(editor, settings: dict | None = None) -> None:
+def receive_image(path, session: Session):
+    """An image sent from another tab (ui/links.py) becomes the working image."""
+    if not path:
+        return gr.skip()
+    session.use_image(load_image(path))
+    return path, *session.preview()
+
+
+def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     """Add the Drag tab to the current gr.Blocks. ``settings`` overrides slider start values."""
     h = EngineHandlers(editor)
     start = {name: spec[2] for name, spec in FIELDS.items()} | (settings or {})
 
-    with gr.Tab("Drag"):
+    with gr.Tab("Drag", id="drag"):
         session = gr.State(Session(), delete_callback=Session.close)
         gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change; "
                     "the rest stays fixed. **3.** Click a handle point, then its target; repeat for more pairs. "
@@ -396,6 +404,9 @@ def build_drag_tab(editor, settings: dict | None = None) -> None:
     clear_btn.click(clear_points, [session], [preview, points_info], **instant)
     gallery.select(on_history_select, [session], [result, download, details], **instant)
     continue_btn.click(continue_from_result, [session], [canvas, preview, points_info], **instant)
+    if links is not None:
+        links.inboxes["drag"].change(receive_image, [links.inboxes["drag"], session], [canvas, preview, points_info],
+                                     **instant)
     cancel_btn.click(request_cancel, [session], [status], queue=False, api_visibility="private")
 
     # Engine handlers: one GPU queue (concurrency_id "gpu", limit 1 from queue(default_concurrency_limit=1)).
