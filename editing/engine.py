@@ -82,7 +82,7 @@ class Editor:
 
     def __init__(self, model_spec: str = "auto", *, allow_pickle: bool = False, max_side: int = 2048,
                  device: str | None = None, dtype: torch.dtype | None = None, offload: bool = False,
-                 resolution: int | None = None, lora_checkpointing: bool = False):
+                 resolution: int | None = None, lora_checkpointing: bool = False, bank_on_cpu: bool = False):
         from models.loader import resolve_auto
 
         self.banner = ""
@@ -93,6 +93,8 @@ class Editor:
         self.device, self.dtype, self.offload = device, dtype, offload
         self.resolution = resolution  # working long side; default the model's native resolution
         self.lora_checkpointing = lora_checkpointing  # trade identity-LoRA speed for memory
+        self.bank_on_cpu = bank_on_cpu  # guided editing: keep the attention memory bank in host memory
+        self._task_caches: dict[str, _LRU] = {}
         self._bundle = None
         self._lock = threading.RLock()
         self._latents = _LRU(8)  # (image, size) -> VAE posterior (mean, std)
@@ -119,8 +121,12 @@ class Editor:
 
     def clear_caches(self) -> None:
         """Forget per-image latents, LoRAs, inversions and generations (the model stays loaded)."""
-        for c in (self._latents, self._loras, self._inversions, self._generated):
+        for c in (self._latents, self._loras, self._inversions, self._generated, *self._task_caches.values()):
             c.clear()
+
+    def cache(self, name: str, size: int = 2) -> _LRU:
+        """A per-task LRU cache (e.g. guided inversions + memory banks), cleared by ``clear_caches``."""
+        return self._task_caches.setdefault(name, _LRU(size))
 
     def _working_size(self, size: tuple[int, int]) -> tuple[int, int]:
         b = self._bundle

@@ -44,3 +44,29 @@ def resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
 
 def resize_image(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == size else img.resize(size, Image.LANCZOS)
+
+
+def place(x: torch.Tensor, centre: tuple[float, float], scale: float, offset: tuple[float, float],
+          image_size: tuple[int, int], mode: str = "nearest") -> torch.Tensor:
+    """Warp a (B, C, H, W) map of an image of ``image_size`` (w, h): the content at pixel ``p`` moves to
+    ``centre + scale·(p − centre) + offset``; uncovered cells become 0.
+
+    The one helper that moves objects for Move/Paste — on latents (z_T), masks and feature maps alike,
+    so they always agree. ``centre`` and ``offset`` are in image pixels.
+    """
+    w, h = image_size
+    cx, cy = (2 * (centre[0] + 0.5) / w - 1, 2 * (centre[1] + 0.5) / h - 1)  # normalised, align_corners=False
+    ox, oy = 2 * offset[0] / w, 2 * offset[1] / h
+    # Output q samples the source at p = c + (q − o − c) / s.
+    theta = torch.tensor([[1 / scale, 0, cx * (1 - 1 / scale) - ox / scale],
+                          [0, 1 / scale, cy * (1 - 1 / scale) - oy / scale]], dtype=torch.float32)
+    grid = torch.nn.functional.affine_grid(theta[None].expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid.to(x.device), mode=mode, padding_mode="zeros",
+                                          align_corners=False)
+    return out.to(x.dtype)
+
+
+def mask_centre(mask: np.ndarray) -> tuple[float, float]:
+    """Centre (x, y) of a mask's bounding box, in pixels."""
+    ys, xs = np.nonzero(mask)
+    return (float(xs.min() + xs.max()) / 2, float(ys.min() + ys.max()) / 2)

@@ -191,3 +191,225 @@ class DragRequest:
     def params(self) -> dict:
         """The JSON-serialisable part (everything but pixels)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "mask", "notices")}
+
+
+# ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance.py) ---------------
+GUIDED_METHODS = ("diffeditor", "dragondiffusion")
+# Published defaults per task (DragonDiffusion/DiffEditor demos): energy weights, CFG, energy scale.
+GUIDED_DEFAULTS = {
+    "drag": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.2, guidance_scale=4.0, energy_scale=2.0),
+    "move": dict(w_edit=4.0, w_content=6.0, w_contrast=0.2, w_inpaint=0.8, guidance_scale=4.0, energy_scale=0.5),
+    "appearance": dict(w_edit=3.5, w_content=5.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=5.0, energy_scale=2.0),
+    "paste": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=4.0, energy_scale=1.5),
+}
+GUIDED_FIELDS: dict[str, tuple[float, float, float | None, str]] = {  # None default = the task's published value
+    "n_inference_steps": (10, 200, 50, "DDIM steps; the schedules are defined on 50 and scale with this"),
+    "guidance_scale": (1.0, 20.0, None, "classifier-free guidance of the sampling"),
+    "energy_scale": (0.0, 20.0, None, "strength of the gradient guidance (×1000 internally, as published)"),
+    "w_edit": (0.0, 20.0, None, "weight of the edit energy (content goes where asked)"),
+    "w_content": (0.0, 20.0, None, "weight of the content energy (the rest stays)"),
+    "w_contrast": (0.0, 5.0, None, "move: push the vacated area away from the old object"),
+    "w_inpaint": (0.0, 5.0, None, "fill the vacated area like the background"),
+    "sde_strength": (0.0, 1.0, 0.4, "DiffEditor regional SDE η inside the edit region (steps 11–19)"),
+    "ip_scale": (0.0, 1.0, 0.1, "DiffEditor image prompt (IP-Adapter) scale, steps 10–19; 0 = off"),
+    "seed": (0, 2**31 - 1, 42, "random seed (regional SDE noise)"),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedParams:
+    """Fields every guided task shares; subclasses set ``TASK``. ``None`` = the task's published default."""
+
+    prompt: str = ""
+    method: str = "diffeditor"
+    n_inference_steps: int = 50
+    guidance_scale: float | None = None
+    energy_scale: float | None = None
+    w_edit: float | None = None
+    w_content: float | None = None
+    w_contrast: float | None = None
+    w_inpaint: float | None = None
+    sde_strength: float = 0.4
+    ip_adapter: str | None = None  # IP-Adapter spec for DiffEditor's image prompt (None = off)
+    ip_scale: float = 0.1
+    seed: int = 42
+    notices: tuple[str, ...] = field(default=(), compare=False)
+
+    TASK = ""
+
+    def _set(self, k, v):
+        object.__setattr__(self, k, v)
+
+    def _validate_common(self):
+        if not isinstance(self.prompt, str):
+            raise EditError("The prompt must be text.")
+        method = str(self.method or "").lower()
+        if method not in GUIDED_METHODS:
+            raise EditError(f"Unknown method {self.method!r}: choose one of {', '.join(GUIDED_METHODS)}.")
+        self._set("method", method)
+        defaults = GUIDED_DEFAULTS[self.TASK]
+        for name in GUIDED_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                value = defaults[name]
+            self._set(name, check_number(name, value, GUIDED_FIELDS))
+        if self.ip_adapter is not None and not isinstance(self.ip_adapter, str):
+            raise EditError("ip_adapter must be a model spec (text) or None.")
+
+    def _image(self, name: str, img) -> Image.Image:
+        if img is None:
+            raise EditError(f"No {name}: upload one first.")
+        if not isinstance(img, Image.Image):
+            raise EditError(f"The {name} must be a PIL image, got {type(img).__name__}.")
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        if min(img.size) < 8:
+            raise EditError(f"The {name} is {img.width}×{img.height}; it must be at least 8 px on each side.")
+        return img
+
+    def _required_mask(self, name: str, mask, size) -> np.ndarray:
+        if mask is None:
+            raise EditError(f"No {name}: paint the object first.")
+        m, notices = normalize_mask(mask, size)
+        if m is None:
+            raise EditError(f"The {name} is empty: paint the object first.")
+        self._set("notices", self.notices + tuple(n for n in notices if "empty" not in n))
+        return m
+
+    def params(self) -> dict:
+        skip = {"image", "mask", "reference", "reference_mask", "hole_mask", "notices"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, notices=(), **changes)
+
+
+def _offset(value, what="offset") -> tuple[float, float]:
+    try:
+        dx, dy = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise EditError(f"The {what} must be two numbers (dx, dy), got {value!r}.") from None
+    if not (math.isfinite(dx) and math.isfinite(dy)):
+        raise EditError(f"The {what} ({dx}, {dy}) is not finite.")
+    return dx, dy
+
+
+def _scale(value) -> float:
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise EditError(f"The scale must be a number, got {value!r}.") from None
+    if not math.isfinite(s) or s <= 0:
+        raise EditError(f"The scale must be a positive number, got {value!r}.")
+    if not 0.2 <= s <= 4.0:
+        raise EditError(f"Scale {s:g} is outside [0.2, 4]: resize in smaller steps.")
+    return s
+
+
+@dataclass(frozen=True)
+class GuidedDragRequest(GuidedParams):
+    """Drag with DiffEditor / DragonDiffusion: no LoRA; feature-correspondence gradient guidance."""
+
+    image: Image.Image
+    points: tuple[PointPair, ...]
+    mask: np.ndarray | None = None
+
+    TASK = "drag"
+
+    def __post_init__(self):
+        base = DragRequest(self.image, self.points, self.mask, prompt=self.prompt if isinstance(self.prompt, str) else "")
+        self._set("image", base.image)
+        self._set("points", base.points)
+        self._set("mask", base.mask)
+        self._set("notices", tuple(self.notices) + base.notices)
+        self._validate_common()
+
+
+@dataclass(frozen=True)
+class MoveRequest(GuidedParams):
+    """Move (and resize) the object under ``mask`` by ``offset`` pixels; the hole is filled like the
+    background, or like ``hole_mask``'s region when given."""
+
+    image: Image.Image
+    mask: np.ndarray
+    offset: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    hole_mask: np.ndarray | None = None
+
+    TASK = "move"
+
+    def __post_init__(self):
+        img = self._image("image", self.image)
+        self._set("image", img)
+        self._set("mask", self._required_mask("object mask", self.mask, img.size))
+        self._set("offset", _offset(self.offset))
+        self._set("scale", _scale(self.scale))
+        if abs(self.offset[0]) < 1 and abs(self.offset[1]) < 1 and abs(self.scale - 1) < 1e-3:
+            raise EditError("Nothing to do: give an offset or a scale other than 1.")
+        if self.hole_mask is not None:
+            hole, notices = normalize_mask(self.hole_mask, img.size)
+            self._set("hole_mask", hole)
+            self._set("notices", self.notices + tuple(n for n in notices if "empty" not in n))
+        self._validate_common()
+
+
+@dataclass(frozen=True)
+class PasteRequest(GuidedParams):
+    """Cut the object under ``reference_mask`` from ``reference`` and paste it into ``image``: its centre moves
+    by ``offset`` from where it sits in the reference (resized to the image's size), scaled by ``scale``."""
+
+    image: Image.Image
+    reference: Image.Image
+    reference_mask: np.ndarray
+    offset: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    reference_prompt: str = ""
+
+    TASK = "paste"
+
+    def __post_init__(self):
+        img = self._image("image", self.image)
+        ref = self._image("reference image", self.reference)
+        self._set("image", img)
+        if ref.size != img.size:
+            self._set("notices", self.notices + (f"The reference was {ref.width}×{ref.height}; it was resized to "
+                                                 f"the image's {img.width}×{img.height}.",))
+            ref = ref.resize(img.size, Image.LANCZOS)
+        self._set("reference", ref)
+        if self.reference_mask is None:
+            raise EditError("The reference image needs a mask: paint the object to paste.")
+        self._set("reference_mask", self._required_mask("reference mask", self.reference_mask, ref.size))
+        self._set("offset", _offset(self.offset))
+        self._set("scale", _scale(self.scale))
+        if not isinstance(self.reference_prompt, str):
+            raise EditError("The reference prompt must be text.")
+        self._validate_common()
+
+
+@dataclass(frozen=True)
+class AppearanceRequest(GuidedParams):
+    """Give the object under ``mask`` in ``image`` the look of the object under ``reference_mask`` in ``reference``."""
+
+    image: Image.Image
+    mask: np.ndarray
+    reference: Image.Image
+    reference_mask: np.ndarray
+    reference_prompt: str = ""
+
+    TASK = "appearance"
+
+    def __post_init__(self):
+        img = self._image("image", self.image)
+        ref = self._image("reference image", self.reference)
+        self._set("image", img)
+        self._set("mask", self._required_mask("object mask", self.mask, img.size))
+        if ref.size != img.size:
+            self._set("notices", self.notices + (f"The reference was {ref.width}×{ref.height}; it was resized to "
+                                                 f"the image's {img.width}×{img.height}.",))
+            ref = ref.resize(img.size, Image.LANCZOS)
+        self._set("reference", ref)
+        if self.reference_mask is None:
+            raise EditError("The reference image needs a mask: paint the object whose look to take.")
+        self._set("reference_mask", self._required_mask("reference mask", self.reference_mask, ref.size))
+        if not isinstance(self.reference_prompt, str):
+            raise EditError("The reference prompt must be text.")
+        self._validate_common()
