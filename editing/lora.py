@@ -1,4 +1,8 @@
-"""Identity LoRA (DragDiffusion §3.2): a short peft fine-tune so denoising keeps the object's identity."""
+"""Identity LoRA (DragDiffusion §3.2): a short peft fine-tune so denoising keeps the object's identity.
+
+It stacks on top of the library LoRAs active on the UNet (``editing.lora_library.activate``): they stay
+active (with their weights) and frozen while the identity LoRA trains and while it is applied.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +26,21 @@ def lora_config(rank: int):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+
+
+def _stack(unet, name: str) -> None:
+    """Activate the library LoRAs already on ``unet`` (their weights) plus ``name`` at weight 1."""
+    from editing.lora_library import active_loras, set_active
+
+    set_active(unet, active_loras(unet) + [(name, 1.0)])
+
+
+def _unstack(unet, name: str) -> None:
+    """Remove adapter ``name`` and re-activate exactly the library LoRAs that were active before."""
+    from editing.lora_library import active_loras, set_active
+
+    unet.delete_adapters(name)
+    set_active(unet, active_loras(unet))
 
 
 def diffusion_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -72,6 +91,7 @@ def train_identity_lora(
         torch.manual_seed(seed)
         unet.add_adapter(lora_config(rank), adapter_name=name)
     try:
+        _stack(unet, name)  # subject LoRAs stay on (frozen): the identity LoRA learns what they leave out
         params = [p for n, p in unet.named_parameters() if f".{name}." in n]
         for p in params:  # train the adapter in fp32 even when the frozen UNet is fp16
             p.data = p.data.float()
@@ -110,7 +130,7 @@ def train_identity_lora(
         if grad_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.eval()
-        unet.delete_adapters(name)
+        _unstack(unet, name)
         unet.requires_grad_(False)
 
 
@@ -129,9 +149,8 @@ def lora_adapter(unet, state: dict[str, torch.Tensor] | None, rank: int, name: s
         for n, p in unet.named_parameters():
             if f".{name}." in n:
                 p.data = p.data.to(dtype)
-        unet.set_adapters([name])
-        unet.requires_grad_(False)
+        _stack(unet, name)
         yield
     finally:
-        unet.delete_adapters(name)
+        _unstack(unet, name)
         unet.requires_grad_(False)
