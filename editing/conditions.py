@@ -123,4 +123,5 @@ def preprocess(name: str, image: Image.Image, options: Mapping | None = None) ->
     """Run preprocessor ``name`` on ``image`` (PIL) with validated ``options``."""
     if not isinstance(image, Image.Image):
         raise EditError(f"A condition image must be a picture, got {type(image).__name__}.")
-    return PREPROCESSORS[name](image, **check_options(name, options))
+    options = check_options(name, options)
+    return PREPROCESSORS[name](image, **options)
