@@ -1,0 +1,268 @@
+"""The Generate tab: text-to-image steered by ControlNet units, a T2I-Adapter unit and an IP-Adapter reference.
+
+Handlers first, layout, wiring last. The Generate button calls the ``/text_to_image`` endpoint API clients use::
+
+    from gradio_client import Client, handle_file
+    units = [{"kind": "controlnet", "model": "tiny", "image": 0, "preprocessor": "canny", "scale": 0.8},
+             {"kind": "ip_adapter", "model": "tiny", "images": [1], "scale": 0.6}]
+    Client(url).predict("a cat", "", json.dumps(units), [handle_file("edges.png"), handle_file("ref.png")],
+                        n_inference_steps=30, seed=1, api_name="/text_to_image")
+    # prompt, negative prompt, units JSON ("image"/"images" index the files list), condition files,
+    # then any GenerateRequest.FIELDS_UI value by name (width/height 0 = the model's native size).
+
+Unit keys: controlnet (model, image, preprocessor, options, scale, start, end, guess_mode),
+t2i_adapter (model, image, preprocessor, options, weight, conditioning_factor), ip_adapter (model, images, scale).
+Every result is drag-ready: "Send to Drag" opens it there and a drag starts at once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import gradio as gr
+
+from editing import conditions
+from editing.generation import (
+    GENERATE_FIELDS,
+    AdapterUnit,
+    ControlNetUnit,
+    GenerateRequest,
+    IPAdapterUnit,
+)
+from editing.images import load_image
+from editing.requests import EditError
+from ui.drag_tab import EngineProgress, notify, request_cancel, shows_errors
+from ui.sketch_tab import (
+    Results,
+    details_of,
+    field_input,
+    lora_specs,
+    on_select,
+    pick_seed,
+    sender,
+    status_line,
+)
+from ui.zerogpu import gpu, zero_gpu
+
+GPU_SECONDS = 120
+N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS
+UNIT_KEYS = {
+    "controlnet": {"kind", "model", "image", "preprocessor", "options", "scale", "start", "end", "guess_mode"},
+    "t2i_adapter": {"kind", "model", "image", "preprocessor", "options", "weight", "conditioning_factor"},
+    "ip_adapter": {"kind", "model", "images", "scale"},
+}
+
+
+# ---- units JSON -> engine units --------------------------------------------------------------------
+def parse_units(text: str | None, files: list | None):
+    """The /text_to_image units JSON and its files -> (ControlNet units, T2I-Adapter units, IP-Adapter unit or None)."""
+    try:
+        units = json.loads(text or "[]")
+    except json.JSONDecodeError:
+        raise EditError('Units must be JSON like [{"kind": "controlnet", "image": 0, "preprocessor": "canny"}].') from None
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise EditError("Units must be a JSON list of objects.")
+    files = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
+
+    def picture(i, what):
+        if not isinstance(i, int) or not 0 <= i < len(files):
+            raise EditError(f"{what}: image {i!r} is not an index into the {len(files)} uploaded file(s).")
+        return load_image(files[i])
+
+    cns, ads, ip = [], [], None
+    for n, u in enumerate(units, 1):
+        kind = u.get("kind")
+        if kind not in UNIT_KEYS:
+            raise EditError(f"Unit {n}: kind must be one of {', '.join(UNIT_KEYS)}, got {kind!r}.")
+        extra = set(u) - UNIT_KEYS[kind]
+        if extra:
+            raise EditError(f"Unit {n} ({kind}) has unknown key(s) {', '.join(sorted(extra))}.")
+        args = {k: v for k, v in u.items() if k not in ("kind", "image", "images")}
+        if kind == "controlnet":
+            cns.append(ControlNetUnit(picture(u.get("image"), f"ControlNet unit {n}"), **args))
+        elif kind == "t2i_adapter":
+            ads.append(AdapterUnit(picture(u.get("image"), f"T2I-Adapter unit {n}"), **args))
+        else:
+            if ip is not None:
+                raise EditError("Only one IP-Adapter unit can be used (give it several reference images instead).")
+            refs = u.get("images") if isinstance(u.get("images"), list) else [u.get("images")]
+            ip = IPAdapterUnit(tuple(picture(i, f"IP-Adapter unit {n}") for i in refs), **args)
+    return tuple(cns), tuple(ads), ip
+
+
+# ---- unit widgets ----------------------------------------------------------------------------------
+@dataclass
+class UnitWidgets:
+    kind: str
+    enabled: gr.Checkbox
+    model: gr.Textbox
+    image: gr.Image
+    preprocessor: gr.Dropdown | None = None
+    low: gr.Slider | None = None
+    high: gr.Slider | None = None
+    scale: gr.Slider | None = None
+    start: gr.Slider | None = None
+    end: gr.Slider | None = None
+    guess: gr.Checkbox | None = None
+    factor: gr.Slider | None = None
+    preview: gr.Image | None = None
+
+    def components(self) -> list:
+        return [c for c in vars(self).values() if isinstance(c, gr.components.Component) and c is not self.preview]
+
+    def unit(self, data: dict, files: list[str]) -> dict | None:
+        """This accordion's values (``data``: component -> value) -> one units-JSON entry, or None when off."""
+        if not data[self.enabled]:
+            return None
+        if not data[self.image]:
+            raise EditError(f"The {self.kind.replace('_', ' ')} unit is on but has no image: add one or switch it off.")
+        files.append(data[self.image])
+        u = {"kind": self.kind, "model": data[self.model] or "tiny"}
+        if self.kind == "ip_adapter":
+            return u | {"images": [len(files) - 1], "scale": data[self.scale]}
+        pre = data[self.preprocessor]
+        u |= {"image": len(files) - 1, "preprocessor": pre}
+        if pre == "canny":
+            u["options"] = {"low_threshold": data[self.low], "high_threshold": data[self.high]}
+        if self.kind == "controlnet":
+            return u | {"scale": data[self.scale], "start": data[self.start], "end": data[self.end],
+                        "guess_mode": data[self.guess]}
+        return u | {"weight": data[self.scale], "conditioning_factor": data[self.factor]}
+
+
+def default_spec(editor, kind: str) -> str:
+    """'tiny' for the built-in models; the common SD-1.5 checkpoints otherwise."""
+    if editor.model_spec in ("tiny", "cpu-small", "sd15-random") or editor.model_spec.startswith("toy"):
+        return "tiny"
+    return {"controlnet": "lllyasviel/sd-controlnet-canny", "t2i_adapter": "TencentARC/t2iadapter_color_sd14v1",
+            "ip_adapter": "h94/IP-Adapter"}[kind]
+
+
+def _unit_widgets(editor, kind: str, title: str, index: int) -> UnitWidgets:
+    eid = f"gen-{kind}-{index}"
+    with gr.Accordion(title, open=False, elem_id=eid):
+        enabled = gr.Checkbox(False, label="Use this unit", elem_id=f"{eid}-on")
+        model = gr.Textbox(default_spec(editor, kind), label="Model (tiny, local folder, or Hub id)")
+        with gr.Row():
+            image = gr.Image(type="filepath", format="png", label="Reference image" if kind == "ip_adapter"
+                             else "Condition image", sources=("upload", "clipboard"), height=200)
+            preview = None if kind == "ip_adapter" else gr.Image(label="What the model sees", type="pil",
+                                                                 interactive=False, height=200)
+        if kind == "ip_adapter":
+            return UnitWidgets(kind, enabled, model, image, scale=gr.Slider(0, 2, 0.6, step=0.05, label="Scale"))
+        w = UnitWidgets(kind, enabled, model, image, preview=preview)
+        w.preprocessor = gr.Dropdown(list(conditions.NAMES), value="palette" if kind == "t2i_adapter" else "canny",
+                                     label="Preprocessor")
+        with gr.Row():
+            w.low = gr.Slider(0, 255, 100, step=1, label="Canny low threshold")
+            w.high = gr.Slider(1, 255, 200, step=1, label="Canny high threshold")
+        w.scale = gr.Slider(0, 2, 1.0, step=0.05, label="Scale" if kind == "controlnet" else "Weight")
+        if kind == "controlnet":
+            with gr.Row():
+                w.start = gr.Slider(0, 1, 0.0, step=0.05, label="Guidance start")
+                w.end = gr.Slider(0, 1, 1.0, step=0.05, label="Guidance end")
+            w.guess = gr.Checkbox(False, label="Guess mode (steer without a prompt)")
+        else:
+            w.factor = gr.Slider(0, 1, 1.0, step=0.05, label="Conditioning factor (fraction of early steps)")
+        show = gr.Button("Preview preprocessor", size="sm")
+        show.click(preview_condition, [w.image, w.preprocessor, w.low, w.high], [w.preview],
+                   show_progress="hidden", api_visibility="private")
+    return w
+
+
+@shows_errors
+def preview_condition(image, preprocessor, low, high):
+    """The preprocessed condition image (OpenCV only: no model, no GPU queue)."""
+    if not image:
+        raise EditError("Add a condition image first.")
+    options = {"low_threshold": low, "high_threshold": high} if preprocessor == "canny" else {}
+    return conditions.preprocess(preprocessor, load_image(image), options)
+
+
+# ---- engine handler ----------------------------------------------------------------------------------
+class GenerateHandlers:
+    def __init__(self, editor):
+        self.editor = editor
+        self.can_cancel = not zero_gpu()
+        self._edit = gpu(GPU_SECONDS)(editor.edit)
+
+    @shows_errors
+    def generate(self, prompt, negative_prompt, units, files, results: Results, progress=gr.Progress(),  # noqa: B008
+                 loras=None, **settings):
+        """Text-to-image with units (see the module docstring); returns gallery, download, details, status."""
+        cns, ads, ip = parse_units(units, files)
+        req = GenerateRequest(prompt or "", negative_prompt or "", controlnets=cns, adapters=ads, ip_adapter=ip,
+                              **settings)
+        result = self._edit(req, progress=EngineProgress(progress),
+                            cancel=results.cancel if self.can_cancel else None, loras=lora_specs(loras))
+        notify(result.notices)
+        kinds = [f"{len(cns)} ControlNet" if cns else "", "T2I-Adapter" if ads else "", "IP-Adapter" if ip else ""]
+        results.add(result, ", ".join(["generated", *filter(None, kinds)]), details_of(result))
+        return results.gallery(), *results.shown(), status_line(result, "image")
+
+
+def build_generate_tab(editor, settings: dict | None = None, links=None) -> None:
+    h = GenerateHandlers(editor)
+    start = {name: spec[2] for name, spec in GENERATE_FIELDS.items()}
+    start.update({k: v for k, v in (settings or {}).items() if k in GENERATE_FIELDS})
+    with gr.Tab("Generate", id="generate"):
+        results = gr.State(Results("generate"), delete_callback=Results.close)
+        gr.Markdown("Text-to-image, optionally steered by structure (ControlNet, T2I-Adapter) and an image prompt "
+                    "(IP-Adapter). Every result is drag-ready: send it to Drag and drag at once.")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt", placeholder="a photo of a cat on a sofa")
+                negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+                with gr.Row():
+                    seed = gr.Number(value=start["seed"], precision=0, minimum=0, maximum=2**31 - 1, label="Seed",
+                                     elem_id="gen-seed")
+                    randomize = gr.Checkbox(False, label="Random seed each run (the seed used is shown)")
+                fields = {"seed": seed}
+                with gr.Accordion("Size, steps, guidance, batch", open=False):
+                    for name in ("width", "height", "n_inference_steps", "guidance_scale", "batch"):
+                        fields[name] = field_input(name, GENERATE_FIELDS[name], start[name], "gen")
+                widgets = [_unit_widgets(editor, "controlnet", f"ControlNet unit {i + 1}", i) for i in range(N_CONTROLNETS)]
+                widgets.append(_unit_widgets(editor, "t2i_adapter", "T2I-Adapter unit", 0))
+                widgets.append(_unit_widgets(editor, "ip_adapter", "IP-Adapter (image prompt)", 0))
+                picker = links.lora_picker() if links is not None else None
+                with gr.Row():
+                    run_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                    cancel_btn = gr.Button("Cancel", variant="stop", visible=h.can_cancel, elem_id="gen-cancel")
+                status = gr.Markdown("", min_height=48, elem_id="gen-status")
+            with gr.Column():
+                gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
+                                     height=360, allow_preview=False, elem_id="gen-gallery")
+                download = gr.DownloadButton("Download PNG (with recipe)", elem_id="gen-download")
+                with gr.Row():
+                    to_drag = gr.Button("Send to Drag", size="sm", elem_id="gen-to-drag")
+                    to_sketch = gr.Button("Send to Sketch", size="sm", elem_id="gen-to-sketch")
+                with gr.Accordion("Details: timings, UNet/ControlNet calls, settings", open=False):
+                    details = gr.JSON(label="Details")
+        units_json = gr.Textbox(visible=False)
+        unit_files = gr.File(file_count="multiple", visible=False)
+
+    def prepare(data: dict):
+        """Generate, step 1, instant: arm Cancel, pick the seed, turn the unit accordions into units JSON + files."""
+        data[results].cancel.clear()
+        files: list[str] = []
+        units = [u for w in widgets if (u := w.unit(data, files)) is not None]
+        return {units_json: json.dumps(units), unit_files: files or None,
+                seed: pick_seed(data[randomize], data[seed])}
+
+    instant = {"show_progress": "hidden", "api_visibility": "private"}
+    gallery.select(on_select, [results], [download, details], **instant)
+    cancel_btn.click(request_cancel, [results], [status], queue=False, api_visibility="private")
+    if links is not None:
+        for button, tab in ((to_drag, "drag"), (to_sketch, "sketch")):
+            fn, outputs = sender(links, tab)
+            button.click(fn, [results], outputs, **instant)
+        first = widgets[0]
+        links.inboxes["generate"].change(lambda p: (p, True) if p else gr.skip(), [links.inboxes["generate"]],
+                                         [first.image, first.enabled], **instant)
+    if picker is not None:
+        fields["loras"] = picker
+    inputs = {results, randomize, seed, *(c for w in widgets for c in w.components())}
+    run_btn.click(shows_errors(prepare), inputs, [units_json, unit_files, seed], queue=False,
+                  api_visibility="private").success(
+        h.generate, [prompt, negative, units_json, unit_files, results], [gallery, download, details, status],
+        inputs_kwargs=fields, api_name="text_to_image", concurrency_id="gpu", show_progress_on=[status])
