@@ -411,6 +411,26 @@ class TrainOutcome:
     priors_generated: int = 0
 
 
+def names(tokenizer, req: PersonalizeRequest) -> tuple[str, str, list[str]]:
+    """(identifier, LoRA name, notices) the trainer will use for ``req``."""
+    from editing.lora_library import safe_name
+
+    identifier, notices = check_identifier(tokenizer, req.identifier, req.class_noun)
+    return identifier, safe_name(req.name or f"{identifier}-{req.class_noun}"), notices
+
+
+def output_dir(req: PersonalizeRequest) -> Path:
+    """Where ``NAME.safetensors`` and ``NAME.json`` go: ``req.out_dir`` or the LoRA library."""
+    from editing.lora_library import library_dir
+
+    return Path(req.out_dir).expanduser() if req.out_dir else library_dir()
+
+
+def work_dir(req: PersonalizeRequest, name: str) -> Path:
+    """Checkpoints (``step-*.safetensors``) and previews (``previews/step-*.png``) of one LoRA's training."""
+    return output_dir(req) / ".dreambooth" / name
+
+
 def _lora_config(rank: int, targets: list[str]):
     from peft import LoraConfig
 
@@ -458,15 +478,14 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str,
     notices = list(req.notices)
 
     # 1. identifier, prompts, sizes, where things go
-    identifier, more = check_identifier(bundle.tokenizer, req.identifier, req.class_noun)
+    identifier, name, more = names(bundle.tokenizer, req)
     notices += more
     prompt_i, prompt_c = instance_prompt(identifier, req.class_noun), class_prompt(req.class_noun)
     m = bundle.pixel_multiple
     size = max(m, round((req.resolution or bundle.native_resolution) / m) * m)
-    name = lora_library.safe_name(req.name or f"{identifier}-{req.class_noun}")
-    out_dir = Path(req.out_dir).expanduser() if req.out_dir else lora_library.library_dir()
+    out_dir = output_dir(req)
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / ".dreambooth" / name
+    work = work_dir(req, name)
     fingerprint = _fingerprint(req, model_key, identifier, size)
     acc = _accelerator(bundle)
     rank_seed = req.seed * 1000 + acc.process_index  # each GPU draws its own photos, noise and t

@@ -120,6 +120,8 @@ def resolve(spec: str | Path, allow_pickle: bool = False) -> Path:
             raise LoraError(f"LoRA folder {p} holds {len(pick) or 'no'} LoRA files; name the file to use."
                             if pick else f"LoRA folder {p} holds no .safetensors file.")
         p = pick[0]
+    elif not p.is_file() and (p.suffix.lower() in LORA_SUFFIXES or "/" in text or os.sep in text):
+        raise LoraError(f"LoRA file {p} does not exist.")
     elif not p.is_file():
         lib = library_dir()
         for cand in (lib / f"{text}.safetensors", lib / text):

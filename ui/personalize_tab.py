@@ -1,0 +1,262 @@
+"""The Personalize tab: photos of a subject + its class noun -> a DreamBooth LoRA in the library.
+
+Read top to bottom: per-session state, helpers, handlers, layout, wiring. Train calls the same
+``/personalize`` endpoint API clients use::
+
+    from gradio_client import Client, handle_file
+    Client(url).predict([handle_file("dog1.jpg"), handle_file("dog2.jpg")], "dog", "", "", True, False,
+                        steps=400, api_name="/personalize")
+    # photos, class noun, identifier ("" = automatic), LoRA name ("" = automatic), prior preservation,
+    # train the text encoder, then any PersonalizeRequest.FIELDS_UI value by name.
+
+Training runs in a worker thread while the handler streams progress and preview images; when it
+ends the LoRA is in the library and every LoRA picker (ui/lora_picker.py) lists it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers, work_dir
+from editing.requests import EditCancelled, EditError
+from ui import lora_picker
+from ui.drag_tab import notify, shows_errors
+
+log = logging.getLogger(__name__)
+
+MAIN_FIELDS = ("steps", "rank", "lr", "prior_images")
+ADVANCED_FIELDS = ("prior_weight", "prior_steps", "batch", "resolution", "checkpoint_every", "preview_every",
+                   "preview_steps", "seed")
+LABELS = {"lr": "Learning rate", "prior_images": "Class images (prior preservation)",
+          "prior_weight": "λ (prior-preservation weight)", "prior_steps": "DDIM steps per class image",
+          "batch": "Photos per step", "resolution": "Training size (px, 0 = model's)",
+          "checkpoint_every": "Checkpoint every N steps", "preview_every": "Preview every N steps",
+          "preview_steps": "DDIM steps per preview"}
+POLL_S = 0.5
+LIBRARY_HEADERS = ["name", "prompt", "base model", "steps", "rank", "file"]
+
+
+# ---- per-session state ----------------------------------------------------------------------------
+class TrainSession:
+    """One browser tab's Cancel flag (models live in the engine)."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+
+    def __deepcopy__(self, memo):  # gr.State deep-copies its initial value for every new tab
+        return TrainSession()
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def library_rows() -> list[list]:
+    from editing.lora_library import list_loras
+
+    rows = []
+    for info in list_loras():
+        c = info.card
+        rows.append([info.name, c.get("instance_prompt", ""), c.get("base_model", "(unknown)"), c.get("steps", ""),
+                     c.get("rank", ""), str(info.path)])
+    return rows or [["(empty)", "", "", "", "", ""]]
+
+
+def streams_errors(fn):
+    """``shows_errors`` for generator handlers: EditError -> gr.Error; Cancel -> a warning."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            yield from fn(*args, **kwargs)
+        except EditCancelled as e:
+            gr.Warning(str(e))
+            yield tuple(gr.skip() for _ in range(6))
+        except EditError as e:
+            raise gr.Error(str(e)) from None
+        except gr.Error:
+            raise
+        except Exception as e:
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). The app is still running; "
+                           "details are in the server log.") from None
+
+    return wrapper
+
+
+def _paths(files) -> list[str]:
+    out = []
+    for f in files or []:
+        path = f if isinstance(f, str) else getattr(f, "name", None) or (f.get("path") if isinstance(f, dict) else None)
+        if path:
+            out.append(path)
+    return out
+
+
+def _previews(folder: Path, since: float) -> list[tuple[str, str]]:
+    """Preview PNGs written since ``since`` (older ones belong to an earlier run), oldest first."""
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.glob("step-*.png") if p.stat().st_mtime >= since - 1)
+    return [(str(p), f"step {int(p.stem.split('-')[1])}") for p in files]
+
+
+# ---- handlers ------------------------------------------------------------------------------------------
+class PersonalizeHandlers:
+    """Engine handlers; the Editor (and its models) is held here, never in gr.State."""
+
+    def __init__(self, editor):
+        self.editor = editor
+
+    @streams_errors
+    def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
+                    session: TrainSession, progress=gr.Progress(), **settings):  # noqa: B008 - gradio injects it
+        """Train a subject LoRA from the photos; streams (previews, LoRA file, card, status, signal, library)."""
+        req = PersonalizeRequest(tuple(_paths(photos)), class_noun or "", identifier=identifier or "",
+                                 name=name or "", prior_preservation=bool(prior_preservation),
+                                 train_text_encoder=bool(train_text_encoder), **settings)
+        notify(req.notices)
+        bundle = self.editor.load()
+        ident, lora_name, _ = names(bundle.tokenizer, req)
+        folder = work_dir(req, lora_name) / "previews"
+        state = {"progress": (0.0, "starting"), "result": None, "error": None}
+
+        def report(phase, frac, msg=""):
+            state["progress"] = (frac, f"{phase}: {msg}" if msg else phase)
+
+        def work():
+            try:
+                state["result"] = self.editor.edit(req, progress=report, cancel=session.cancel)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the handler's thread
+                state["error"] = e
+
+        started = time.time()
+        worker = threading.Thread(target=work, name=f"personalize-{lora_name}", daemon=True)
+        worker.start()
+        shown = 0
+        try:
+            while worker.is_alive():
+                worker.join(POLL_S)
+                frac, desc = state["progress"]
+                progress(min(1.0, max(0.0, frac)) if math.isfinite(frac) else 0.0, desc=desc)
+                previews = _previews(folder, started)
+                if len(previews) != shown:
+                    shown = len(previews)
+                    yield previews, gr.skip(), gr.skip(), f"Training “a {ident} {req.class_noun}”: {desc}", \
+                        gr.skip(), gr.skip()
+        finally:
+            if worker.is_alive():  # the browser went away: stop training at its next step (it checkpoints)
+                session.cancel.set()
+        if state["error"] is not None:
+            raise state["error"]
+        result = state["result"]
+        notify(result.notices[len(req.notices):])
+        card = result.extra["card"]
+        status = (f"Saved LoRA **{result.extra['lora_name']}** ({result.total_s:.0f} s). Pick it in any tab's LoRA "
+                  f"picker and prompt with “{card['instance_prompt']}”.")
+        yield (_previews(folder, started) or [(img, f"step {s}") for img, s in
+                                               zip(result.images, result.extra["preview_steps"])],
+               result.extra["lora_path"], card, status, lora_picker.bump(), library_rows())
+
+    @shows_errors
+    def suggest(self, class_noun):
+        """A few rare-token identifiers for this model's tokenizer (first = the automatic pick)."""
+        ids = suggest_identifiers(self.editor.load().tokenizer, 5, avoid=(class_noun or "").split())
+        if not ids:
+            raise EditError("No single-token identifier found for this tokenizer; type one.")
+        gr.Info(f"Rare-token identifiers: {', '.join(ids)}")
+        return ids[0]
+
+    @shows_errors
+    def add_lora(self, file):
+        """Copy an uploaded LoRA file into the library (safetensors; pickle only with --allow-pickle)."""
+        from editing.lora_library import add_to_library
+
+        paths = _paths([file] if file and not isinstance(file, list) else file)
+        if not paths:
+            raise EditError("No file: choose a LoRA .safetensors file to add.")
+        original = Path(paths[0]).name
+        info = add_to_library(paths[0], name=Path(original).stem, allow_pickle=self.editor.allow_pickle)
+        return f"Added **{info.name}** to the library.", lora_picker.bump(), library_rows()
+
+
+def request_cancel(session: TrainSession) -> str:
+    session.cancel.set()
+    return "Cancelling: training stops at its next step and saves a checkpoint; Train again resumes from it."
+
+
+def arm(session: TrainSession) -> None:
+    session.cancel.clear()
+
+
+# ---- layout and wiring ----------------------------------------------------------------------------------
+def _field_input(name: str, value):
+    lo, hi, default, why = PERSONALIZE_FIELDS[name]
+    label = LABELS.get(name, name.replace("_", " ").capitalize())
+    is_int = all(isinstance(v, int) for v in (lo, hi, default))
+    if is_int and hi - lo > 10_000:
+        return gr.Number(value=value, minimum=lo, maximum=hi, precision=0, label=label, info=why,
+                         elem_id=f"pz-{name}")
+    step = 1 if is_int else 10 ** math.floor(math.log10(min(v for v in (lo, default / 10) if v > 0)))
+    return gr.Slider(lo, hi, value=value, step=step, label=label, info=why, elem_id=f"pz-{name}")
+
+
+def build_personalize_tab(editor, settings: dict | None = None, links=None) -> None:
+    """Add the Personalize tab. ``settings["personalize"]`` overrides slider start values."""
+    h = PersonalizeHandlers(editor)
+    start = {n: spec[2] for n, spec in PERSONALIZE_FIELDS.items()} | ((settings or {}).get("personalize") or {})
+
+    with gr.Tab("Personalize", id="personalize"):
+        session = gr.State(TrainSession())
+        gr.Markdown("Teach the model a subject. **1.** Drop 3–10 photos of it. **2.** Say what it is (*dog*). "
+                    "**3.** Train. The LoRA lands in the library; pick it in any tab and prompt with "
+                    "“a [V] dog …”, where [V] is its identifier.")
+        with gr.Row(equal_height=False):
+            with gr.Column():
+                photos = gr.File(label="Photos of the subject (3–10; other files are skipped)", file_count="multiple",
+                                 elem_id="pz-photos")
+                class_noun = gr.Textbox(label="Class noun: what the subject is", placeholder="dog",
+                                        elem_id="pz-class")
+                with gr.Row():
+                    identifier = gr.Textbox(label="Identifier [V] (empty = a rare token picked for you)",
+                                            placeholder="automatic", elem_id="pz-identifier", scale=3)
+                    suggest_btn = gr.Button("Suggest", size="sm", elem_id="pz-suggest", scale=1)
+                name = gr.Textbox(label="LoRA name (empty = identifier-class)", elem_id="pz-name")
+                prior = gr.Checkbox(value=True, label="Prior preservation (keeps other dogs looking like dogs)",
+                                    elem_id="pz-prior")
+                fields = {n: _field_input(n, start[n]) for n in MAIN_FIELDS}
+                with gr.Accordion("Advanced", open=False):
+                    text_encoder = gr.Checkbox(value=False, label="Also train a text-encoder LoRA",
+                                               elem_id="pz-text-encoder")
+                    fields |= {n: _field_input(n, start[n]) for n in ADVANCED_FIELDS}
+                with gr.Row():
+                    train_btn = gr.Button("Train", variant="primary", elem_id="pz-train")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="pz-cancel")
+                status = gr.Markdown("", min_height=48, elem_id="pz-status")
+            with gr.Column():
+                previews = gr.Gallery(label="Previews: “a [V] class” while training", format="png", columns=4,
+                                      height=260, allow_preview=True, elem_id="pz-previews")
+                lora_file = gr.File(label="LoRA file (diffusers safetensors)", interactive=False, elem_id="pz-lora")
+                with gr.Accordion("Card", open=False):
+                    card = gr.JSON(label="LoRA card")
+                with gr.Accordion("LoRA library", open=True):
+                    library = gr.Dataframe(value=library_rows(), headers=LIBRARY_HEADERS, interactive=False,
+                                           wrap=True, elem_id="pz-library")
+                    upload = gr.File(label="Add a LoRA file you own (.safetensors)", elem_id="pz-upload")
+                    upload_status = gr.Markdown("", elem_id="pz-upload-status")
+        signal = lora_picker.library_signal(links)
+
+    engine = dict(concurrency_id="gpu", show_progress_on=[status])
+    train_btn.click(arm, [session], None, queue=False, api_visibility="private").then(
+        h.personalize, [photos, class_noun, identifier, name, prior, text_encoder, session],
+        [previews, lora_file, card, status, signal, library], inputs_kwargs=fields, api_name="personalize", **engine)
+    cancel_btn.click(request_cancel, [session], [status], queue=False, api_visibility="private")
+    suggest_btn.click(h.suggest, [class_noun], [identifier], api_name="suggest_identifier", concurrency_id="gpu")
+    upload.upload(h.add_lora, [upload], [upload_status, signal, library], api_name="add_lora")
+    signal.change(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
+    root = gr.context.Context.root_block
+    if root is not None and hasattr(root, "load"):
+        root.load(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
