@@ -1,0 +1,217 @@
+"""DreamBooth-LoRA (editing/dreambooth.py, editing/personalize.py) on the tiny model at 64 px, few steps."""
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from editing import dreambooth as db
+from editing import lora_library as lib
+from editing.inversion import unet_eps
+from editing.requests import EditCancelled, EditError
+from tests.conftest import scene
+
+# 64 px is the tiny model's smallest size (its pixel multiple); 2 class images at 2 DDIM steps.
+FAST = dict(steps=6, rank=4, lr=3e-3, prior_images=2, prior_steps=2, preview_steps=2, resolution=64,
+            checkpoint_every=0, preview_every=0)
+
+
+@pytest.fixture(autouse=True)
+def lora_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(lib.ENV_DIR, str(tmp_path / "loras"))
+    return tmp_path / "loras"
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return (scene(64, 64, 0), scene(96, 64, 1), scene(48, 80, 2))
+
+
+def bpe_tokenizer():
+    """A CLIP byte-level BPE tokenizer with a few multi-letter merges, like SD-1.5's (offline)."""
+    from transformers import CLIPTokenizer
+
+    from models.tiny import _vocab
+
+    vocab = dict(_vocab())
+    merges = [("s", "k"), ("z", "q</w>"), ("sk", "s</w>"), ("d", "o"), ("do", "g</w>"), ("t", "h"), ("th", "e</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+# ---- identifier, prompts, loss ---------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda b: b.tokenizer, lambda b: bpe_tokenizer()], ids=["char-level", "bpe"])
+def test_identifier_is_one_rare_token_not_a_common_word(bundle, make):
+    tok = make(bundle)
+    ident = db.pick_identifier(tok)
+    assert 1 <= len(ident) <= 3 and ident not in db.COMMON_WORDS
+    assert len(tok(ident, add_special_tokens=False).input_ids) == 1
+    n = len(tok("a dog", add_special_tokens=False).input_ids)
+    assert len(tok(db.instance_prompt(ident, "dog"), add_special_tokens=False).input_ids) == n + 1
+    assert db.pick_identifier(tok, avoid=[ident]) != ident
+    ids = db.suggest_identifiers(tok, 3)
+    assert ids[0] == ident and len(set(ids)) == len(ids)
+
+
+def test_bpe_picker_prefers_the_rarest_multi_letter_token():
+    tok = bpe_tokenizer()
+    # "the"/"dog" are single tokens too, but common words; "sks" was merged after "zq" (rarer).
+    assert db.suggest_identifiers(tok, 2) == ["sks", "zq"]
+
+
+def test_user_identifier_is_checked(bundle):
+    tok = bundle.tokenizer
+    assert db.check_identifier(tok, "", "dog")[0] == db.pick_identifier(tok, avoid=["dog"])
+    with pytest.raises(EditError, match="one word"):
+        db.check_identifier(tok, "my dog", "dog")
+    with pytest.raises(EditError, match="differ from the class noun"):
+        db.check_identifier(tok, "dog", "dog")
+    ident, notices = db.check_identifier(tok, "sks", "dog")  # 3 tokens in a char-level vocab
+    assert ident == "sks" and "3 tokens" in notices[0]
+    assert "common word" in db.check_identifier(tok, "cat", "dog")[1][-1]
+    assert db.instance_prompt("sks", "dog") == "a sks dog" and db.class_prompt("dog") == "a dog"
+
+
+def test_prior_preservation_loss_is_the_formula():
+    g = torch.Generator().manual_seed(0)
+    pi, ei, pp, ep = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(4))
+    total, inst, prior = db.prior_preservation_loss(pi, ei, pp, ep, weight=0.5)
+    want_i = ((ei - pi) ** 2).mean()
+    want_p = ((ep - pp) ** 2).mean()
+    assert torch.allclose(inst, want_i) and torch.allclose(prior, want_p)
+    assert torch.allclose(total, want_i + 0.5 * want_p)
+    ones = torch.ones(1, 1, 2, 2)
+    assert float(db.prior_preservation_loss(ones * 3, ones, ones * 2, ones, 2.0)[0]) == pytest.approx(4 + 2 * 1)
+    total, _, prior = db.prior_preservation_loss(pi, ei, None, None, weight=1.0)
+    assert float(prior) == 0 and torch.allclose(total, want_i)
+
+
+# ---- training -----------------------------------------------------------------------------------------
+def probe(bundle, prompt):
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return unet_eps(bundle.unet, x, 300, bundle.encode_prompt(prompt))
+
+
+def test_training_lowers_the_loss_and_the_lora_loads_back(editor, bundle, photos, lora_dir):
+    base = probe(bundle, "a z dog")
+    req = db.PersonalizeRequest(photos, "dog", **{**FAST, "steps": 30, "preview_every": 15})
+    r = editor.edit(req)
+    losses = r.extra["losses"]
+    assert len(losses) == 30 and np.mean(losses[-10:]) < np.mean(losses[:10])
+    path = lora_dir / f"{r.extra['lora_name']}.safetensors"
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert r.extra["lora_path"] == str(path) and card["identifier"] == db.pick_identifier(bundle.tokenizer, ["dog"])
+    assert card.items() >= {"class_noun": "dog", "base_model": "tiny", "steps": 30, "rank": 4, "prior_images": 2}.items()
+    assert r.extra["preview_steps"] == [15, 30] and len(r.images) == 2 and r.image.size == (64, 64)
+    assert sorted(p.name for p in (lora_dir / ".dreambooth" / path.stem / "previews").iterdir()) == \
+        ["step-000015.png", "step-000030.png"]
+    assert r.recipe["task"] == "personalize" and len(r.recipe["photos_png"]) == 3
+    assert set(r.timings) >= {"priors", "train", "save"} and r.unet_calls["train"] == 30 * 2 + 2 * 2  # photo + prior each step; a 2-step CFG preview
+    assert any("different sizes" in n for n in r.notices)
+    # the model is untouched afterwards; the saved file loads back and changes outputs; unloading restores them
+    assert torch.equal(probe(bundle, "a z dog"), base) and not getattr(bundle.unet, "peft_config", {})
+    assert path.stem in [i.name for i in lib.list_loras()]
+    with lib.activate(bundle, [(path.stem, 1.0)]):
+        assert not torch.allclose(probe(bundle, "a z dog"), base)
+    assert torch.equal(probe(bundle, "a z dog"), base)
+    # class images are cached: a second run generates none
+    again = editor.edit(db.PersonalizeRequest(photos[:2], "dog", name="second", **FAST))
+    assert again.extra["priors_generated"] == 0 and "priors" not in again.unet_calls
+    assert any("Reused 2 cached class image" in n for n in again.notices)
+
+
+def test_cancel_saves_a_checkpoint_and_resume_finishes_the_same_lora(editor, bundle, photos, lora_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    settings = {**FAST, "steps": 6, "prior_images": 1}
+    ref = editor.edit(db.PersonalizeRequest(photos, "toy", name="ref", out_dir=str(tmp_path / "ref"), **settings))
+    cancel = threading.Event()
+
+    def progress(phase, frac, msg):
+        if phase == "train" and frac >= 0.5:
+            cancel.set()
+
+    req = db.PersonalizeRequest(photos, "toy", name="cut", **settings)
+    with pytest.raises(EditCancelled, match="Cancelled at step 3/6.*checkpoint"):
+        editor.edit(req, progress=progress, cancel=cancel)
+    assert not (lora_dir / "cut.safetensors").exists() and not getattr(bundle.unet, "peft_config", {})
+    done = editor.edit(req)  # resume is on by default
+    assert done.extra["resumed_from"] == 3 and any("Resumed" in n for n in done.notices)
+    a, b = load_file(ref.extra["lora_path"]), load_file(done.extra["lora_path"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert done.extra["losses"] == pytest.approx(ref.extra["losses"], abs=1e-5)
+    fresh = editor.edit(db.PersonalizeRequest(photos, "toy", name="cut", resume=False, **settings))
+    assert fresh.extra["resumed_from"] == 0
+
+
+def test_text_encoder_lora_round_trip_and_prompt_cache(editor, bundle, photos, lora_dir):
+    r = editor.edit(db.PersonalizeRequest(photos[:2], "cat", train_text_encoder=True, prior_preservation=False,
+                                          **{**FAST, "steps": 3, "lr": 1e-2}))
+    from safetensors.torch import load_file
+
+    keys = load_file(r.extra["lora_path"]).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    prompt = r.extra["card"]["instance_prompt"]
+    before = bundle.encode_prompt(prompt).clone()
+    with lib.activate(bundle, [(r.extra["lora_name"], 1.0)]):
+        inside = bundle.encode_prompt(prompt)  # must not come from the cache filled before
+    assert not torch.allclose(inside, before)
+    assert torch.equal(bundle.encode_prompt(prompt), before)  # and the LoRA's embedding does not leak out
+    assert not getattr(bundle.text_encoder, "peft_config", {})
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def test_bad_inputs_give_clear_messages_then_training_still_works(editor, photos, tmp_path, lora_dir):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    with pytest.raises(EditError, match="No photos"):
+        db.PersonalizeRequest((), "dog")
+    with pytest.raises(EditError, match=r"No photos.*notes.txt"):
+        db.PersonalizeRequest((str(notes),), "dog")
+    for noun in ("", "   ", None):
+        with pytest.raises(EditError, match="Class noun is empty"):
+            db.PersonalizeRequest(photos, noun)
+    with pytest.raises(EditError, match=r"steps=0 is outside"):
+        db.PersonalizeRequest(photos, "dog", steps=0)
+    one = db.PersonalizeRequest((photos[0],), "dog")
+    assert any("Only 1 photo" in n for n in one.notices)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos[0].save(folder / "a.png")
+    photos[1].save(folder / "b.jpg")
+    (folder / "readme.md").write_text("hi")
+    mixed = db.PersonalizeRequest((str(folder),), "dog")
+    assert len(mixed.photos) == 2 and any("Skipped 1 file" in n and "readme.md" in n for n in mixed.notices)
+    assert any("different sizes (64×64, 96×64)" in n for n in mixed.notices)
+    with pytest.raises(EditError, match="one word"):
+        editor.edit(db.PersonalizeRequest(photos, "dog", identifier="two words", **FAST))
+    r = editor.edit(db.PersonalizeRequest((str(folder),), "dog", name="after-errors", **{**FAST, "steps": 2}))
+    assert r.extra["lora_name"] == "after-errors"
+
+
+def test_cli_personalize(tmp_path, lora_dir, capsys, photos):
+    from editing import cli
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(photos[:2]):
+        p.save(folder / f"{i}.png")
+    (folder / "x.txt").write_text("skip me")
+    out = tmp_path / "out"
+    argv = ["personalize", "--images", str(folder), "--class-noun", "dog", "--model", "tiny", "--out", str(out),
+            "--steps", "2", "--rank", "2", "--prior-images", "1", "--prior-steps", "2", "--preview-steps", "2",
+            "--resolution", "64", "--name", "cli-dog", "--card", str(tmp_path / "card.json")]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert (out / "cli-dog.safetensors").is_file() and "Skipped 1 file" in err and "wrote" in err
+    assert json.loads((tmp_path / "card.json").read_text())["steps"] == 2
+    assert cli.main(argv[:1] + ["--images", str(tmp_path / "empty"), "--class-noun", "dog", "--model", "tiny"]) == 2
+    assert "No photos" in capsys.readouterr().err
+    assert cli.main(argv + ["--lora", "x"]) == 2 and "--lora is not used" in capsys.readouterr().err
+    # the multi-GPU entry point is the same code path in one process
+    from editing import personalize
+
+    assert personalize.main(argv[1:-2] + ["--name", "entry", "--steps", "1"]) == 0
+    assert (out / "entry.safetensors").is_file()
