@@ -133,8 +133,8 @@ def _cond_embedding_channels(vae_factor: int) -> tuple[int, ...]:
 
 # ---- ControlNet ------------------------------------------------------------------------------------
 def controlnet(bundle, spec: str, allow_pickle: bool = False):
-    """Resolve a ControlNet spec for ``bundle`` (cached). ``tiny`` = ``ControlNetModel.from_unet`` of the
-    loaded UNet with seeded random zero-convolutions (real ones start at zero and would do nothing)."""
+    """Resolve a ControlNet spec for ``bundle`` (cached). ``tiny`` = ``ControlNetModel.from_unet`` of the loaded
+    UNet's config, seeded random weights, zero-convolutions included (real ones start at zero and do nothing)."""
     from diffusers import ControlNetModel
 
     spec = _clean(spec, "ControlNet")
@@ -142,8 +142,10 @@ def controlnet(bundle, spec: str, allow_pickle: bool = False):
     def make():
         if spec == "tiny":
             torch.manual_seed(TINY_SEED)
+            # Config only: the UNet may carry peft LoRA wrappers (identity or user LoRAs), so no weights are copied.
             cn = ControlNetModel.from_unet(
-                bundle.unet, conditioning_embedding_out_channels=_cond_embedding_channels(bundle.vae_scale_factor))
+                bundle.unet, conditioning_embedding_out_channels=_cond_embedding_channels(bundle.vae_scale_factor),
+                load_weights_from_unet=False)
             g = torch.Generator().manual_seed(TINY_SEED)
             with torch.no_grad():
                 for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:

@@ -265,3 +265,11 @@ def test_cli_generate_and_sketch(tmp_path, capsys):
     ):
         assert main([*argv, "--model", "tiny", "--out", str(tmp_path / "bad.png")]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_tiny_controlnet_builds_after_a_lora_touched_the_unet(ed):
+    """An identity LoRA leaves peft wrappers on the UNet; the tiny ControlNet must not depend on its state dict."""
+    ed.drag(DragRequest(drawing(), (((20, 30), (28, 30)),), n_inference_steps=2, max_steps=1, lora_steps=1))
+    adapters.clear_cache()
+    r = ed.edit(GenerateRequest("x", controlnets=(ControlNetUnit(edges()),), **FAST))
+    assert r.extra["calls"]["controlnet"]["generate"] == r.unet_calls["generate"]
