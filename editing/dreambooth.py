@@ -496,7 +496,7 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str,
     if req.prior_preservation:
         with phase("priors"):
             paths, generated = class_prior_images(
-                bundle, req.class_noun, req.prior_images, size, lora_library.library_dir() / ".class-priors",
+                bundle, req.class_noun, req.prior_images, size, out_dir / ".class-priors",
                 model_key=model_key, steps=req.prior_steps, seed=req.seed, generate=acc.is_main_process,
                 progress=lambda f, msg: report("priors", f, msg), cancel=cancel)
             acc.wait_for_everyone()
@@ -703,7 +703,8 @@ def run_personalize(editor, req: PersonalizeRequest, run):
                                 cancel=run.cancel, unet_calls=run.step)
     params = req.params()
     recipe = editor.recipe("personalize", params, extra={"photos_png": [encode_image(p) for p in req.photos],
-                                                          "lora": str(out.lora_path), "card": out.card})
+                                                          "lora": str(out.lora_path), "card": out.card,
+                                                          "steps_run": req.steps - out.resumed_from})
     image = out.previews[-1][1] if out.previews else Image.new("RGB", (64, 64))
     return EditResult(image, recipe, run.timings, run.nfe, out.notices, [],
                       images=[img for _, img in out.previews],
