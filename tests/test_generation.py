@@ -273,3 +273,27 @@ def test_tiny_controlnet_builds_after_a_lora_touched_the_unet(ed):
     adapters.clear_cache()
     r = ed.edit(GenerateRequest("x", controlnets=(ControlNetUnit(edges()),), **FAST))
     assert r.extra["calls"]["controlnet"]["generate"] == r.unet_calls["generate"]
+
+
+def test_a_4x_vae_model_generates_with_every_unit():
+    """Nothing assumes an 8× VAE: a model whose VAE halves twice (like the toy model) runs every mode."""
+    from diffusers import AutoencoderKL
+
+    from editing.engine import Editor
+    from models.loader import ModelBundle
+    from models.tiny import build_components
+
+    c = build_components("tiny")
+    torch.manual_seed(0)
+    c["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32),
+                             down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                             layers_per_block=1, norm_num_groups=8, sample_size=128).eval()
+    e = Editor("tiny", resolution=64)
+    e._bundle = ModelBundle("tiny-4x", c["unet"], c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
+                            torch.device("cpu"), torch.float32, "builtin")
+    assert e.bundle.vae_scale_factor == 4
+    r = e.edit(GenerateRequest("x", controlnets=(ControlNetUnit(edges()),), adapters=(AdapterUnit(drawing()),),
+                               ip_adapter=IPAdapterUnit((drawing(),)), **FAST))
+    assert r.image.size == (64, 64) and r.extra["drag_ready"]
+    assert e.edit(SketchRequest(drawing(), strength=1.0, n_inference_steps=2, scribble_controlnet="tiny")).image.size == (64, 64)
+    assert e.edit(GenerateRequest("x", guidance_scale=1.0, ip_adapter=IPAdapterUnit((drawing(),)), **FAST)).image.size == (64, 64)

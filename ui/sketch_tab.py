@@ -170,10 +170,8 @@ def prepare_sketch(value, results: Results, randomize: bool, seed):
 
 
 def receive_image(path):
-    """An image sent from another tab becomes the photo to draw over."""
-    if not path:
-        return gr.skip()
-    return {"background": path, "layers": [], "composite": path}
+    """An image sent from another tab (or a result drawn over again) becomes the photo to draw over."""
+    return path if path else gr.skip()
 
 
 # ---- engine handler ----------------------------------------------------------------------------------
