@@ -65,7 +65,7 @@ mug nag nap nod nor nun nut oak oar oat odd ode opt orb ore owe pad pal pan pat 
 pub pun pup rag ram rap ray rib rid rig rim rip rob rod rot rub rug rum rut rye sag sap saw sew shy sin sip ski sky
 sly sob sod sow soy spa spy sub sum tab tag tan tap tar tin ton tow tub tug urn van vat vet vow wag wax web wig wit
 woe wok yak yam yap yaw yen yew zap zen zip zoo
-""".split())
+""".split())  # noqa: SIM905 - a word list reads best as text
 
 # name -> (min, max, default, one-line why). The UI builds its sliders from this table.
 PERSONALIZE_FIELDS: dict[str, tuple[float, float, float, str]] = {
@@ -100,9 +100,9 @@ def suggest_identifiers(tokenizer, n: int = 5, avoid: Sequence[str] = ()) -> lis
     cands = []
     for tok, idx in vocab.items():
         word = tok[:-4] if tok.endswith("</w>") else (tok[1:] if tok.startswith("▁") else None)
-        if word and re.fullmatch(r"[a-z]{1,3}", word) and word not in COMMON_WORDS and word not in avoid:
-            if re.search(r"[bcdfghjklmnpqrstvwxz]", word):  # pronounceable-ish, not a vowel cluster
-                cands.append((len(word) >= 2, idx, word))
+        if (word and re.fullmatch(r"[a-z]{1,3}", word) and word not in COMMON_WORDS and word not in avoid
+                and re.search(r"[bcdfghjklmnpqrstvwxz]", word)):  # a consonant: pronounceable, not a vowel cluster
+            cands.append((len(word) >= 2, idx, word))
     cands.sort(reverse=True)  # multi-letter first (more distinctive), then rarest
     out = []
     in_context = _token_count(tokenizer, "a dog") + 1  # one token in a prompt too, not merged with neighbours
@@ -466,7 +466,11 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str,
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import (
+        get_peft_model_state_dict,
+        inject_adapter_in_model,
+        set_peft_model_state_dict,
+    )
 
     from editing import lora_library
 

@@ -212,7 +212,11 @@ def _split_metadata(metadata: dict | None, prefix: str) -> dict | None:
 
 def _convert(path: Path, raw: dict[str, torch.Tensor]) -> LoadedLora:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     if not raw or not any("lora" in k.lower() for k in raw):
         raise LoraError(f"{path.name} holds no LoRA weights (no key contains 'lora').")
@@ -399,7 +403,7 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
             names.append((name, w))
             if lo.unet:
                 dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
-                prefixed = lambda d: {f"unet.{k}": v for k, v in d.items()} if d else None  # noqa: E731
+                prefixed = lambda d: {f"unet.{k}": v for k, v in d.items()} if d else None
                 StableDiffusionLoraLoaderMixin.load_lora_into_unet(
                     prefixed(lo.unet), None if lo.unet_metadata else prefixed(lo.unet_alphas), unet=unet,
                     adapter_name=name, metadata=prefixed(lo.unet_metadata))

@@ -63,7 +63,7 @@ def _request(args):
 
 def _distributed() -> tuple[int, int]:
     """(local rank, world size) under ``accelerate launch`` / torchrun; (0, 1) otherwise."""
-    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cmd_personalize(args) -> None:
@@ -74,7 +74,7 @@ def cmd_personalize(args) -> None:
         raise EditError("--lora is not used by personalize: subject LoRAs are trained on the base model.")
     req = _request(args)
     local_rank, world = _distributed()
-    main = local_rank == 0 and int(os.environ.get("RANK", 0)) == 0
+    main = local_rank == 0 and int(os.environ.get("RANK", "0")) == 0
     if world > 1:  # one model per process, each on its own GPU
         ed = Editor(args.model, allow_pickle=args.allow_pickle, device=f"cuda:{local_rank}")
     else:

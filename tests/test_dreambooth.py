@@ -13,8 +13,8 @@ from editing.requests import EditCancelled, EditError
 from tests.conftest import scene
 
 # 64 px is the tiny model's smallest size (its pixel multiple); 2 class images at 2 DDIM steps.
-FAST = dict(steps=6, rank=4, lr=3e-3, prior_images=2, prior_steps=2, preview_steps=2, resolution=64,
-            checkpoint_every=0, preview_every=0)
+FAST = {"steps": 6, "rank": 4, "lr": 3e-3, "prior_images": 2, "prior_steps": 2, "preview_steps": 2, "resolution": 64,
+        "checkpoint_every": 0, "preview_every": 0}
 
 
 @pytest.fixture(autouse=True)

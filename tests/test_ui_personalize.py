@@ -10,8 +10,8 @@ from editing import lora_library as lib
 from tests.conftest import scene
 
 # Start values of the tab's sliders (build_demo settings["personalize"]): seconds on the tiny model.
-FAST = dict(steps=2, rank=2, prior_images=1, prior_steps=2, preview_steps=2, resolution=64, preview_every=1,
-            checkpoint_every=0)
+FAST = {"steps": 2, "rank": 2, "prior_images": 1, "prior_steps": 2, "preview_steps": 2, "resolution": 64,
+        "preview_every": 1, "checkpoint_every": 0}
 
 
 def free_port() -> int:
@@ -93,7 +93,7 @@ def test_suggest_identifier_and_add_lora(client, photo_files, lora_dir, tmp_path
         client.predict(handle_file(str(pkl)), api_name="/add_lora")
     mine = tmp_path / "owned.safetensors"
     mine.write_bytes(src.read_bytes())
-    status, signal, library = client.predict(handle_file(str(mine)), api_name="/add_lora")
+    status, _, library = client.predict(handle_file(str(mine)), api_name="/add_lora")
     assert "owned" in status and "owned" in [row[0] for row in library["data"]]
 
 

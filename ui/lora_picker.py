@@ -11,6 +11,7 @@ re-reads its choices, so a new LoRA appears in every tab at once. Pickers also r
 """
 from __future__ import annotations
 
+import math
 import time
 
 import gradio as gr
@@ -40,7 +41,7 @@ def parse_entry(entry: str) -> tuple[str, float]:
             raise EditError(f"LoRA {text!r}: the weight after '@' must be a number, e.g. {head}@0.8.") from None
     if not spec:
         raise EditError(f"LoRA {text!r} has no name before '@'.")
-    if not (weight == weight and abs(weight) <= 4):
+    if not (math.isfinite(weight) and abs(weight) <= 4):
         raise EditError(f"LoRA {text!r}: the weight must be a finite number in [-4, 4].")
     return spec, weight
 
@@ -87,7 +88,7 @@ def build_picker(editor, links) -> gr.Dropdown:
                          label="LoRAs (subjects, styles)", info=PICKER_INFO, elem_classes=["lora-picker"],
                          elem_id=f"lora-picker-{n}")
     signal = library_signal(links)
-    quiet = dict(show_progress="hidden", api_visibility="private", queue=False)
+    quiet = {"show_progress": "hidden", "api_visibility": "private", "queue": False}
     signal.change(refreshed, None, picker, **quiet)
     root = gr.context.Context.root_block
     if root is not None and hasattr(root, "load"):

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import gradio as gr
 
-from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers, work_dir
+from editing.dreambooth import (
+    PERSONALIZE_FIELDS,
+    PersonalizeRequest,
+    names,
+    suggest_identifiers,
+    work_dir,
+)
 from editing.requests import EditCancelled, EditError
 from ui import lora_picker
 from ui.drag_tab import notify, shows_errors
@@ -249,7 +255,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
                     upload_status = gr.Markdown("", elem_id="pz-upload-status")
         signal = lora_picker.library_signal(links)
 
-    engine = dict(concurrency_id="gpu", show_progress_on=[status])
+    engine = {"concurrency_id": "gpu", "show_progress_on": [status]}
     train_btn.click(arm, [session], None, queue=False, api_visibility="private").then(
         h.personalize, [photos, class_noun, identifier, name, prior, text_encoder, session],
         [previews, lora_file, card, status, signal, library], inputs_kwargs=fields, api_name="personalize", **engine)
