@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -374,20 +375,31 @@ def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg:
         yield kwargs
 
 
-def _finish(editor, run, req, task: str, latents, images, traj, schedule, full: bool, notices, recipe_fn,
+def _remembers_partial(editor) -> bool:
+    """Whether ``Editor.remember_generation`` takes ``start`` (trajectories that begin below z_T)."""
+    return "start" in inspect.signature(editor.remember_generation).parameters
+
+
+def _finish(editor, run, req, task: str, latents, images, traj, schedule, start: int | None, notices, recipe_fn,
             size: tuple[int, int] | None) -> EditResult:
-    """Decode, resize, make each image drag-ready, build the result."""
+    """Decode, resize, make each image drag-ready, build the result.
+
+    ``start``: index into ``schedule.timesteps`` of the trajectory's first latent (0 = from z_T; None = no
+    trajectory). A partial trajectory (SDEdit below strength 1) serves drags whose inversion strength is at
+    most the sketch's strength, once the Editor accepts it."""
     b = editor.bundle
     with run.step("decode"):
         images = _decode(b, latents) if images is None else images
         if size is not None:
             images = [im if im.size == size else im.resize(size, Image.LANCZOS) for im in images]
     recipes = [recipe_fn(i) for i in range(len(images))]
-    if full and traj:
+    ready = bool(traj) and start is not None and (start == 0 or _remembers_partial(editor))
+    if ready:
+        more = {"start": start} if start else {}
         for i, im in enumerate(images):
             editor.remember_generation(im, [z[i: i + 1] for z in traj], schedule, req.prompt, req.guidance_scale,
-                                       recipes[i])
-    extra = {"drag_ready": bool(full and traj), "recipes": recipes,
+                                       recipes[i], **more)
+    extra = {"drag_ready": ready, "recipes": recipes,
              "calls": {k: dict(v) for k, v in run.calls.items()}}
     return EditResult(images[0], recipes[0], run.timings, run.nfe, notices, [], images, extra)
 
@@ -410,7 +422,7 @@ def run_sketch(editor, req: SketchRequest, run) -> EditResult:
 
     if n_run == 0:  # strength 0: nothing is redrawn
         notices.append("Strength 0 keeps the sketch as drawn: raise it to let the model redraw the picture.")
-        return _finish(editor, run, req, "sketch", None, [shown] * req.batch, [], schedule, False, notices,
+        return _finish(editor, run, req, "sketch", None, [shown] * req.batch, [], schedule, None, notices,
                        recipe_fn, None)
     gens = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.batch)]
     kwargs = {"image": work, "strength": req.strength, "num_inference_steps": req.n_inference_steps,
@@ -431,8 +443,8 @@ def run_sketch(editor, req: SketchRequest, run) -> EditResult:
             z = pipe(callback_on_step_end=rec, **kwargs).images
     finally:
         rec.close()
-    full = n_run == req.n_inference_steps  # a partial trajectory cannot replace a drag's inversion (yet)
-    return _finish(editor, run, req, "sketch", z, None, rec.latents, schedule, full, notices, recipe_fn, shown.size)
+    start = req.n_inference_steps - n_run  # the trajectory starts at timesteps[start] (t0), not at z_T
+    return _finish(editor, run, req, "sketch", z, None, rec.latents, schedule, start, notices, recipe_fn, shown.size)
 
 
 # ---- text-to-image with units ---------------------------------------------------------------------
@@ -501,7 +513,7 @@ def run_generate(editor, req: GenerateRequest, run) -> EditResult:
             z = pipe(callback_on_step_end=rec, **kwargs, **extra_kwargs).images
     finally:
         rec.close()
-    result = _finish(editor, run, req, "generate", z, None, rec.latents, schedule, True, notices, recipe_fn, None)
+    result = _finish(editor, run, req, "generate", z, None, rec.latents, schedule, 0, notices, recipe_fn, None)
     result.extra["conditions"] = conds  # the preprocessed condition pictures, as the model saw them
     return result
 
