@@ -346,7 +346,7 @@ def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg:
     kwargs = {}
     with contextlib.ExitStack() as stack:
         if req_adapters:
-            feats, counted = None, set()
+            units, counted = [], set()
             with run.step("conditions"):
                 for i, u in enumerate(req_adapters):
                     ad = models_adapters.t2i_adapter(b, u.model, editor.allow_pickle)
@@ -358,14 +358,11 @@ def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg:
                     conds_out[f"adapter{i}"] = cond
                     x = torch.from_numpy(np.asarray(cond, np.float32) / 255.0).permute(2, 0, 1)[None]
                     with torch.no_grad():
-                        f = [t * u.weight for t in ad(x.to(b.device, b.dtype))]
-                    feats = f if feats is None else [a + c for a, c in zip(feats, f)]
-            # The adapter's factor counts from the first step of this run; units share one hook (summed features).
-            factor = max(u.conditioning_factor for u in req_adapters)
-            active = set(timesteps_of_run[: int(len(timesteps_of_run) * factor)])
-            if len({u.conditioning_factor for u in req_adapters}) > 1:
-                notices.append(f"T2I-Adapter units with different conditioning factors share the largest ({factor:g}).")
-            stack.enter_context(models_adapters.adapter_residuals(b.unet, feats, active))
+                        feats = [t * u.weight for t in ad(x.to(b.device, b.dtype))]
+                    # Like the adapter pipeline's conditioning factor: the first fraction of this run's steps.
+                    active = set(timesteps_of_run[: int(len(timesteps_of_run) * u.conditioning_factor)])
+                    units.append((feats, active))
+            stack.enter_context(models_adapters.adapter_residuals(b.unet, units))
         if ip_unit is not None:
             ip = stack.enter_context(models_adapters.ip_adapter(b, ip_unit.model, editor.allow_pickle, ip_unit.scale))
             run.count_module(ip.weights.encoder, "image_encoder")

@@ -196,18 +196,22 @@ def t2i_adapter(bundle, spec: str, allow_pickle: bool = False):
 
 
 @contextlib.contextmanager
-def adapter_residuals(unet, features: list[torch.Tensor], active_timesteps: set[int]):
-    """Add T2I-Adapter features to the UNet encoder (``down_intrablock_additional_residuals``) on the
-    given timesteps. diffusers' adapter pipeline cannot be combined with ControlNet, so the features
-    are attached at the UNet's own hook point instead; the hook is removed on exit."""
+def adapter_residuals(unet, units: list[tuple[list[torch.Tensor], set[int]]]):
+    """Add T2I-Adapter features to the UNet encoder (``down_intrablock_additional_residuals``).
+
+    ``units``: (features already × weight, timesteps on which they apply); the units active at a step
+    are summed, as in diffusers' MultiAdapter. diffusers' adapter pipeline cannot be combined with
+    ControlNet, so the features are attached at the UNet's own hook point; the hook is removed on exit."""
 
     def pre_hook(module, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if int(torch.as_tensor(t).flatten()[0]) not in active_timesteps:
+        t = int(torch.as_tensor(args[1] if len(args) > 1 else kwargs.get("timestep")).flatten()[0])
+        active = [feats for feats, steps in units if t in steps]
+        if not active:
             return None
         x = args[0] if args else kwargs["sample"]
+        summed = [sum(level) for level in zip(*active)]
         # The UNet pops from this list, so every call gets a fresh one, expanded to the batch (CFG doubles it).
-        kwargs["down_intrablock_additional_residuals"] = [f.to(x.dtype).expand(x.shape[0], -1, -1, -1) for f in features]
+        kwargs["down_intrablock_additional_residuals"] = [f.to(x.dtype).expand(x.shape[0], -1, -1, -1) for f in summed]
         return args, kwargs
 
     handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -309,3 +309,12 @@ def test_partial_sketch_trajectory_is_offered_once_the_editor_takes_it(ed, monke
     monkeypatch.setattr(ed, "remember_generation", remember)
     r = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=4))
     assert r.extra["drag_ready"] and seen == {"n": 3, "start": 2, "t": 4}
+
+
+def test_adapter_conditioning_factor_limits_the_steps_it_steers(ed):
+    plain = ed.edit(GenerateRequest("a cat", **FAST)).image
+    off = ed.edit(GenerateRequest("a cat", adapters=(AdapterUnit(drawing(), conditioning_factor=0.0),), **FAST)).image
+    early = ed.edit(GenerateRequest("a cat", adapters=(AdapterUnit(drawing(), conditioning_factor=0.4),), **FAST)).image
+    full = ed.edit(GenerateRequest("a cat", adapters=(AdapterUnit(drawing()),), **FAST)).image
+    assert off.tobytes() == plain.tobytes()
+    assert early.tobytes() != plain.tobytes() and early.tobytes() != full.tobytes()
