@@ -706,7 +706,8 @@ def run_personalize(editor, req: PersonalizeRequest, run):
     out = train_dreambooth_lora(b, req, model_key=editor.model_spec, progress=lambda ph, f, m="": run.report(f, m),
                                 cancel=run.cancel, unet_calls=run.step)
     params = req.params()
-    recipe = editor.recipe("personalize", params, extra={"photos_png": [encode_image(p) for p in req.photos],
+    size = out.card["resolution"]  # the photos as training saw them (square, training size): a small recipe
+    recipe = editor.recipe("personalize", params, extra={"photos_png": [encode_image(square(p, size)) for p in req.photos],
                                                           "lora": str(out.lora_path), "card": out.card,
                                                           "steps_run": req.steps - out.resumed_from})
     image = out.previews[-1][1] if out.previews else Image.new("RGB", (64, 64))

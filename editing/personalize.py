@@ -76,7 +76,10 @@ def cmd_personalize(args) -> None:
     local_rank, world = _distributed()
     main = local_rank == 0 and int(os.environ.get("RANK", "0")) == 0
     if world > 1:  # one model per process, each on its own GPU
-        ed = Editor(args.model, allow_pickle=args.allow_pickle, device=f"cuda:{local_rank}")
+        import torch
+
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"  # CPU: gloo, for tests
+        ed = Editor(args.model, allow_pickle=args.allow_pickle, device=device)
     else:
         ed = cli.editor(args)
     for n in req.notices:

@@ -144,6 +144,10 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_same_lora(editor, bun
     assert done.extra["losses"] == pytest.approx(ref.extra["losses"], abs=1e-5)
     fresh = editor.edit(db.PersonalizeRequest(photos, "toy", name="cut", resume=False, **settings))
     assert fresh.extra["resumed_from"] == 0
+    # the recipe replays to the same LoRA (it carries the photos as training saw them)
+    again = editor.replay(json.loads(json.dumps(ref.recipe)))
+    c = load_file(again.extra["lora_path"])
+    assert again.extra["lora_path"] == ref.extra["lora_path"] and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
 
 
 def test_text_encoder_lora_round_trip_and_prompt_cache(editor, bundle, photos, lora_dir):
