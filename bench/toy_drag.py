@@ -1,6 +1,6 @@
 """Shapes drag benchmark: does a drag really move the shape to the target, and does the rest survive?
 
-    python -m bench.toy_drag --method dragdiffusion --n 50 [--model toy] [--json OUT.json]
+    python -m bench.toy_drag --method dragdiffusion|diffeditor|dragondiffusion|move --n 50 [--model toy] [--json OUT.json]
 
 Held-out toy scenes (``models/toy_world.py``) with one or two shapes; the handle is a shape's
 centroid, the target 6–20 px away, the mask covers the shape's start and end (dilated by 3 px).
@@ -106,7 +106,30 @@ def _dragdiffusion(editor, case: Case, settings: dict):
     return r.image, sum(r.unet_calls.values())
 
 
-METHODS: dict[str, Callable] = {"noop": _noop, "dragdiffusion": _dragdiffusion}
+def _guided(method: str):
+    def fn(editor, case: Case, settings: dict):
+        from editing.requests import GuidedDragRequest
+
+        req = GuidedDragRequest(image=case.scene.image, points=((case.handle, case.target),), mask=case.mask,
+                                prompt=case.scene.caption, method=method, **settings)
+        r = editor.edit(req)
+        return r.image, sum(r.unet_calls.values())
+
+    return fn
+
+
+def _move(editor, case: Case, settings: dict):
+    """The Move tool with the shape's own mask (what a user would paint) and the handle→target offset."""
+    from editing.requests import MoveRequest
+
+    offset = (case.target[0] - case.handle[0], case.target[1] - case.handle[1])
+    req = MoveRequest(image=case.scene.image, mask=case.shape.mask, offset=offset, prompt=case.scene.caption, **settings)
+    r = editor.edit(req)
+    return r.image, sum(r.unet_calls.values())
+
+
+METHODS: dict[str, Callable] = {"noop": _noop, "dragdiffusion": _dragdiffusion, "diffeditor": _guided("diffeditor"),
+                                "dragondiffusion": _guided("dragondiffusion"), "move": _move}
 
 
 def run(method: str, n: int, model: str, settings: dict) -> dict:

@@ -59,12 +59,26 @@ def cmd_drag(args) -> None:
     from editing.images import load_image, load_mask
     from editing.requests import DragRequest, parse_points
 
+    from editing.requests import GUIDED_FIELDS, GuidedDragRequest
+
     image = load_image(args.image)
     mask = load_mask(args.mask) if args.mask else None
-    fields = {k: getattr(args, k) for k in DRAG_FIELDS if getattr(args, k, None) is not None}
-    req = DragRequest(image, parse_points(args.points), mask, prompt=args.prompt, **fields)
+    given = {k for k in DRAG_FIELDS | GUIDED_FIELDS if getattr(args, k, None) is not None}
+    if args.method == "dragdiffusion":
+        wrong = sorted(given - set(DRAG_FIELDS))
+        if wrong:
+            raise EditError(f"--{wrong[0].replace('_', '-')} applies to --method diffeditor/dragondiffusion only.")
+        fields = {k: getattr(args, k) for k in given}
+        req = DragRequest(image, parse_points(args.points), mask, prompt=args.prompt, **fields)
+    else:
+        wrong = sorted(given - set(GUIDED_FIELDS))
+        if wrong:
+            raise EditError(f"--{wrong[0].replace('_', '-')} applies to --method dragdiffusion only.")
+        fields = {k: getattr(args, k) for k in given}
+        req = GuidedDragRequest(image=image, points=parse_points(args.points), mask=mask, prompt=args.prompt,
+                                method=args.method, ip_adapter=args.ip_adapter, **fields)
     ed = editor(args)
-    write(ed.drag(req, progress=progress(), loras=lora_specs(args)), args)
+    write(ed.edit(req, progress=progress(), loras=lora_specs(args)), args)
 
 
 def cmd_generate(args) -> None:
@@ -106,6 +120,20 @@ def common(p: argparse.ArgumentParser, model_default: str | None = "auto") -> No
                    help="LoRA to apply (repeatable): a .safetensors file, a LoRA folder, or a library name")
 
 
+def add_guided_flags(p: argparse.ArgumentParser, skip=()) -> None:
+    """The DiffEditor/DragonDiffusion settings (``GUIDED_FIELDS``) as flags; unset = the task's published default."""
+    from editing.requests import GUIDED_FIELDS
+
+    for name, (lo, hi, default, why) in GUIDED_FIELDS.items():
+        if name in skip:
+            continue
+        typ = int if isinstance(default, int) else float
+        shown = "the task's published value" if default is None else default
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                       help=f"(diffeditor/dragondiffusion) {why} [{lo}..{hi}, default {shown}]")
+    p.add_argument("--ip-adapter", default=None, help="(diffeditor) IP-Adapter spec for the image prompt")
+
+
 def lora_specs(args) -> list[tuple[str, float]]:
     """``--lora PATH[@WEIGHT]`` values -> [(path, weight)] (weight 1.0 when omitted)."""
     out = []
@@ -130,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("drag", help="drag handle points to targets (DragDiffusion)")
+    d = sub.add_parser("drag", help="drag handle points to targets (DragDiffusion, DiffEditor or DragonDiffusion)")
+    d.add_argument("--method", default="dragdiffusion", choices=("dragdiffusion", "diffeditor", "dragondiffusion"),
+                   help="dragdiffusion: identity LoRA + latent optimisation; diffeditor/dragondiffusion: "
+                        "training-free gradient guidance")
     d.add_argument("--image", required=True)
     d.add_argument("--points", required=True, help='handle>target pairs: "x,y>x,y;x,y>x,y" (image pixels)')
     d.add_argument("--mask", help="PNG, white (or opaque) = region that may change")
@@ -139,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (lo, hi, default, why) in DRAG_FIELDS.items():
         typ = int if isinstance(default, int) else float
         d.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=f"{why} [{lo}..{hi}, default {default}]")
+    add_guided_flags(d, skip=set(DRAG_FIELDS))
     common(d)
     d.set_defaults(fn=cmd_drag)
 

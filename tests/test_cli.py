@@ -62,3 +62,49 @@ def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, capsys):
         assert code == 2, (args, err)
         last = err.strip().splitlines()[-1]
         assert last.startswith("error:") and words in last, (args, last)
+
+
+def test_guided_commands_move_and_drag_method_then_replay(tmp_path):
+    scene(64, 64).save(tmp_path / "in.png")
+    m = np.zeros((64, 64), np.uint8)
+    m[20:40, 12:30] = 255
+    Image.fromarray(m).save(tmp_path / "obj.png")
+    steps = ["--model", "tiny", "--n-inference-steps", "10"]
+    out = tmp_path / "moved.png"
+    p = run("move", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "obj.png"), "--offset", "10,-4",
+            "--scale", "1.2", "--out", str(out), *steps)
+    assert p.returncode == 0, p.stderr
+    assert read_recipe(out)["task"] == "move" and Image.open(out).size == (64, 64)
+    again = tmp_path / "again.png"
+    p = run("replay", str(out), "--out", str(again))
+    assert p.returncode == 0, p.stderr
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    out = tmp_path / "dragged.png"
+    p = run("drag", "--method", "diffeditor", "--image", str(tmp_path / "in.png"), "--points", "20,30>32,30",
+            "--mask", str(tmp_path / "obj.png"), "--energy-scale", "1.5", "--out", str(out), *steps)
+    assert p.returncode == 0, p.stderr
+    assert read_recipe(out)["params"]["energy_scale"] == 1.5
+
+
+def test_guided_bad_inputs(tmp_path, capsys):
+    from editing.cli import main
+
+    scene(64, 64).save(tmp_path / "in.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "empty.png")
+    img, empty = str(tmp_path / "in.png"), str(tmp_path / "empty.png")
+    cases = [
+        (["move", "--image", img, "--mask", empty, "--offset", "5,0"], "empty"),
+        (["move", "--image", img, "--mask", img, "--offset", "5"], "two numbers"),
+        (["move", "--image", img, "--mask", img, "--offset", "5,0", "--scale", "-1"], "positive"),
+        (["paste", "--image", img, "--ref", img, "--offset", "5,0"], "--ref-mask is required"),
+        (["appearance", "--image", img, "--mask", img, "--ref", img], "--ref-mask is required"),
+        (["drag", "--image", img, "--points", "10,10>20,10", "--energy-scale", "2"], "applies to --method diffeditor"),
+        (["drag", "--method", "diffeditor", "--image", img, "--points", "10,10>20,10", "--lora-steps", "2"],
+         "applies to --method dragdiffusion"),
+    ]
+    for args, words in cases:
+        code = main([*args, "--model", "tiny"])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error:") and words in last, (args, last)
