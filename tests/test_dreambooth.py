@@ -219,3 +219,28 @@ def test_cli_personalize(tmp_path, lora_dir, capsys, photos):
 
     assert personalize.main(argv[1:-2] + ["--name", "entry", "--steps", "1"]) == 0
     assert (out / "entry.safetensors").is_file()
+
+
+def test_two_processes_train_one_lora(tmp_path, photos):
+    """The multi-GPU entry (``accelerate launch -m editing.personalize``) in 2 CPU processes (gloo):
+    the same code path, DDP-averaged gradients, one LoRA written by the main process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, p in enumerate(photos[:2]):
+        p.save(folder / f"{i}.png")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", lib.ENV_DIR: str(tmp_path / "lib")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "editing.personalize", "--images", str(folder), "--class-noun", "dog", "--model", "tiny",
+           "--steps", "2", "--rank", "2", "--prior-images", "2", "--prior-steps", "2", "--preview-steps", "2",
+           "--resolution", "64", "--out", str(tmp_path / "out"), "--name", "ddp-dog"]
+    done = subprocess.run(cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads((tmp_path / "out" / "ddp-dog.json").read_text())
+    assert card["processes"] == 2 and (tmp_path / "out" / "ddp-dog.safetensors").is_file()
+    assert done.stderr.count("wrote ") == 1  # only the main process reports
