@@ -5,11 +5,15 @@ on black (the convention of the public ControlNet / T2I-Adapter checkpoints), ex
 (a blocky colour layout for the colour adapter) and ``none`` (the image as given, e.g. a depth map
 made elsewhere). Options are validated against ``OPTIONS[name]`` = ``{option: (min, max, default, why)}``.
 
-Model-based preprocessors (depth, pose, …) need estimator weights that DragCanvas does not ship;
-asking for one raises an ``EditError`` that names the missing weights and the way around it.
+Model-based preprocessors need estimator weights that DragCanvas does not ship. ``depth`` runs a
+transformers depth estimator (DPT) when its weights are on disk: ``DRAGCANVAS_DEPTH_MODEL`` (a local
+folder or Hub id, default ``Intel/dpt-hybrid-midas``) found locally or in the Hugging Face cache. The
+others (pose, HED, …) always raise an ``EditError`` that names the missing weights and the way around it.
 """
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Mapping
 
 import cv2
@@ -20,6 +24,7 @@ from editing.requests import EditError, check_number
 
 OPTIONS: dict[str, dict[str, tuple]] = {
     "none": {},
+    "depth": {},
     "canny": {"low_threshold": (0, 255, 100, "Canny lower hysteresis threshold"),
               "high_threshold": (1, 255, 200, "Canny upper hysteresis threshold")},
     "scribble": {"thickness": (1, 32, 3, "line width in px of the scribble made from the strokes")},
@@ -27,8 +32,8 @@ OPTIONS: dict[str, dict[str, tuple]] = {
                 "sensitivity": (0, 50, 6, "how much darker than its surroundings a pixel must be to count as a line")},
     "palette": {"cells": (2, 128, 8, "colour blocks along the long side")},
 }
+DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
 MODEL_BASED = {
-    "depth": "a monocular depth estimator (e.g. Intel/dpt-hybrid-midas or the lllyasviel/Annotators MiDaS weights)",
     "pose": "an OpenPose body-keypoint model (lllyasviel/Annotators body_pose_model.pth)",
     "openpose": "an OpenPose body-keypoint model (lllyasviel/Annotators body_pose_model.pth)",
     "hed": "the HED edge network (lllyasviel/Annotators ControlNetHED.pth)",
@@ -93,12 +98,40 @@ def palette(image: Image.Image, cells: int = 8) -> Image.Image:
     return small.resize((w, h), Image.NEAREST)
 
 
+@functools.lru_cache(maxsize=2)
+def _depth_model(spec: str):
+    from transformers import AutoModelForDepthEstimation
+
+    try:
+        return AutoModelForDepthEstimation.from_pretrained(spec, local_files_only=True).eval()
+    except Exception as e:  # noqa: BLE001 - any miss means "not on this machine"
+        raise EditError(
+            f"The 'depth' preprocessor needs the depth-estimation weights {spec!r} (a transformers DPT model), "
+            f"which are not on this machine ({type(e).__name__}). Download them once, set DRAGCANVAS_DEPTH_MODEL "
+            "to a local folder, or make the depth map with another tool and use preprocessor 'none'.") from None
+
+
+def depth(image: Image.Image) -> Image.Image:
+    """Monocular depth (DPT; Ranftl et al. 2021), near = bright, min-max normalised to 0..255."""
+    import torch
+
+    model = _depth_model(os.environ.get("DRAGCANVAS_DEPTH_MODEL", DEFAULT_DEPTH_MODEL))
+    side = int(getattr(model.config, "image_size", 384))
+    a = np.asarray(image.convert("RGB").resize((side, side), Image.BICUBIC), np.float32) / 127.5 - 1.0  # DPT: mean=std=.5
+    with torch.no_grad():
+        d = model(pixel_values=torch.from_numpy(a).permute(2, 0, 1)[None]).predicted_depth[0].numpy()
+    d = cv2.resize(d, image.size, interpolation=cv2.INTER_CUBIC)
+    d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6) * 255.0
+    g = d.round().astype(np.uint8)
+    return Image.fromarray(np.stack([g] * 3, -1))
+
+
 def passthrough(image: Image.Image) -> Image.Image:
     """The condition image as given (a depth map, pose skeleton or edge map made elsewhere)."""
     return image.convert("RGB")
 
 
-PREPROCESSORS = {"none": passthrough, "canny": canny, "scribble": scribble, "lineart": lineart, "palette": palette}
+PREPROCESSORS = {"none": passthrough, "depth": depth, "canny": canny, "scribble": scribble, "lineart": lineart, "palette": palette}
 NAMES = tuple(PREPROCESSORS)
 
 

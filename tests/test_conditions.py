@@ -58,7 +58,7 @@ def test_lineart_and_palette_and_passthrough():
 
 
 @pytest.mark.parametrize("name, options, match", [
-    ("depth", None, "depth estimator"),
+    ("depth", None, "needs the depth-estimation weights 'Intel/dpt-hybrid-midas'"),
     ("pose", None, "OpenPose"),
     ("sobel", None, "Unknown preprocessor 'sobel'"),
     ("canny", {"low_threshold": 200, "high_threshold": 100}, "must be below"),
@@ -70,3 +70,16 @@ def test_bad_preprocessor_input_says_what_to_do(name, options, match):
     with pytest.raises(EditError, match=match):
         conditions.preprocess(name, pattern(), options)
     assert conditions.preprocess("canny", pattern()).size == (64, 48)  # the next request still works
+
+
+def test_depth_runs_when_its_weights_are_on_disk(tmp_path, monkeypatch):
+    """A tiny random DPT saved locally stands in for Intel/dpt-hybrid-midas."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    cfg = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32,
+                    patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+                    fusion_hidden_size=16, is_hybrid=False, head_hidden_size=8)
+    DPTForDepthEstimation(cfg).save_pretrained(tmp_path / "dpt")
+    monkeypatch.setenv("DRAGCANVAS_DEPTH_MODEL", str(tmp_path / "dpt"))
+    d = np.asarray(conditions.preprocess("depth", pattern()))
+    assert d.shape == (48, 64, 3) and (d[..., 0] == d[..., 2]).all()  # a grey depth map of the input size

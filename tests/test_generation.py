@@ -189,7 +189,7 @@ def test_tiny_controlnet_follows_the_vae_factor():
     (lambda: ControlNetUnit(edges(), start=0.6, end=0.6), r"guidance start \(0.6\) must be before its end"),
     (lambda: ControlNetUnit(edges(), scale=float("nan")), "scale must be a finite number"),
     (lambda: ControlNetUnit(None), "condition image is missing"),
-    (lambda: ControlNetUnit(edges(), preprocessor="depth"), "depth estimator"),
+    (lambda: ControlNetUnit(edges(), preprocessor="pose"), "OpenPose"),
     (lambda: AdapterUnit(edges(), conditioning_factor=2), "conditioning_factor=2 is outside"),
     (lambda: IPAdapterUnit(()), "needs a reference image"),
     (lambda: GenerateRequest("x", controlnets=(ControlNetUnit(edges()),) * 5), "at most 4"),
