@@ -318,3 +318,18 @@ def test_adapter_conditioning_factor_limits_the_steps_it_steers(ed):
     full = ed.edit(GenerateRequest("a cat", adapters=(AdapterUnit(drawing()),), **FAST)).image
     assert off.tobytes() == plain.tobytes()
     assert early.tobytes() != plain.tobytes() and early.tobytes() != full.tobytes()
+
+
+def test_make_drag_ready_replays_a_saved_sketch(ed, tmp_path):
+    """For cmd_drag: a PNG written by `sketch` carries its recipe; replaying it makes a new Editor drag-ready."""
+    from editing.engine import Editor
+    from editing.generation_cli import make_drag_ready
+    from editing.images import save_png_with_recipe
+
+    r = ed.edit(SketchRequest(drawing(), prompt="x", strength=1.0, n_inference_steps=2, seed=4))
+    save_png_with_recipe(r.image, tmp_path / "s.png", r.recipe)
+    fresh = Editor("tiny", resolution=64)
+    assert not fresh.is_drag_ready(r.image)
+    assert make_drag_ready(fresh, tmp_path / "s.png") and fresh.is_drag_ready(r.image)
+    drawing().save(tmp_path / "photo.png")
+    assert not make_drag_ready(fresh, tmp_path / "photo.png")  # a photo without a recipe: nothing to replay
