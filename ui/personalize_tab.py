@@ -33,6 +33,7 @@ from editing.dreambooth import (
 from editing.requests import EditCancelled, EditError
 from ui import lora_picker
 from ui.drag_tab import notify, shows_errors
+from ui.zerogpu import gpu, zero_gpu
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ LABELS = {"lr": "Learning rate", "prior_images": "Class images (prior preservati
           "checkpoint_every": "Checkpoint every N steps", "preview_every": "Preview every N steps",
           "preview_steps": "DDIM steps per preview"}
 POLL_S = 0.5
+GPU_SECONDS = 600  # ZeroGPU reservation: 400 steps at 512² plus class images
 LIBRARY_HEADERS = ["name", "prompt", "base model", "steps", "rank", "file"]
 
 
@@ -116,6 +118,8 @@ class PersonalizeHandlers:
 
     def __init__(self, editor):
         self.editor = editor
+        self.can_cancel = not zero_gpu()  # a ZeroGPU worker is another process: no Event or callback reaches it
+        self._edit = gpu(GPU_SECONDS)(editor.edit)
 
     @streams_errors
     def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
@@ -135,7 +139,8 @@ class PersonalizeHandlers:
 
         def work():
             try:
-                state["result"] = self.editor.edit(req, progress=report, cancel=session.cancel)
+                state["result"] = self._edit(req, progress=report if self.can_cancel else None,
+                                             cancel=session.cancel if self.can_cancel else None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the handler's thread
                 state["error"] = e
 
@@ -240,7 +245,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
                     fields |= {n: _field_input(n, start[n]) for n in ADVANCED_FIELDS}
                 with gr.Row():
                     train_btn = gr.Button("Train", variant="primary", elem_id="pz-train")
-                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="pz-cancel")
+                    cancel_btn = gr.Button("Cancel", variant="stop", visible=h.can_cancel, elem_id="pz-cancel")
                 status = gr.Markdown("", min_height=48, elem_id="pz-status")
             with gr.Column():
                 previews = gr.Gallery(label="Previews: “a [V] class” while training", format="png", columns=4,
