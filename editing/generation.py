@@ -310,10 +310,10 @@ class _Recorder:
     def _first_input(self, module, args, kwargs):
         if not self.latents:  # the latent the loop starts from (CFG doubles the batch: take the first half)
             x = args[0] if args else kwargs["sample"]
-            self.latents.append(x[: self.batch].detach().float().cpu())
+            self.latents.append(x[: self.batch].detach().float().clone())  # kept on the device: no sync per step
 
     def __call__(self, pipe, i, t, kw):
-        self.latents.append(kw["latents"].detach().float().cpu())
+        self.latents.append(kw["latents"].detach().float().clone())
         self.run.report((i + 1) / self.n, f"{self.what} step {i + 1}/{self.n}")
         return kw
 
