@@ -123,7 +123,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 @pytest.mark.browser
-def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, request):
+def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing")
@@ -131,6 +131,7 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, request):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(60_000)
+        condition_path = files["edges"]
         try:
             with page.expect_response(lambda r: "/heartbeat/" in r.url):
                 page.goto(app_url)
@@ -154,6 +155,18 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, request):
             assert page.locator("#sketch-gallery img").count() >= 1
             page.click("#sketch-to-drag")  # the result opens in the Drag tab, drag-ready
             page.wait_for_selector("#points img", timeout=60_000)
+
+            # Generate tab: one ControlNet unit with an uploaded condition image, through the accordion.
+            page.get_by_role("tab", name="Generate").click()
+            page.click("#gen-controlnet-0 button")
+            page.locator("#gen-controlnet-0-on input").check()
+            page.locator("#gen-controlnet-0 input[type=file]").first.set_input_files(condition_path)
+            page.wait_for_timeout(1500)
+            page.fill("#gen-prompt textarea", "a cat")
+            page.click("#gen-run")
+            page.wait_for_function("() => document.querySelector('#gen-status').innerText.includes('Done')",
+                                   timeout=300_000)
+            assert page.locator("#gen-gallery img").count() >= 1
         except Exception:
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
@@ -183,3 +196,24 @@ def test_unit_accordions_become_units_json(ed, files):
         cn.unit(data, [])
     data[cn.enabled] = False
     assert cn.unit(data, []) is None
+
+
+def test_split_canvas_blank_photo_and_upload_only():
+    import numpy as np
+
+    from ui.sketch_tab import split_canvas
+
+    strokes = np.zeros((40, 50, 4), np.uint8)
+    strokes[20, 5:45] = (255, 0, 0, 255)
+    transparent = np.zeros((40, 50, 4), np.uint8)
+    sketch, photo = split_canvas({"background": transparent, "layers": [strokes], "composite": None})
+    assert photo is None and sketch.mode == "RGBA" and sketch.getpixel((10, 20)) == (255, 0, 0, 255)
+    white = np.full((40, 50, 4), 255, np.uint8)
+    assert split_canvas({"background": white, "layers": [strokes]})[1] is None  # a white canvas is blank too
+    grey = np.full((40, 50, 4), 128, np.uint8)
+    grey[..., 3] = 255
+    sketch, photo = split_canvas({"background": grey, "layers": [strokes]})
+    assert photo.getpixel((0, 0)) == (128, 128, 128) and sketch.mode == "RGBA"
+    sketch, photo = split_canvas({"background": grey, "layers": [np.zeros_like(strokes)]})
+    assert photo is None and sketch.mode == "RGB"  # an upload without strokes is a finished drawing
+    assert split_canvas(None) == (None, None)
