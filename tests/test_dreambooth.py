@@ -164,6 +164,25 @@ def test_text_encoder_lora_round_trip_and_prompt_cache(editor, bundle, photos, l
     assert not torch.allclose(inside, before)
     assert torch.equal(bundle.encode_prompt(prompt), before)  # and the LoRA's embedding does not leak out
     assert not getattr(bundle.text_encoder, "peft_config", {})
+    # the same LoRA in kohya/A1111 keys (lora_unet_*, lora_te_text_model_*, .alpha) loads to the same model
+    from diffusers.utils import (
+        convert_state_dict_to_kohya,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from safetensors.torch import save_file
+
+    sd = load_file(r.extra["lora_path"])
+    unet_part = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    te_part = convert_state_dict_to_peft({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder.")})
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in unet_part.items()}
+                                        | {f"text_encoder.{k}": v for k, v in te_part.items()})
+    kohya = {k.replace("lora_te1_encoder_", "lora_te_text_model_encoder_"): v for k, v in kohya.items()}
+    assert any(k.startswith("lora_te_text_model_encoder_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    save_file(kohya, str(lora_dir / "a1111.safetensors"))
+    with lib.activate(bundle, [("a1111", 1.0)]):
+        assert torch.allclose(bundle.encode_prompt(prompt), inside, atol=1e-5)
+    assert torch.equal(bundle.encode_prompt(prompt), before)
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
