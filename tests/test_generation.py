@@ -333,3 +333,11 @@ def test_make_drag_ready_replays_a_saved_sketch(ed, tmp_path):
     assert make_drag_ready(fresh, tmp_path / "s.png") and fresh.is_drag_ready(r.image)
     drawing().save(tmp_path / "photo.png")
     assert not make_drag_ready(fresh, tmp_path / "photo.png")  # a photo without a recipe: nothing to replay
+
+
+def test_guess_mode_runs_and_mixed_units_are_told(ed):
+    normal = ed.edit(GenerateRequest("a cat", controlnets=(ControlNetUnit(edges()),), **FAST))
+    guess = ed.edit(GenerateRequest("a cat", controlnets=(ControlNetUnit(edges(), guess_mode=True), ControlNetUnit(drawing())), **FAST))
+    assert guess.extra["calls"]["controlnet"]["generate"] == guess.unet_calls["generate"]  # cond half only, 2 units
+    assert any("Guess mode applies to all ControlNet units" in n for n in guess.notices)
+    assert guess.image.tobytes() != normal.image.tobytes()
