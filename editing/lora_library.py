@@ -165,6 +165,19 @@ def _read_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from None
 
 
+def cache_key(loras, allow_pickle: bool = False) -> tuple:
+    """A hashable identity of ((spec, weight), …) for per-image caches computed under these LoRAs: the
+    resolved file and its mtime, so a retrained LoRA of the same name is not mistaken for the old one."""
+    out = []
+    for spec, weight in loras or ():
+        try:
+            p = resolve(spec, allow_pickle)
+            out.append((str(p.resolve()), p.stat().st_mtime_ns, float(weight)))
+        except EditError:
+            out.append((str(spec), None, float(weight)))
+    return tuple(out)
+
+
 # ---- reading and checking a LoRA ------------------------------------------------------------------
 @dataclass
 class LoadedLora:

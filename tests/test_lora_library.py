@@ -71,6 +71,8 @@ def test_list_resolve_and_missing_names(bundle, subject, lora_dir, tmp_path):
         lib.resolve(tmp_path / "gone.safetensors")  # an explicit path that is missing: not a name lookup
     # and after the errors, a good spec still resolves
     assert lib.resolve("subject") == subject
+    key = lib.cache_key([("subject", 0.5), ("nope", 1.0)])
+    assert key[0][0] == str(subject.resolve()) and key[0][2] == 0.5 and key[1] == ("nope", None, 1.0)
 
 
 def test_pickle_lora_refused_unless_allowed(bundle, subject, tmp_path):
