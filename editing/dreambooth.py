@@ -520,16 +520,16 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str,
 
     # 4. adapters (seeded init), optimizer, resume
     base_dtype = next(unet.parameters()).dtype
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(req.seed)
-        unet.add_adapter(_lora_config(req.rank, UNET_TARGETS), adapter_name=ADAPTER)
-        if req.train_text_encoder:
-            inject_adapter_in_model(_lora_config(req.rank, TEXT_TARGETS), te, adapter_name=ADAPTER)
     use_gc = bundle.device.type == "cuda" if req.gradient_checkpointing is None else req.gradient_checkpointing
     previews: list[tuple[int, Image.Image]] = []
     losses: list[float] = []
     start = 0
     try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(req.seed)
+            unet.add_adapter(_lora_config(req.rank, UNET_TARGETS), adapter_name=ADAPTER)
+            if req.train_text_encoder:
+                inject_adapter_in_model(_lora_config(req.rank, TEXT_TARGETS), te, adapter_name=ADAPTER)
         lora_library.set_active(unet, [(ADAPTER, 1.0)])
         models = [unet] + ([te] if req.train_text_encoder else [])
         if req.train_text_encoder:
@@ -679,10 +679,11 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str,
             unet.disable_gradient_checkpointing()
             if req.train_text_encoder:
                 te.gradient_checkpointing_disable()
-        unet.delete_adapters(ADAPTER)
+        for model in (unet, te):  # whatever was added, also when adding failed half-way
+            if ADAPTER in (getattr(model, "peft_config", None) or {}):
+                lora_library.delete_adapter(model, ADAPTER)
         lora_library.set_active(unet, lora_library.active_loras(unet))
         if req.train_text_encoder:
-            lora_library._delete_adapter(te, ADAPTER)
             lora_library.clear_prompt_cache(bundle)
         for mod in (unet, te):
             mod.eval()

@@ -356,7 +356,8 @@ def _load_text_encoder_adapter(text_encoder, lora: LoadedLora, name: str) -> Non
     text_encoder.to(dtype=dtype)
 
 
-def _delete_adapter(model, name: str) -> None:
+def delete_adapter(model, name: str) -> None:
+    """Remove adapter ``name`` from every peft layer of ``model`` and from its ``peft_config``."""
     from diffusers.utils.peft_utils import delete_adapter_layers
 
     delete_adapter_layers(model, name)
@@ -439,9 +440,9 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
         yield names
     finally:
         for name, _ in added_unet:
-            _delete_adapter(unet, name)
+            delete_adapter(unet, name)
         for name, _ in added_te:
-            _delete_adapter(te, name)
+            delete_adapter(te, name)
         set_active(unet, outer)
         setattr(unet, ACTIVE_ATTR, outer)
         if added_te:
