@@ -203,7 +203,7 @@ GUIDED_DEFAULTS = {
     "paste": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=4.0, energy_scale=1.5),
 }
 GUIDED_FIELDS: dict[str, tuple[float, float, float | None, str]] = {  # None default = the task's published value
-    "n_inference_steps": (10, 200, 50, "DDIM steps; the schedules are defined on 50 and scale with this"),
+    "n_inference_steps": (4, 200, 50, "DDIM steps; the schedules are defined on 50 and scale with this"),
     "guidance_scale": (1.0, 20.0, None, "classifier-free guidance of the sampling"),
     "energy_scale": (0.0, 20.0, None, "strength of the gradient guidance (×1000 internally, as published)"),
     "w_edit": (0.0, 20.0, None, "weight of the edit energy (content goes where asked)"),

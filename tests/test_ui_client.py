@@ -116,3 +116,55 @@ def test_trained_identity_lora_is_reused_by_drag(client, image_path):
 def test_train_lora_without_image_is_a_clear_error(client):
     with pytest.raises(AppError, match="No image"):
         client.predict(None, "", api_name="/train_lora")
+
+
+# ---- guided editing: Drag's method switch, Move & Resize, Paste, Appearance --------------------------------
+GUIDED = dict(steps=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def object_mask(tmp_path_factory):
+    m = np.zeros((64, 96), np.uint8)
+    m[18:42, 13:32] = 255  # around the red block
+    path = tmp_path_factory.mktemp("ui-masks") / "object.png"
+    Image.fromarray(m).save(path)
+    return str(path)
+
+
+def test_drag_method_switch_runs_diffeditor(client, image_path):
+    (_, after), download, details, _, status = client.predict(
+        handle_file(image_path), None, POINTS, "", method="DiffEditor", n_inference_steps=4, api_name="/drag")
+    assert Image.open(after).size == (96, 64)
+    assert read_recipe(download)["task"] == "guided_drag" and "lora" not in details["timings_s"]
+
+
+def test_move_paste_appearance_endpoints(client, image_path, object_mask):
+    img, mask = handle_file(image_path), handle_file(object_mask)
+    (_, after), download, details, gallery, status = client.predict(
+        img, mask, 20, 4, 1.2, "", "DiffEditor", **GUIDED, api_name="/move")
+    assert Image.open(after).size == (96, 64) and read_recipe(download)["task"] == "move"
+    assert details["memory_bank_mb"] > 0 and "Done in" in status
+    (_, after), download, *_ = client.predict(img, img, mask, 30, 0, 0.8, "", "DragonDiffusion", **GUIDED,
+                                              api_name="/paste")
+    assert read_recipe(download)["task"] == "paste"
+    (_, after), download, _, gallery, _ = client.predict(img, mask, img, mask, "", "DiffEditor", **GUIDED,
+                                                         api_name="/appearance")
+    assert read_recipe(download)["task"] == "appearance"
+    assert len(gallery) == 3  # one shared history
+
+
+@pytest.mark.parametrize("api, args, expected", [
+    ("/move", lambda i, m: (i, None, 5, 0, 1.0, "", "DiffEditor"), "paint the object"),
+    ("/move", lambda i, m: (i, m, 5, 0, 0.0, "", "DiffEditor"), "less than minimum value 0.2"),
+    ("/move", lambda i, m: (i, m, 500, 0, 1.0, "", "DiffEditor"), "leave the image"),
+    ("/move", lambda i, m: (i, m, 5, 0, 1.0, "", "Magic"), "Magic"),
+    ("/paste", lambda i, m: (i, i, None, 5, 0, 1.0, "", "DiffEditor"), "needs a mask"),
+    ("/paste", lambda i, m: (i, None, m, 5, 0, 1.0, "", "DiffEditor"), "No reference"),
+    ("/appearance", lambda i, m: (i, m, i, None, "", "DiffEditor"), "needs a mask"),
+])
+def test_guided_bad_input_then_next_request_works(client, image_path, object_mask, api, args, expected):
+    with pytest.raises(AppError, match=expected):
+        client.predict(*args(handle_file(image_path), handle_file(object_mask)), **GUIDED, api_name=api)
+    (_, after), *_ = client.predict(handle_file(image_path), handle_file(object_mask), 10, 0, 1.0, "", "DiffEditor",
+                                    **GUIDED, api_name="/move")
+    assert Image.open(after).size == (96, 64)

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from editing.images import load_image, load_mask, save_png_with_recipe
-from editing.requests import DragRequest, EditCancelled, EditError, pair_points, parse_points
+from editing.requests import (GUIDED_DEFAULTS, GUIDED_FIELDS, DragRequest, EditCancelled, EditError, GuidedDragRequest,
+                              pair_points, parse_points)
 from ui import overlay
 from ui.zerogpu import gpu, zero_gpu
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 FIELDS = DragRequest.FIELDS_UI  # name -> (min, max, default, help); the advanced sliders come from here
 LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
+METHODS = {"DragDiffusion": "dragdiffusion", "DiffEditor": "diffeditor", "DragonDiffusion": "dragondiffusion"}
+# Guided-method sliders (their own components: defaults differ from DragDiffusion's), passed as guided_<name>.
+GUIDED_UI = ("guidance_scale", "energy_scale", "w_edit", "w_content", "w_inpaint", "sde_strength")
 HISTORY_LIMIT = 24
 GPU_SECONDS = {"drag": 180, "generate": 60, "lora": 120}  # ZeroGPU reservations
 LABELS = {"lam": "λ (keep the unmasked area)", "r_m": "r_m (motion patch radius)", "r_p": "r_p (tracking radius)",
@@ -265,7 +269,7 @@ class EngineHandlers:
     def __init__(self, editor):
         self.editor = editor
         self.can_cancel = not zero_gpu()  # a ZeroGPU worker is another process: no Event reaches it
-        self._drag = gpu(GPU_SECONDS["drag"])(editor.drag)
+        self._edit = gpu(GPU_SECONDS["drag"])(editor.edit)
         self._generate = gpu(GPU_SECONDS["generate"])(editor.generate)
         self._train = gpu(GPU_SECONDS["lora"])(editor.train_identity_lora)
 
@@ -277,17 +281,29 @@ class EngineHandlers:
         """Drag each handle point to its target. points: "[[hx, hy], [tx, ty], ...]" in image pixels."""
         if not image:
             raise EditError("No image: upload or generate an image first.")
-        request = DragRequest(image=load_image(image), points=parse_clicks(points),
-                              mask=load_mask(mask) if mask else None, prompt=prompt or "", **settings)
+        choice = settings.pop("method", None) or "DragDiffusion"
+        method = METHODS.get(choice, str(choice).lower())  # API clients may send "diffeditor"
+        guided = {k[len("guided_"):]: settings.pop(k) for k in list(settings) if k.startswith("guided_")}
+        loras = settings.pop("loras", None)
+        common = dict(image=load_image(image), points=parse_clicks(points), mask=load_mask(mask) if mask else None,
+                      prompt=prompt or "")
+        if method == "dragdiffusion":
+            request = DragRequest(**common, **settings)
+        else:
+            request = GuidedDragRequest(**common, method=method, n_inference_steps=settings.get("n_inference_steps", 50),
+                                        seed=settings.get("seed", 42), **guided)
         notify(request.notices)
-        log.info("drag: %d pair(s), %dx%d, mask=%s", len(request.points), *request.image.size, request.mask is not None)
-        result = self._drag(request, progress=EngineProgress(progress), cancel=self._cancel(session))
+        log.info("drag (%s): %d pair(s), %dx%d, mask=%s", method, len(request.points), *request.image.size,
+                 request.mask is not None)
+        result = self._edit(request, progress=EngineProgress(progress), cancel=self._cancel(session),
+                            loras=lora_specs(loras))
         notify(result.notices)
         details = {"timings_s": {k: round(v, 3) for k, v in result.timings.items()}, "unet_calls": result.unet_calls,
                    "final_points": [[round(x, 1), round(y, 1)] for x, y in result.final_points],
                    "notices": result.notices, "params": result.recipe.get("params"), "mask": request.mask is not None}
         pairs = len(request.points)
-        session.add_result(request.image, result, f"drag, {pairs} pair{'s' * (pairs > 1)}", details)
+        label = "drag" if isinstance(request, DragRequest) else request.method
+        session.add_result(request.image, result, f"{label}, {pairs} pair{'s' * (pairs > 1)}", details)
         return *session.shown(), session.gallery(), summary(result, request.mask is not None)
 
     @shows_errors
@@ -317,6 +333,23 @@ class EngineHandlers:
                     lr=settings["lora_lr"], seed=settings["seed"], progress=EngineProgress(progress),
                     cancel=self._cancel(session))
         return "Identity LoRA ready: Run reuses it for this image, prompt and LoRA settings."
+
+
+def lora_specs(value) -> list:
+    """The LoRA picker's value (ui/lora_picker.py) -> [(path, weight)]; nothing when the picker is absent."""
+    if not value:
+        return []
+    from ui.lora_picker import to_specs
+
+    return to_specs(value)
+
+
+def _guided_input(name: str) -> gr.components.Component:
+    lo, hi, default, why = GUIDED_FIELDS[name]
+    value = GUIDED_DEFAULTS["drag"].get(name, default)
+    step = 1 if isinstance(default, int) else 0.05
+    return gr.Slider(lo, hi, value=value, step=step, label=name.replace("_", " ").capitalize(), info=why,
+                     elem_id=f"guided-{name}")
 
 
 # ---- layout and wiring -----------------------------------------------------------------------------
@@ -372,6 +405,9 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
                     undo_btn = gr.Button("Undo last point", size="sm")
                     clear_btn = gr.Button("Clear points", size="sm")
                 prompt = gr.Textbox(label="Prompt (optional): what the image shows", elem_id="prompt")
+                method = gr.Radio(list(METHODS), value="DragDiffusion", label="Method", elem_id="method",
+                                  info="DragDiffusion: trains an identity LoRA, then optimises the latent (best identity). "
+                                       "DiffEditor / DragonDiffusion: training-free gradient guidance (no LoRA).")
                 with gr.Row():
                     run_btn = gr.Button("Run drag", variant="primary", elem_id="run")
                     cancel_btn = gr.Button("Cancel", variant="stop", visible=h.can_cancel, elem_id="cancel")
@@ -379,6 +415,9 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
                 with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                     fields = {name: _field_input(name, start[name]) for name in FIELDS}
                     lora_btn = gr.Button("Train identity LoRA now (optional; Run trains it when needed)", size="sm")
+                with gr.Accordion("DiffEditor / DragonDiffusion settings", open=False, elem_id="guided-settings"):
+                    guided_fields = {f"guided_{n}": _guided_input(n) for n in GUIDED_UI}
+                picker = links.lora_picker() if links is not None else None
             with gr.Column():
                 result = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="result")
                 download = gr.DownloadButton("Download PNG (with recipe)", size="md", elem_id="download")
@@ -414,7 +453,8 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     run_btn.click(prepare_run, [session], [image_file, mask_file, points_json], queue=False,
                   api_visibility="private").then(
         h.drag, [image_file, mask_file, points_json, prompt, session], [result, download, details, gallery, status],
-        inputs_kwargs=fields, api_name="drag", **engine)
+        inputs_kwargs=fields | {"method": method} | guided_fields | ({"loras": picker} if picker is not None else {}),
+        api_name="drag", **engine)
     gen_btn.click(arm, [session], None, queue=False, api_visibility="private").then(
         h.generate, [gen_prompt, gen_seed, fields["n_inference_steps"], session],
         [canvas, preview, points_info, prompt, result, download, details, gallery, status],
