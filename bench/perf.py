@@ -221,7 +221,8 @@ def phases(m: Measured) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, r in m.edit.before.items():
         out.update({k if k == name else f"{name}.{k}": v for k, v in r.timings.items()})
-    out.update({p: 0.0 for p in DRAG_PHASES})  # a phase that did not run took 0 s (cached or skipped)
+    if m.edit.result.recipe.get("task") == "drag":
+        out.update({p: 0.0 for p in DRAG_PHASES})  # a phase that did not run took 0 s (cached or skipped)
     out.update(m.edit.result.timings)
     out["other"] = max(0.0, m.wall_s - sum(out.values()))
     return {k: round(v, 4) for k, v in out.items()}
@@ -232,7 +233,7 @@ def nfe(m: Measured) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, r in m.edit.before.items():
         out.update({k if k == name else f"{name}.{k}": v for k, v in r.unet_calls.items()})
-    out.update({"lora": 0, "inversion": 0})
+    out.update({"inversion": 0} | ({"lora": 0} if m.edit.result.recipe.get("task") == "drag" else {}))
     out.update(m.edit.result.unet_calls)
     return out
 
@@ -267,7 +268,7 @@ def summarize(mode: str, first: Measured, repeat: Measured, max_rss_mb: float) -
 
 def _columns(dicts) -> list[str]:
     """Phase names of all runs in pipeline order: earlier results (generation), the drag, the rest."""
-    order = ("generate", "generate.decode", *DRAG_PHASES, "other")
+    order = ("generate", "generate.decode", "lora", "encode", "inversion", "drag", "edit", "denoise", "decode", "other")
     names = dict.fromkeys(k for d in dicts for k in d)
     return sorted(names, key=lambda k: order.index(k) if k in order else len(order))
 

@@ -26,9 +26,17 @@ def test_perf_tiny_config_writes_report(tmp_path, capsys):
         assert RUN_KEYS <= r.keys()
         assert r["first_s"] > 0 and r["repeat_s"] > 0 and r["repeat_ratio"] > 0
         assert r["unet_calls"] == sum(r["nfe_first"].values()) > 0
+        assert r["peak_mem_mb"] > 0 and r["peak_cuda_mb"] is None
+    for name in ("dragdiffusion", "dragdiffusion-nolora", "generated"):
+        r = runs[name]
         assert r["unet_calls_repeat"] == sum(r["nfe_repeat"].values()) > 0
         assert {"lora", "inversion", "drag", "denoise", "decode", "other"} <= r["phases_first"].keys()
-        assert r["steps_run"] == 2 and r["peak_mem_mb"] > 0 and r["peak_cuda_mb"] is None
+        assert r["steps_run"] == 2
+
+    for name in ("diffeditor", "dragondiffusion", "move", "paste", "appearance"):  # guided modes (bench/modes_guided.py)
+        r = runs[name]
+        assert r["nfe_first"]["inversion"] > 0 and r["nfe_repeat"]["inversion"] == 0  # inversion + bank cached
+        assert r["nfe_first"]["edit"] == r["nfe_repeat"]["edit"] > 0
 
     drag = runs["dragdiffusion"]
     assert drag["nfe_first"]["lora"] == 2 * 4  # 2 steps × batch 4
