@@ -253,13 +253,13 @@ def paste_energies(cur, base, placed, mask, w_edit, w_content):
 
 
 # ---- features ---------------------------------------------------------------------------------------
-def guidance_features(unet, x: torch.Tensor, t: int, cond: torch.Tensor, grid_hw) -> list[torch.Tensor]:
+def guidance_features(unet, x: torch.Tensor, t: int, cond: torch.Tensor, grid_hw, **unet_kwargs) -> list[torch.Tensor]:
     """``up_blocks[1]`` and ``[2]`` outputs for a batch, bilinearly resized to ``grid_hw`` (fp32).
     The forward stops right after ``up_blocks[2]``."""
     dtype = next(unet.parameters()).dtype
     with FeatureCapture(unet, FEATURE_BLOCKS, stop_early=True) as fc:
         try:
-            unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype))
+            unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype), **unet_kwargs)
         except _Captured:
             pass
     return [F.interpolate(fc.features[b].float(), size=grid_hw, mode="bilinear", align_corners=False)
@@ -318,9 +318,10 @@ def _text(b, prompt: str) -> torch.Tensor:
 
 def guided_sample(unet, inv: GuidedInversion, plan: Plan, gsched: GuidedSchedule, cond: torch.Tensor,
                   uncond: torch.Tensor, guidance_scale: float, energy_scale: float, sde_strength: float,
-                  grid_hw, seed: int, run: Run, image_prompt=None) -> torch.Tensor:
+                  grid_hw, seed: int, run: Run, image_prompt: ImagePrompt | None = None) -> torch.Tensor:
     """Denoise ``plan.z_T`` with memory-bank attention, regional gradient guidance, regional SDE and time
-    travel. Returns z_0. ``image_prompt(active: bool)`` switches an IP-Adapter on/off per step."""
+    travel. Returns z_0. ``image_prompt`` (DiffEditor) is switched on only at its steps."""
+    ip = image_prompt or ImagePrompt(None, None, 0.0)
     sched = inv.schedule
     dtype = next(unet.parameters()).dtype
     device = plan.z_T.device
@@ -342,18 +343,17 @@ def guided_sample(unet, inv: GuidedInversion, plan: Plan, gsched: GuidedSchedule
                 run.report(i / n, f"step {i + 1}/{n}" + (f" (time travel {r + 1}/{repeats})" if repeats > 1 else ""))
                 control.t = t
                 control.state = "read" if gsched.bank_active(plan.task, i) else "off"
-                if image_prompt is not None:
-                    image_prompt(gsched.image_prompt(i))
+                ip.switch(gsched.image_prompt(i))
                 with torch.no_grad():
-                    e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=ctx_cfg).sample.float().chunk(2)
+                    e_u, e_c = unet(torch.cat([x, x]).to(dtype), t, encoder_hidden_states=ctx_cfg,
+                                    **ip.kwargs(2, cfg=True)).sample.float().chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)
                 eps_x0 = eps
                 if energy_scale > 0 and gsched.guided(i):
                     control.state = "off"  # features come from the plain UNet, as the targets do
-                    if image_prompt is not None:
-                        image_prompt(False)
+                    ip.switch(False)
                     g_edit, g_con = _energy_gradients(unet, x, inv.at(i).to(device), t, ctx_feat, grid_hw,
-                                                      plan.energies)
+                                                      plan.energies, **ip.kwargs(1 + n_ref))
                     eps_x0 = eps + scale * (g_edit * edit_mask + g_con * (1 - edit_mask))
                 # DDIM step: x̂₀ from the guided ε, the direction from the unguided one (DiffEditor's sampler);
                 # σ > 0 only inside the SDE region at the SDE steps.
@@ -366,19 +366,21 @@ def guided_sample(unet, inv: GuidedInversion, plan: Plan, gsched: GuidedSchedule
                     x_prev = x_prev + sigma * torch.randn(x.shape, generator=gen).to(device)
                 if r < repeats - 1:  # time travel: back to t with one DDIM inversion step, then redo step i
                     control.state = "off"
+                    ip.switch(False)
                     with torch.no_grad():
-                        e = unet(x_prev.to(dtype), t - sched.stride, encoder_hidden_states=cond.to(dtype)).sample.float()
+                        e = unet(x_prev.to(dtype), t - sched.stride, encoder_hidden_states=cond.to(dtype),
+                                 **ip.kwargs(1)).sample.float()
                     x = ddim_step(x_prev, e, a_prev, a_t)
             x = x_prev
     run.report(1.0, "")
     return x
 
 
-def _energy_gradients(unet, x, ref_t, t, ctx, grid_hw, energies):
+def _energy_gradients(unet, x, ref_t, t, ctx, grid_hw, energies, **unet_kwargs):
     """∂E_edit/∂x and ∂E_content/∂x from one feature pass over [edited latent, inverted latent(s) at t]."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        feats = guidance_features(unet, torch.cat([xg, ref_t.to(x.dtype)]), t, ctx, grid_hw)
+        feats = guidance_features(unet, torch.cat([xg, ref_t.to(x.dtype)]), t, ctx, grid_hw, **unet_kwargs)
         cur = [f[:1] for f in feats]
         ref = [f[1:].detach() for f in feats]
         e_edit, e_con = energies(cur, ref)
@@ -630,32 +632,47 @@ def run_paste(editor, req: PasteRequest, run: Run) -> EditResult:
 
 
 # ---- image prompt (DiffEditor) ------------------------------------------------------------------------------
+@dataclass
+class ImagePrompt:
+    """An installed IP-Adapter (models/adapters.py) with the edit's image embeddings; inert when ``handle`` is None."""
+
+    handle: object | None
+    embeds: torch.Tensor | None  # (1, n_images, D)
+    scale: float
+
+    def switch(self, active: bool) -> None:
+        if self.handle is not None:
+            self.handle.set_scale(self.scale if active else 0.0)
+
+    def kwargs(self, batch: int, cfg: bool = False) -> dict:
+        """UNet kwargs for a batch: with CFG the unconditional half gets zero image embeddings."""
+        if self.handle is None:
+            return {}
+        if cfg:
+            e = self.embeds.expand(batch // 2, -1, -1)
+            return {"added_cond_kwargs": {"image_embeds": [torch.cat([torch.zeros_like(e), e])]}}
+        return {"added_cond_kwargs": self.handle.added_cond_kwargs(self.embeds, batch)}
+
+
 @contextlib.contextmanager
 def _image_prompt(editor, req: GuidedParams, images: list[Image.Image], notices: list[str]):
-    """Yield ``switch(active)`` that turns the IP-Adapter image prompt on/off, or None when not used."""
+    """DiffEditor's image prompt: the pictures (base, and the reference for appearance/paste) through an
+    IP-Adapter. Yields an ``ImagePrompt``, or None when not asked for or not available (with a notice)."""
     if req.method != "diffeditor" or not req.ip_adapter or req.ip_scale <= 0:
         yield None
         return
+    from models.adapters import ip_adapter
+
     try:
-        from models.adapters import ip_adapter
-    except ImportError:
-        notices.append("Image prompt skipped: IP-Adapter support is not installed in this build.")
-        yield None
-        return
-    try:
-        cm = ip_adapter(editor.bundle, req.ip_adapter, allow_pickle=editor.allow_pickle)
+        cm = ip_adapter(editor.bundle, req.ip_adapter, allow_pickle=editor.allow_pickle, scale=0.0)
         handle = cm.__enter__()
     except EditError as e:
-        notices.append(f"Image prompt skipped: {e}")
+        notices.append(f"Image prompt skipped (the edit ran without it): {e}")
         yield None
         return
     try:
-        handle.set_images(images)
-
-        def switch(active: bool):
-            handle.set_scale(req.ip_scale if active else 0.0)
-
-        yield switch
+        square = [im.resize((256, 256), Image.LANCZOS) for im in images]  # the published 256² image prompt
+        yield ImagePrompt(handle, handle.embed(square), req.ip_scale)
     finally:
         cm.__exit__(None, None, None)
 

@@ -201,3 +201,15 @@ def test_missing_ip_adapter_runs_without_the_image_prompt_and_says_so(editor):
     r = editor.edit(GuidedDragRequest(image=scene(64, 64), points=(((20, 32), (30, 32)),), ip_adapter="/no/such/adapter",
                                       **STEPS))
     assert any("Image prompt skipped" in n for n in r.notices)
+
+
+def test_diffeditor_image_prompt_through_the_tiny_ip_adapter(editor, bundle):
+    procs = dict(bundle.unet.attn_processors)
+    base = dict(image=scene(64, 64), points=(((20, 32), (30, 32)),), mask=box(), **STEPS)
+    plain = editor.edit(GuidedDragRequest(**base))
+    with_ip = editor.edit(GuidedDragRequest(**base, ip_adapter="tiny", ip_scale=1.0))
+    assert not any("Image prompt skipped" in n for n in with_ip.notices)
+    assert with_ip.image.tobytes() != plain.image.tobytes()  # the image prompt acted (steps 10–19 of 50)
+    assert dict(bundle.unet.attn_processors) == procs and bundle.unet.encoder_hid_proj is None
+    again = editor.edit(GuidedDragRequest(**base))  # and left the UNet as it was
+    assert again.image.tobytes() == plain.image.tobytes()
