@@ -207,9 +207,17 @@ def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:
         return False, f"the Hugging Face Hub is unreachable ({type(e).__name__})"
 
 
+TOY_DIR = Path(__file__).resolve().parent / "toy"
+
+
+def toy_available() -> bool:
+    """The trained toy model ships in the repo (models/toy, fp16 safetensors) once training completed."""
+    return (TOY_DIR / "model_index.json").is_file() and (TOY_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def best_offline_builtin() -> str:
-    """The most useful model that needs no network (a trained toy model, once one ships)."""
-    return "tiny"
+    """The most useful model that needs no network: the trained ``toy`` model when it is here, else ``tiny``."""
+    return "toy" if toy_available() else "tiny"
 
 
 _cache: dict[tuple, ModelBundle] = {}
@@ -244,6 +252,13 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
     if not spec or not spec.strip():
         raise ModelLoadError("No model given: pass a Hub id, a local folder, a .safetensors file or 'tiny'.")
     spec = spec.strip()
+    if spec == "toy":
+        if not toy_available():
+            raise ModelLoadError("The built-in 'toy' model is not in this checkout (models/toy); train it with "
+                                 "'python -m models.train_toy --out models/toy' (see models/toy/README.md).")
+        bundle = _load_pretrained(str(TOY_DIR), "builtin", device, dtype, allow_pickle=False, local_only=True)
+        bundle.name = "toy"
+        return bundle
     if spec in BUILTINS:
         from models.tiny import build_components
 
@@ -294,6 +309,13 @@ def resolve_auto() -> tuple[str, str]:
     if ok:
         return DEFAULT_HUB_MODEL, ""
     builtin = best_offline_builtin()
+    if builtin == "toy":
+        return builtin, (
+            f"Stable Diffusion 1.5 is not available ({why}), so DragCanvas runs the built-in offline model "
+            "'toy': a small model trained on coloured shapes (64 px scenes like \"a red disk and a blue square on "
+            "gray\"). Try the examples below the canvas. For real photos start with "
+            f"--model {DEFAULT_HUB_MODEL} (or a local folder / .safetensors file)."
+        )
     return builtin, (
         f"Stable Diffusion 1.5 is not available ({why}), so DragCanvas runs the built-in offline "
         f"model '{builtin}'. Its random weights make edits look like noise; start with "

@@ -187,3 +187,87 @@ def test_cancel_stops_a_run_and_keeps_inputs(page, image_path):
     steps.fill("2")  # the app keeps serving: a short run right after works
     steps.press("Enter")
     assert "Done" in run_and_wait(page)
+
+
+# ---- Move & Resize, Paste, Appearance ------------------------------------------------------------------------
+def open_tab(page, name: str):
+    page.get_by_role("tab", name=name).click()
+
+
+def upload_canvas(page, selector: str, path: str):
+    page.locator(f"{selector} input[type=file]").set_input_files(path)
+    page.locator(f"{selector} canvas").first.wait_for(state="visible")
+    page.wait_for_timeout(1000)
+
+
+def paint(page, selector: str, fx: float = 0.3, fy: float = 0.5, length: int = 60):
+    """A short horizontal brush stroke on an ImageEditor at a fraction of its canvas."""
+    box = page.locator(f"{selector} canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 13):
+        page.mouse.move(x + length * i / 12, y + (i % 3))
+    page.mouse.up()
+
+
+def wait_status_done(page, prefix: str) -> str:
+    page.wait_for_function(f"() => document.querySelector('#{prefix}-status').innerText.includes('Done')",
+                           timeout=RUN_TIMEOUT_MS)
+    return page.inner_text(f"#{prefix}-status")
+
+
+def click_preview(page, selector: str, fx: float, fy: float):
+    img = page.locator(f"{selector} img")
+    img.wait_for(state="visible", timeout=60_000)
+    box = img.bounding_box()
+    img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+
+
+def test_move_tab_paint_place_run(page, image_path):
+    open_tab(page, "Move & Resize")
+    upload_canvas(page, "#move-canvas", image_path)
+    paint(page, "#move-canvas", 0.15, 0.45, 40)
+    click_preview(page, "#move-preview", 0.7, 0.5)  # place the object's centre here
+    page.wait_for_function("() => Number(document.querySelector('#move-dx input[type=number]').value) > 10")
+    page.fill("#move-steps input[type=number]", "4")
+    page.press("#move-steps input[type=number]", "Enter")
+    page.click("#move-run")
+    assert "Done" in wait_status_done(page, "move")
+    assert page.locator("#move-history img").count() == 1
+
+
+def test_paste_tab_live_preview_and_run(page, image_path):
+    open_tab(page, "Paste")
+    page.locator("#paste-base input[type=file]").set_input_files(image_path)
+    upload_canvas(page, "#paste-ref", image_path)
+    paint(page, "#paste-ref", 0.15, 0.45, 40)
+    click_preview(page, "#paste-preview", 0.75, 0.3)
+    page.wait_for_function("() => Number(document.querySelector('#paste-dx input[type=number]').value) > 10")
+    page.fill("#paste-steps input[type=number]", "4")
+    page.press("#paste-steps input[type=number]", "Enter")
+    page.click("#paste-run")
+    assert "Done" in wait_status_done(page, "paste")
+
+
+def test_appearance_tab_needs_both_masks_then_runs(page, image_path):
+    open_tab(page, "Appearance")
+    upload_canvas(page, "#look-base", image_path)
+    paint(page, "#look-base", 0.15, 0.45, 40)
+    upload_canvas(page, "#look-ref", image_path)
+    page.fill("#look-steps input[type=number]", "4")
+    page.press("#look-steps input[type=number]", "Enter")
+    page.click("#look-run")  # no mask on the reference yet
+    expect_message(page, "needs a mask")
+    paint(page, "#look-ref", 0.5, 0.3, 40)
+    page.wait_for_timeout(1000)
+    page.click("#look-run")
+    assert "Done" in wait_status_done(page, "look")
+
+
+def test_example_sets_picture_mask_and_points_then_runs(page):
+    page.locator("#examples").get_by_role("button").first.click()  # the first example's thumbnail
+    page.wait_for_function("() => document.querySelector('#points-info').innerText.includes('1 handle → target pair')")
+    assert "ring" in page.input_value("#prompt textarea")
+    status = run_and_wait(page)
+    assert "Only the painted area could change" in status

@@ -375,6 +375,20 @@ def receive_image(path, session: Session):
     return path, *session.preview()
 
 
+def load_example(session: Session, evt: gr.SelectData):
+    """A ready example (ui/examples.py): picture, painted mask, points, prompt and method in one click."""
+    from ui.examples import load_examples
+
+    examples = load_examples()
+    if not isinstance(evt.index, int) or not 0 <= evt.index < len(examples):
+        return gr.skip()
+    ex = examples[evt.index]
+    image, mask = ex.load()
+    session.use_image(image)
+    session.mask, session.points = mask, [list(p) for p in ex.points]
+    return ex.canvas_value(), *session.preview(), ex.prompt, ex.method
+
+
 def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     """Add the Drag tab to the current gr.Blocks. ``settings`` overrides slider start values."""
     h = EngineHandlers(editor)
@@ -392,6 +406,14 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
                     format="png", sources=("upload", "clipboard"), transforms=(), layers=False,
                     brush=gr.Brush(colors=[("#ff2bd6", 0.5)], color_mode="fixed"), elem_id="canvas",
                 )
+                from ui.examples import load_examples
+
+                examples = load_examples()
+                example_set = gr.Dataset(
+                    components=[gr.Image(type="filepath", visible=False), gr.Textbox(visible=False)],
+                    samples=[[str(ex.image), f"{ex.prompt} — {ex.method}"] for ex in examples],
+                    label="Examples: click one (picture, mask and points are set), then Run drag",
+                    elem_id="examples", visible=bool(examples), samples_per_page=8)
                 with gr.Accordion("Generate an image", open=False):
                     gen_prompt = gr.Textbox(label="Prompt", placeholder="a photo of a red car on a street")
                     gen_seed = gr.Number(value=42, precision=0, label="Seed")
@@ -442,6 +464,7 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     undo_btn.click(undo_point, [session], [preview, points_info], **instant)
     clear_btn.click(clear_points, [session], [preview, points_info], **instant)
     gallery.select(on_history_select, [session], [result, download, details], **instant)
+    example_set.select(load_example, [session], [canvas, preview, points_info, prompt, method], **instant)
     continue_btn.click(continue_from_result, [session], [canvas, preview, points_info], **instant)
     if links is not None:
         links.inboxes["drag"].change(receive_image, [links.inboxes["drag"], session], [canvas, preview, points_info],
