@@ -205,10 +205,12 @@ def train_vae(args, stream: SceneStream, deadline: float, card: dict):
     return vae
 
 
-def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out: Path, tokenizer):
-    """Phase (b): UNet + text encoder, jointly, on VAE latents. Saves EMA weights periodically and at the end."""
+def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out: Path, tokenizer, init=None):
+    """Phase (b): UNet + text encoder, jointly, on VAE latents. Saves EMA weights periodically and at the end.
+    ``init`` = (unet, text_encoder) continues from trained weights instead of a fresh start."""
     torch.manual_seed(args.seed + 2)
-    unet, text_encoder = build_unet().train(), build_text_encoder().train()
+    unet, text_encoder = init if init is not None else (build_unet(), build_text_encoder())
+    unet, text_encoder = unet.float().train(), text_encoder.float().train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     for m in (ema_unet, ema_text):
         m.requires_grad_(False)
@@ -368,6 +370,26 @@ def finetune_decoder(args) -> dict:
     return info
 
 
+def resume_unet(args, argv) -> None:
+    """Continue the UNet + text-encoder phase of a trained folder for ``--unet-steps`` more steps."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    out = args.out
+    card = json.loads((out / "card.json").read_text())
+    previous = {k: card.get(k) for k in ("unet", "unet_capped_at_step", "status")}
+    card.setdefault("unet_runs", []).append(previous)
+    card["_start"] = time.time()
+    vae = AutoencoderKL.from_pretrained(out / "vae").float().eval()
+    init = (UNet2DConditionModel.from_pretrained(out / "unet"), CLIPTextModel.from_pretrained(out / "text_encoder"))
+    log.info("resume: continuing the UNet phase of %s for %d steps (lr %g, warm-up %d)", out, args.unet_steps,
+             args.unet_lr, args.warmup)
+    card["resume_command"] = "python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:])
+    stream = SceneStream(np.random.default_rng(args.seed + 100))
+    train_unet(args, vae, stream, time.time() + args.minutes * 60 - SAVE_RESERVE_S, card, out, tiny_tokenizer(),
+               init=init)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -390,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume-unet", action="store_true",
+                   help="continue the UNet phase from the trained folder --out (same VAE; the saved EMA weights "
+                        "start the run, with fresh scenes from seed+100); recorded in card.json")
     p.add_argument("--decoder-only", action="store_true",
                    help="only fine-tune the VAE decoder of the trained folder --out (keeps the UNet valid)")
     args = p.parse_args(argv)
@@ -401,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                                       logging.FileHandler(args.out / "training_log.txt", mode="a")])
         torch.set_num_threads(args.threads)
         finetune_decoder(args)
+        return 0
+    if args.resume_unet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                            handlers=[logging.StreamHandler(sys.stderr),
+                                      logging.FileHandler(args.out / "training_log.txt", mode="a")])
+        torch.set_num_threads(args.threads)
+        resume_unet(args, argv)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stderr),
