@@ -2,6 +2,7 @@
 
     python -m ui.screenshot                      # offline: the built-in model, with its banner
     python -m ui.screenshot --model runwayml/...  # with real weights, for a nicer picture
+    python -m ui.screenshot --model toy --example 1  # a ready toy example (ui/examples.py)
 
 Not run by the tests. Needs Debian's chromium and the playwright package.
 """
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--model", default="auto")
     p.add_argument("--out", default="docs/screenshot.png")
     p.add_argument("--chromium", default="/usr/bin/chromium")
+    p.add_argument("--example", type=int, default=0, help="click this ready example (1-based) instead of drawing")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -59,6 +61,18 @@ def main() -> None:
             with page.expect_response(lambda r: "/heartbeat/" in r.url):  # the frontend is connected
                 page.goto(url)
             page.wait_for_selector("#canvas input[type=file]", state="attached")
+            if args.example:
+                page.locator("#examples").get_by_role("button").nth(args.example - 1).click()
+                page.wait_for_function("() => document.querySelector('#points-info').innerText.includes('pair')")
+                page.wait_for_timeout(1500)
+                page.click("#run")
+                page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+                page.wait_for_timeout(1500)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=args.out, full_page=True)
+                log.info("wrote %s", args.out)
+                browser.close()
+                return
             for attempt in range(1, 4):  # an upload right after page load can be dropped: retry
                 page.locator("#canvas input[type=file]").set_input_files(str(picture))
                 try:
