@@ -131,7 +131,7 @@ def test_browser_train_and_new_lora_appears_in_every_picker(app_url, photo_files
             page.locator("#pz-train").click()
             page.locator("#pz-status").get_by_text("Saved LoRA").wait_for(timeout=RUN_TIMEOUT_MS)
             assert page.locator("#pz-previews img").count() >= 1
-            page.locator("#pz-library").get_by_text("browser-teddy").first.wait_for()
+            page.locator("#pz-library").get_by_text("browser-teddy").filter(visible=True).first.wait_for()
             checked = []
             for tab in ("Drag", "Move & Resize", "Paste", "Appearance", "Sketch", "Generate"):
                 if page.get_by_role("tab", name=tab, exact=True).count() == 0:
