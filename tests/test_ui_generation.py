@@ -135,11 +135,13 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
         try:
             with page.expect_response(lambda r: "/heartbeat/" in r.url):
                 page.goto(app_url)
-            page.get_by_role("tab", name="Sketch").click()
+            page.get_by_role("tab", name="Sketch", exact=True).click()
             canvas = page.locator("#sketch-canvas canvas").first
             canvas.wait_for(state="visible")
             page.click("#sketch-run")  # nothing drawn yet
             page.locator(".toast-wrap").get_by_text("The sketch is blank").first.wait_for(state="visible")
+            page.click("#sketch-canvas button[aria-label=Brush]")  # a blank canvas starts with no tool
+            page.wait_for_timeout(500)
             box = canvas.bounding_box()
             cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
             page.mouse.move(cx - 60, cy - 20)
@@ -157,7 +159,10 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
             page.wait_for_selector("#points img", timeout=60_000)
 
             # Generate tab: one ControlNet unit with an uploaded condition image, through the accordion.
-            page.get_by_role("tab", name="Generate").click()
+            # A fresh page: after a tab click, gradio 6.31 shows the next tab button under the clicked one's label.
+            with page.expect_response(lambda r: "/heartbeat/" in r.url):
+                page.goto(app_url)
+            page.get_by_role("tab", name="Generate", exact=True).click()
             page.click("#gen-controlnet-0 button")
             page.locator("#gen-controlnet-0-on input").check()
             page.locator("#gen-controlnet-0 input[type=file]").first.set_input_files(condition_path)
