@@ -398,10 +398,11 @@ def _load_modes() -> None:
 
 
 MODE_MODULES = ("bench.modes_guided", "bench.modes_generation", "bench.modes_personalize")
-_load_modes()
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # run the importable module, so the mode files and this share one bench.perf
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    sys.exit(main())
+    from bench import perf
+
+    sys.exit(perf.main())
+else:
+    _load_modes()

@@ -78,13 +78,10 @@ def cmd_drag(args) -> None:
         req = GuidedDragRequest(image=image, points=parse_points(args.points), mask=mask, prompt=args.prompt,
                                 method=args.method, ip_adapter=args.ip_adapter, **fields)
     ed = editor(args)
+    from editing.generation_cli import make_drag_ready
+
+    make_drag_ready(ed, args.image)  # a PNG this tool generated: replay it, so the drag skips inversion and LoRA
     write(ed.edit(req, progress=progress(), loras=lora_specs(args)), args)
-
-
-def cmd_generate(args) -> None:
-    ed = editor(args)
-    size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
-    write(ed.generate(args.prompt, args.seed, size, args.guidance_scale, args.steps, progress=progress()), args)
 
 
 def cmd_replay(args) -> None:
@@ -173,16 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_guided_flags(d, skip=set(DRAG_FIELDS))
     common(d)
     d.set_defaults(fn=cmd_drag)
-
-    g = sub.add_parser("generate", help="text-to-image; the PNG's recipe lets a later drag replay it")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--size", help="WxH, e.g. 512x384")
-    g.add_argument("--guidance-scale", type=float, default=7.5)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--recipe", help="also write the recipe JSON here")
-    common(g)
-    g.set_defaults(fn=cmd_generate)
 
     r = sub.add_parser("replay", help="re-run a recipe (.json, or a PNG written by DragCanvas)")
     r.add_argument("recipe_file")

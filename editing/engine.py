@@ -147,7 +147,7 @@ class Editor:
     def _identity_lora(self, run: Run, img, img_key, prompt, steps, rank, lr, seed):
         if steps <= 0:
             return None, None
-        key = (img_key, prompt, steps, rank, lr, seed)
+        key = (img_key, prompt, steps, rank, lr, seed, self.lora_key())
 
         def make():
             b = self._bundle
@@ -205,9 +205,11 @@ class Editor:
         return self._posterior(work_img, (image_hash(work_img), work_img.size))
 
     def remember_generation(self, image: Image.Image, trajectory: list[torch.Tensor], schedule: Schedule,
-                            prompt: str, guidance_scale: float, recipe: dict) -> None:
-        """Keep a generated image's DDIM trajectory (z_T first … z_0 last) so drags of it skip inversion and LoRA."""
-        inv = Inversion([z.detach().cpu() for z in reversed(trajectory)], schedule, 0)
+                            prompt: str, guidance_scale: float, recipe: dict, start: int = 0) -> None:
+        """Keep a generated image's DDIM trajectory (its first latent, at ``schedule.timesteps[start]``, first …
+        z_0 last) so drags of it skip inversion and LoRA. SDEdit trajectories start below z_T (``start`` > 0)
+        and serve drags whose inversion strength they cover."""
+        inv = Inversion([z.detach().cpu() for z in reversed(trajectory)], schedule, start)
         self._generated[image_hash(image)] = _Generated(inv, prompt, guidance_scale, recipe)
         while len(self._generated) > self._generated.size:
             self._generated.popitem(last=False)
@@ -246,6 +248,14 @@ class Editor:
                 self._loras_now = ()
                 run.close()
 
+    def lora_key(self) -> tuple:
+        """Identity of the LoRAs active in this edit, for per-image caches computed under them."""
+        if not self._loras_now:
+            return ()
+        from editing.lora_library import cache_key
+
+        return cache_key(self._loras_now, self.allow_pickle)
+
     def _lora_context(self, loras):
         if not loras:
             return contextlib.nullcontext()
@@ -272,11 +282,15 @@ class Editor:
         if gen is not None and len(gen.inversion.schedule.timesteps) != req.n_inference_steps:
             notices.append("This image was generated with another step count, so it is inverted like a photo.")
             gen = None
+        schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
+        start = schedule.start_index(req.inversion_strength)
+        if gen is not None and start < gen.inversion.start:
+            notices.append("This image's generation started below the drag's inversion strength, so it is inverted "
+                           "like a photo (lower the inversion strength to reuse its latents).")
+            gen = None
         prompt = req.prompt or (gen.prompt if gen else "")
         guidance = gen.guidance_scale if gen is not None and req.guidance_scale == 1.0 else req.guidance_scale
         cond = b.encode_prompt(prompt)
-        schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
-        start = schedule.start_index(req.inversion_strength)
         t = schedule.timesteps[start]
 
         lora_state, lora_key = None, None
@@ -294,7 +308,8 @@ class Editor:
                     with run.step("inversion"):
                         return invert(b.unet, z0, cond, schedule, start, progress=run.report, cancel=run.cancel)
 
-                inv, _ = self._inversions.get_or((img_key, prompt, lora_key, req.inversion_strength, req.n_inference_steps), make_inv)
+                inv, _ = self._inversions.get_or((img_key, prompt, lora_key, self.lora_key(), req.inversion_strength,
+                                                  req.n_inference_steps), make_inv)
                 z_t = inv.z_t
             z_t = z_t.to(b.device)
             lat_hw = z_t.shape[-2:]
@@ -385,8 +400,8 @@ class Editor:
         if recipe.get("model") not in (None, self.model_spec):
             log.warning("recipe was made with %s; replaying with %s", recipe.get("model"), self.model_spec)
         task = recipe["task"]
-        if task == "generate":
-            return self.generate(recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
+        if task == "generate" and "params" not in recipe:  # Editor.generate's own recipe (editing/generation.py
+            return self.generate(                           # writes task "generate" with params: its Task)recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
                                  recipe["n_inference_steps"], progress=progress, cancel=cancel)
         if task not in TASKS:
             raise EditError(f"Unknown recipe task {task!r}.")

@@ -206,10 +206,6 @@ def add_commands(sub) -> None:
     common(s)
     s.set_defaults(fn=cmd_sketch)
 
-    # cli.py's plain `generate` is replaced by this one (a superset); argparse cannot hold two.
-    if "generate" in sub._name_parser_map:
-        sub._name_parser_map.pop("generate")
-        sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != "generate"]
     g = sub.add_parser("generate", help="text-to-image with ControlNet / T2I-Adapter / IP-Adapter units; drag-ready")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")

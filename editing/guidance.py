@@ -446,7 +446,7 @@ class _Prepared:
 def _inversion(editor, run: Run, images: list[Image.Image], prompts: list[str], n_steps: int) -> GuidedInversion:
     """Cached (per picture set, prompts, steps) inversion + memory bank."""
     b = editor.bundle
-    key = (tuple(image_hash(im) for im in images), images[0].size, tuple(prompts), n_steps)
+    key = (tuple(image_hash(im) for im in images), images[0].size, tuple(prompts), n_steps, editor.lora_key())
     cache = editor.cache("guided_inversion", 2)
 
     def make():

@@ -275,6 +275,18 @@ class GuidedParams:
         self._set("notices", self.notices + tuple(n for n in notices if "empty" not in n))
         return m
 
+    def _reference(self, size, what: str) -> None:
+        """Validate ``reference`` + ``reference_mask``; a reference of another size is resized (said so)."""
+        ref = self._image("reference image", self.reference)
+        if ref.size != size:
+            self._set("notices", self.notices + (f"The reference was {ref.width}×{ref.height}; it was resized to "
+                                                 f"the image's {size[0]}×{size[1]}.",))
+            ref = ref.resize(size, Image.LANCZOS)
+        self._set("reference", ref)
+        if self.reference_mask is None:
+            raise EditError(f"The reference image needs a mask: {what}.")
+        self._set("reference_mask", self._required_mask("reference mask", self.reference_mask, ref.size))
+
     def params(self) -> dict:
         skip = {"image", "mask", "reference", "reference_mask", "hole_mask", "notices"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
@@ -368,16 +380,8 @@ class PasteRequest(GuidedParams):
 
     def __post_init__(self):
         img = self._image("image", self.image)
-        ref = self._image("reference image", self.reference)
         self._set("image", img)
-        if ref.size != img.size:
-            self._set("notices", self.notices + (f"The reference was {ref.width}×{ref.height}; it was resized to "
-                                                 f"the image's {img.width}×{img.height}.",))
-            ref = ref.resize(img.size, Image.LANCZOS)
-        self._set("reference", ref)
-        if self.reference_mask is None:
-            raise EditError("The reference image needs a mask: paint the object to paste.")
-        self._set("reference_mask", self._required_mask("reference mask", self.reference_mask, ref.size))
+        self._reference(img.size, "paint the object to paste")
         self._set("offset", _offset(self.offset))
         self._set("scale", _scale(self.scale))
         if not isinstance(self.reference_prompt, str):
@@ -399,17 +403,9 @@ class AppearanceRequest(GuidedParams):
 
     def __post_init__(self):
         img = self._image("image", self.image)
-        ref = self._image("reference image", self.reference)
         self._set("image", img)
         self._set("mask", self._required_mask("object mask", self.mask, img.size))
-        if ref.size != img.size:
-            self._set("notices", self.notices + (f"The reference was {ref.width}×{ref.height}; it was resized to "
-                                                 f"the image's {img.width}×{img.height}.",))
-            ref = ref.resize(img.size, Image.LANCZOS)
-        self._set("reference", ref)
-        if self.reference_mask is None:
-            raise EditError("The reference image needs a mask: paint the object whose look to take.")
-        self._set("reference_mask", self._required_mask("reference mask", self.reference_mask, ref.size))
+        self._reference(img.size, "paint the object whose look to take")
         if not isinstance(self.reference_prompt, str):
             raise EditError("The reference prompt must be text.")
         self._validate_common()

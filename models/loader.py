@@ -65,6 +65,10 @@ class ModelBundle:
     def native_resolution(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings (a text-encoder LoRA went on or off)."""
+        self._prompt_cache.clear()
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """CLIP text embeddings ``(1, 77, D)``; cached per prompt (the text encoder is frozen)."""
