@@ -76,3 +76,37 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(EditError, match="Hugging Face Hub"):
         loader.load_bundle("someone/not-cached-model", device="cpu")
+
+
+def test_toy_model_ships_and_is_the_offline_default(monkeypatch):
+    """The trained toy model (models/toy) loads through the same path as a Hub model: 4× VAE read from its
+    config, 64² native size; without SD-1.5 it is what `auto` starts on, with a banner that says so."""
+    from models import loader
+
+    assert loader.toy_available(), "models/toy is part of the repository"
+    b = loader.load_bundle("toy")
+    assert b.name == "toy" and b.source == "builtin"
+    assert b.vae_scale_factor == 4 and b.native_resolution == 64
+    assert b.vae.dtype == torch.float32  # fp16 on disk, fp32 on the CPU
+    monkeypatch.setattr(loader, "sd15_available", lambda timeout_s=5.0: (False, "offline"))
+    loader.resolve_auto.cache_clear()
+    try:
+        spec, banner = loader.resolve_auto()
+    finally:
+        loader.resolve_auto.cache_clear()
+    assert spec == "toy" and "'toy'" in banner and "examples" in banner
+
+
+def test_toy_drag_moves_the_shape():
+    """On the trained toy model a DragDiffusion drag of a ready example moves the shape toward the target."""
+    from bench.toy_drag import make_cases, measure
+    from editing.engine import Editor
+    from editing.requests import DragRequest
+
+    toy = Editor("toy")
+    case = make_cases(1)[0]
+    r = toy.drag(DragRequest(case.scene.image, ((case.handle, case.target),), case.mask, prompt=case.scene.caption,
+                             lora_steps=20, n_inference_steps=20, max_steps=40, seed=0))
+    m = measure(case, r.image)
+    noop = measure(case, case.scene.image)
+    assert not m["lost"] and m["md"] < noop["md"]
