@@ -75,7 +75,14 @@ def test_sketch_strength_zero_returns_the_sketch_and_one_is_drag_ready(ed):
     r1 = ed.edit(SketchRequest(drawing(), prompt="x", strength=1.0, n_inference_steps=STEPS))
     assert r1.extra["drag_ready"] and ed.is_drag_ready(r1.image)
     rp = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=STEPS))
-    assert not rp.extra["drag_ready"]
+    assert rp.extra["drag_ready"]  # a partial trajectory serves drags up to its own strength
+    from editing.requests import DragRequest
+
+    drag = dict(points=(((10, 10), (20, 12)),), n_inference_steps=STEPS, lora_steps=2, max_steps=2)
+    d = ed.drag(DragRequest(rp.image, inversion_strength=0.34, **drag))  # 1 of 3 steps: within the sketch's
+    assert "lora" not in d.timings and "inversion" not in d.timings
+    d = ed.drag(DragRequest(rp.image, inversion_strength=0.9, **drag))
+    assert "inversion" in d.timings and any("inverted like a photo" in n for n in d.notices)
 
 
 def test_strokes_layer_over_a_photo_and_scribble_assist(ed):

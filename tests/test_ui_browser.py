@@ -230,8 +230,6 @@ def test_move_tab_paint_place_run(page, image_path):
     paint(page, "#move-canvas", 0.15, 0.45, 40)
     click_preview(page, "#move-preview", 0.7, 0.5)  # place the object's centre here
     page.wait_for_function("() => Number(document.querySelector('#move-dx input[type=number]').value) > 10")
-    page.fill("#move-steps input[type=number]", "4")
-    page.press("#move-steps input[type=number]", "Enter")
     page.click("#move-run")
     assert "Done" in wait_status_done(page, "move")
     assert page.locator("#move-history img").count() == 1
@@ -244,8 +242,6 @@ def test_paste_tab_live_preview_and_run(page, image_path):
     paint(page, "#paste-ref", 0.15, 0.45, 40)
     click_preview(page, "#paste-preview", 0.75, 0.3)
     page.wait_for_function("() => Number(document.querySelector('#paste-dx input[type=number]').value) > 10")
-    page.fill("#paste-steps input[type=number]", "4")
-    page.press("#paste-steps input[type=number]", "Enter")
     page.click("#paste-run")
     assert "Done" in wait_status_done(page, "paste")
 
@@ -255,8 +251,6 @@ def test_appearance_tab_needs_both_masks_then_runs(page, image_path):
     upload_canvas(page, "#look-base", image_path)
     paint(page, "#look-base", 0.15, 0.45, 40)
     upload_canvas(page, "#look-ref", image_path)
-    page.fill("#look-steps input[type=number]", "4")
-    page.press("#look-steps input[type=number]", "Enter")
     page.click("#look-run")  # no mask on the reference yet
     expect_message(page, "needs a mask")
     paint(page, "#look-ref", 0.5, 0.3, 40)
@@ -266,7 +260,7 @@ def test_appearance_tab_needs_both_masks_then_runs(page, image_path):
 
 
 def test_example_sets_picture_mask_and_points_then_runs(page):
-    page.locator("#examples").get_by_role("button").first.click()  # the first example's thumbnail
+    page.locator("#examples").get_by_text("a blue ring on white").click()  # the first example's row
     page.wait_for_function("() => document.querySelector('#points-info').innerText.includes('1 handle → target pair')")
     assert "ring" in page.input_value("#prompt textarea")
     status = run_and_wait(page)

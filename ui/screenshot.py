@@ -62,7 +62,7 @@ def main() -> None:
                 page.goto(url)
             page.wait_for_selector("#canvas input[type=file]", state="attached")
             if args.example:
-                page.locator("#examples").get_by_role("button").nth(args.example - 1).click()
+                page.locator("#examples tbody tr").nth(args.example - 1).click()
                 page.wait_for_function("() => document.querySelector('#points-info').innerText.includes('pair')")
                 page.wait_for_timeout(1500)
                 page.click("#run")
