@@ -400,8 +400,9 @@ class Editor:
         if recipe.get("model") not in (None, self.model_spec):
             log.warning("recipe was made with %s; replaying with %s", recipe.get("model"), self.model_spec)
         task = recipe["task"]
-        if task == "generate" and "params" not in recipe:  # Editor.generate's own recipe (editing/generation.py
-            return self.generate(                           # writes task "generate" with params: its Task)recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
+        # Editor.generate's own recipe; editing/generation.py's "generate" task writes "params" (a Task).
+        if task == "generate" and "params" not in recipe:
+            return self.generate(recipe["prompt"], recipe["seed"], tuple(recipe["size"]), recipe["guidance_scale"],
                                  recipe["n_inference_steps"], progress=progress, cancel=cancel)
         if task not in TASKS:
             raise EditError(f"Unknown recipe task {task!r}.")
