@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(args, cancelled: str = "cancelled") -> int:
+    """Run ``args.fn(args)``: status 2 and one ``error:`` line on bad input, 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.fn(args)
@@ -196,7 +196,11 @@ def main(argv=None) -> int:
         sys.stderr.write(f"\nerror: {e}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("\ncancelled\n")
+        sys.stderr.write(f"\n{cancelled}\n")
         return 130
     return 0
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser().parse_args(argv))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -136,17 +135,7 @@ def main(argv=None) -> int:
     cli.common(ap)
     ap.set_defaults(fn=cmd_personalize, out=None)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.fn(args)
-    except EditError as e:
-        sys.stderr.write(f"\nerror: {e}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("\ncancelled (run again to resume from the last checkpoint)\n")
-        return 130
-    return 0
+    return cli.run_command(args, cancelled="cancelled (run again to resume from the last checkpoint)")
 
 
 if __name__ == "__main__":

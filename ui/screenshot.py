@@ -32,6 +32,16 @@ def demo_picture(w: int = 384, h: int = 256) -> Image.Image:
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
+def run_and_save(page, out: str) -> None:
+    """Press Run, wait for the result, take the full-page screenshot."""
+    page.click("#run")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
+    page.wait_for_timeout(1500)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=out, full_page=True)
+    log.info("wrote %s", out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="auto")
@@ -65,12 +75,7 @@ def main() -> None:
                 page.locator("#examples tbody tr").nth(args.example - 1).click()
                 page.wait_for_function("() => document.querySelector('#points-info').innerText.includes('pair')")
                 page.wait_for_timeout(1500)
-                page.click("#run")
-                page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
-                page.wait_for_timeout(1500)
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=args.out, full_page=True)
-                log.info("wrote %s", args.out)
+                run_and_save(page, args.out)
                 browser.close()
                 return
             for attempt in range(1, 4):  # an upload right after page load can be dropped: retry
@@ -99,12 +104,7 @@ def main() -> None:
                 img.click(position={"x": ib["width"] * fx, "y": ib["height"] * 0.55})
                 page.wait_for_timeout(700)
             page.fill("#prompt textarea", "a red ball next to a blue box")
-            page.click("#run")
-            page.wait_for_function("() => document.querySelector('#status').innerText.includes('Done')")
-            page.wait_for_timeout(1500)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=args.out, full_page=True)
-            log.info("wrote %s", args.out)
+            run_and_save(page, args.out)
             browser.close()
     finally:
         demo.close()
