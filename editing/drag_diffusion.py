@@ -4,7 +4,8 @@ The math lives in small pure functions (patch sampling, motion supervision, poin
 term); ``optimize_latent`` is the loop of §3.3, ``denoise_with_reference`` the final sampling with
 the original branch as attention reference (§3.4).
 
-Positions are ``(x, y)`` floats on the supervision grid (half the working image resolution), as
+Positions are ``(x, y)`` floats on the supervision grid (``supervision_grid``: half the working image
+resolution for SD-1.5), as
 produced by ``editing.geometry.points_to_grid``.
 """
 from __future__ import annotations
@@ -26,6 +27,18 @@ log = logging.getLogger(__name__)
 
 FEATURE_BLOCK = 2  # up_blocks[2] output: 640 channels at latent resolution for SD-1.5
 ARRIVED_CELLS = 2.0  # a handle closer than this (supervision-grid cells) to its target has arrived
+GRID_PER_LATENT = 4  # supervision-grid cells per latent cell: 256² for SD-1.5's 64² latents (half of 512²)
+
+
+def supervision_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of the grid the features are resized to and the points live on: 4 cells per latent cell.
+
+    The paper states it as half the image resolution, which for SD-1.5's 8× VAE is 4 cells per latent
+    (= feature) cell. What the optimisation depends on is that ratio — one step moves a handle by one
+    cell, and r_m, r_p and the arrival distance are in cells — so it is kept for any VAE factor: on a
+    4× VAE (the toy model) the grid is the full image resolution, not half of it.
+    """
+    return latent_hw[0] * GRID_PER_LATENT, latent_hw[1] * GRID_PER_LATENT
 
 
 def _offsets(r: int, device) -> torch.Tensor:

@@ -313,7 +313,7 @@ class Editor:
                 z_t = inv.z_t
             z_t = z_t.to(b.device)
             lat_hw = z_t.shape[-2:]
-            grid_hw = (work_img.height // 2, work_img.width // 2)
+            grid_hw = drag_diffusion.supervision_grid(tuple(lat_hw))
             pts_h = points_to_grid([h for h, _ in points], image.size, grid_hw)
             pts_t = points_to_grid([g for _, g in points], image.size, grid_hw)
             keep = None

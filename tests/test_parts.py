@@ -202,3 +202,9 @@ def test_optimisation_stops_at_once_when_handles_have_arrived(bundle):
     assert out.arrived and out.steps == 0 and out.losses == []
     assert len(calls) == 2  # the reference pass and the first check, nothing more
     assert torch.equal(out.latent, z_t)
+
+
+def test_supervision_grid_keeps_four_cells_per_latent_cell():
+    # SD-1.5: 64² latents of a 512² image -> the paper's 256² (half the image); a 4× VAE: the full image.
+    assert dd.supervision_grid((64, 64)) == (256, 256)
+    assert dd.supervision_grid((16, 24)) == (64, 96)
