@@ -113,3 +113,16 @@ def test_fingerprint_tells_new_picture_from_resent_copy():
     assert not overlay.same_picture(fa, overlay.fingerprint(255 - a))
     assert not overlay.same_picture(fa, overlay.fingerprint(other[:, :80]))  # other size
     assert not overlay.same_picture(fa, None)
+
+
+def test_small_pictures_are_zoomed_for_clicking_and_clicks_map_back():
+    assert overlay.preview_zoom((512, 341)) == 1 and overlay.preview_zoom((64, 64)) == 6
+    img = np.zeros((64, 96, 3), np.uint8)
+    f = overlay.preview_zoom((96, 64))
+    out = overlay.render_preview(img, None, [[10, 20], [40, 30]], f)
+    assert out.shape == (64 * f, 96 * f, 3)
+    # the handle is drawn where its picture pixel is shown, and a click there maps back to that pixel
+    hx, hy = (round(v) for v in overlay.to_preview((10, 20), f))
+    assert tuple(out[hy, hx]) == overlay.HANDLE_RGB
+    assert overlay.to_picture((hx, hy), f) == pytest.approx((10, 20), abs=0.5 / f)
+    assert overlay.to_picture(overlay.to_preview((3.25, 7.5), f), f) == pytest.approx((3.25, 7.5))

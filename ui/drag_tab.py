@@ -93,7 +93,12 @@ class Session:
             text = f"Handle {n // 2 + 1} placed: now click its **target**."
         else:
             text = f"{n // 2} handle → target pair(s). Add more, or press **Run drag**."
-        return overlay.render_preview(self.image, self.mask, self.points), text
+        return overlay.render_preview(self.image, self.mask, self.points, self.zoom), text
+
+    @property
+    def zoom(self) -> int:
+        """How much the click preview enlarges the picture (small pictures are hard to click)."""
+        return overlay.preview_zoom(self.image.size) if self.image is not None else 1
 
     def save_png(self, image: Image.Image, name: str, recipe: dict | None = None) -> str:
         return str(save_png_with_recipe(image, self.dir / name, recipe))
@@ -209,8 +214,8 @@ def on_point_click(session: Session, evt: gr.SelectData):
     if session.image is None:
         gr.Warning("Upload or generate an image first, then click on it.")
     elif evt.index is not None:
-        x, y = evt.index
-        session.points.append([float(x), float(y)])
+        x, y = overlay.to_picture(evt.index, session.zoom)
+        session.points.append([x, y])
     return session.preview()
 
 

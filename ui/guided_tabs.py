@@ -20,6 +20,7 @@ from PIL import Image
 from editing.geometry import mask_centre, place
 from editing.images import load_image, load_mask
 from editing.requests import AppearanceRequest, EditError, MoveRequest, PasteRequest
+from ui import overlay
 from ui.drag_tab import (GPU_SECONDS, EngineProgress, Session, arm, canvas_image, lora_specs, notify, request_cancel,
                          shows_errors, summary)
 from ui.zerogpu import gpu, zero_gpu
@@ -55,7 +56,7 @@ def placement_preview(base: Image.Image, obj: Image.Image, mask: np.ndarray, dx:
 
         edge = cv2.morphologyEx(old.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
         out[edge] = (255, 43, 214)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return overlay.zoom(np.clip(out, 0, 255).astype(np.uint8), overlay.preview_zoom(size))
 
 
 def _num(v, name: str, default: float = 0.0) -> float:
@@ -73,7 +74,7 @@ def move_preview(value, dx, dy, scale):
     if image is None:
         return None, "Upload a picture, then paint the object to move."
     if mask is None:
-        return np.asarray(image), "Paint the object to move with the brush."
+        return overlay.zoom(overlay.as_rgb(image), overlay.preview_zoom(image.size)), "Paint the object to move with the brush."
     try:
         dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
     except EditError as e:
@@ -86,8 +87,9 @@ def move_click(value, evt: gr.SelectData):
     image, mask = canvas_image(value)
     if image is None or mask is None or evt.index is None:
         return gr.skip(), gr.skip()
+    x, y = overlay.to_picture(evt.index, overlay.preview_zoom(image.size))
     cx, cy = mask_centre(mask)
-    return round(evt.index[0] - cx), round(evt.index[1] - cy)
+    return round(x - cx), round(y - cy)
 
 
 def paste_preview(base, ref_value, dx, dy, scale):
@@ -96,7 +98,8 @@ def paste_preview(base, ref_value, dx, dy, scale):
         return None, "Upload the photo and the reference image, then paint the object on the reference."
     base = Image.fromarray(base) if isinstance(base, np.ndarray) else base
     if mask is None:
-        return np.asarray(base.convert("RGB")), "Paint the object to paste on the reference image."
+        return (overlay.zoom(overlay.as_rgb(base), overlay.preview_zoom(base.size)),
+                "Paint the object to paste on the reference image.")
     try:
         dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
     except EditError as e:
@@ -111,8 +114,9 @@ def paste_click(base, ref_value, evt: gr.SelectData):
         return gr.skip(), gr.skip()
     h, w = np.asarray(base).shape[:2]
     m = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
+    x, y = overlay.to_picture(evt.index, overlay.preview_zoom((w, h)))
     cx, cy = mask_centre(m)
-    return round(evt.index[0] - cx), round(evt.index[1] - cy)
+    return round(x - cx), round(y - cy)
 
 
 # ---- hand-over: canvases -> files for the API endpoints ------------------------------------------------

@@ -95,9 +95,33 @@ def draw_points(rgb: np.ndarray, points: Sequence[Sequence[float]]) -> np.ndarra
     return out
 
 
-def render_preview(image, mask: np.ndarray | None, points: Sequence[Sequence[float]]) -> np.ndarray:
-    """What the user clicks on: the working image, frozen area dimmed, points and arrows drawn."""
-    return draw_points(dim_frozen(as_rgb(image), mask), points)
+PREVIEW_MIN_SIDE = 384  # small pictures (the toy model's 64-px scenes) are shown enlarged to be clickable
+
+
+def preview_zoom(size: tuple[int, int]) -> int:
+    """Whole-number zoom of a click preview for a ``(w, h)`` picture: 1 unless its long side is under 384 px."""
+    return max(1, -(-PREVIEW_MIN_SIDE // max(1, max(size))))
+
+
+def zoom(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour enlargement by a whole ``factor`` (pixels stay crisp squares)."""
+    return rgb if factor == 1 else np.ascontiguousarray(np.repeat(np.repeat(rgb, factor, 0), factor, 1))
+
+
+def to_picture(xy: Sequence[float], factor: int) -> tuple[float, float]:
+    """A click on a preview zoomed by ``factor`` -> (x, y) in the picture's pixels (pixel centres kept)."""
+    return tuple((float(v) + 0.5) / factor - 0.5 for v in xy[:2])
+
+
+def to_preview(xy: Sequence[float], factor: int) -> tuple[float, float]:
+    """Inverse of ``to_picture``."""
+    return tuple((float(v) + 0.5) * factor - 0.5 for v in xy[:2])
+
+
+def render_preview(image, mask: np.ndarray | None, points: Sequence[Sequence[float]], factor: int = 1) -> np.ndarray:
+    """What the user clicks on: the working image (zoomed by ``factor``), frozen area dimmed, points and arrows."""
+    rgb = zoom(dim_frozen(as_rgb(image), mask), factor)
+    return draw_points(rgb, [to_preview(p, factor) for p in points])
 
 
 def fingerprint(image) -> tuple[tuple[int, int], np.ndarray]:
