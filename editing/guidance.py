@@ -11,8 +11,8 @@ One UNet does everything (the official code keeps a second copy for features):
    tokens (appearance, paste).
 3. **Gradient guidance.** At guided steps, a forward pass of the edited latent and of the inverted latent
    at the same step (stopped after ``up_blocks[2]``, no bank) gives ``up_blocks[1]``/``[2]`` features on a
-   ¼-resolution grid; energies of the form w / (1 + 4·sim) compare them. Their gradients — the edit term's
-   inside the edit region, the content term's outside — are added to the noise prediction used for x̂₀.
+   grid of 2 cells per latent cell (¼ of the image for SD-1.5); energies of the form w / (1 + 4·sim)
+   compare them. Their gradients — the edit term's inside the edit region, the content term's outside — are added to the noise prediction used for x̂₀.
 4. **DiffEditor extras.** Guidance at i < 10 and every even i < 30; regional SDE (η inside the edit region,
    0 outside) for 10 < i < 20; time travel (each of i = 22, 24, 26, 28 runs three times, re-noised by one
    DDIM inversion step in between); an optional IP-Adapter image prompt for 10 ≤ i < 20.
@@ -44,7 +44,8 @@ from editing.runtime import EditResult, Run, Task, decode_image, decode_mask, re
 log = logging.getLogger(__name__)
 
 FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs carry the guidance features
-FEATURE_STRIDE = 4  # features are compared on a grid of 1/4 of the working image
+GRID_PER_LATENT = 2  # features are compared on a grid of 2 cells per latent cell: the published 1/4 of the
+# image for SD-1.5's 8x VAE; kept per latent cell so the 3x3-cell windows mean the same on a 4x VAE (toy)
 REGION_WEIGHT = {"move": 8e-2, "drag": 4e-2, "appearance": 4e-2, "paste": 4e-2}  # gradient scale per task
 ENERGY_UNIT = 1e3  # the published UIs multiply "energy scale" by 1000
 
@@ -427,7 +428,7 @@ class _Prepared:
         b = editor.bundle
         f = b.vae_scale_factor
         self.lat_hw = (self.work.height // f, self.work.width // f)
-        self.grid_hw = (max(3, self.work.height // FEATURE_STRIDE), max(3, self.work.width // FEATURE_STRIDE))
+        self.grid_hw = (max(3, self.lat_hw[0] * GRID_PER_LATENT), max(3, self.lat_hw[1] * GRID_PER_LATENT))
 
     def mask(self, m: np.ndarray | None) -> np.ndarray | None:
         if m is None:
