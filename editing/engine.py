@@ -163,16 +163,20 @@ class Editor:
         return state, key
 
     def train_identity_lora(self, image, prompt: str = "", steps: int = 80, rank: int = 16, lr: float = 5e-4,
-                            seed: int = 42, progress: Progress | None = None, cancel=None) -> None:
-        """Train (or find cached) the identity LoRA a later drag of ``image`` will use."""
+                            seed: int = 42, progress: Progress | None = None, cancel=None, loras=()) -> None:
+        """Train (or find cached) the identity LoRA a later drag of ``image`` will use; ``loras`` as in ``edit``
+        (the identity LoRA is trained on top of them, as the drag will)."""
         req = DragRequest(image, (((0, 0), (1, 1)),), prompt=prompt, lora_steps=steps, lora_rank=rank, lora_lr=lr, seed=seed)
         with self._lock:
             self.load()
             img, _, _ = self._prepare(req)
             run = Run(self._bundle.unet, progress, cancel)
+            self._loras_now = tuple((str(p), float(w)) for p, w in (loras or ()))
             try:
-                self._identity_lora(run, img, (image_hash(img), img.size), prompt, steps, rank, lr, seed)
+                with self._lora_context(self._loras_now):
+                    self._identity_lora(run, img, (image_hash(img), img.size), prompt, steps, rank, lr, seed)
             finally:
+                self._loras_now = ()
                 run.close()
 
     # ---- helpers for task modules ------------------------------------------------------------------

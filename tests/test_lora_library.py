@@ -189,6 +189,14 @@ def test_editor_records_loras_and_survives_a_bad_one(editor, subject):
     assert r2.recipe["loras"] == [] and r2.image.size == (64, 64)
 
 
+def test_identity_lora_trained_ahead_under_subject_loras_is_the_one_the_drag_uses(editor, subject):
+    req = DragRequest(scene(64, 64), (((20, 30), (28, 30)),), None, **{**FAST, "lora_steps": 2})
+    editor.train_identity_lora(req.image, steps=2, rank=req.lora_rank, lr=req.lora_lr, seed=req.seed,
+                               loras=[("subject", 0.6)])
+    assert "lora" not in editor.edit(req, loras=[("subject", 0.6)]).timings  # cached under the subject LoRA
+    assert "lora" in editor.edit(req).timings  # without it the identity LoRA is another one
+
+
 def test_add_to_library_and_cards(bundle, tmp_path, lora_dir):
     src = save_diffusers_lora(tmp_path / "mine.safetensors", _peft_lora(bundle.unet, seed=3))
     src.with_suffix(".json").write_text(json.dumps({"instance_prompt": "a zwx dog", "base_model": "tiny"}))

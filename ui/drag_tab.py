@@ -336,7 +336,7 @@ class EngineHandlers:
             return "LoRA steps is 0, so drags of this image skip the identity LoRA."
         self._train(picture, prompt or "", steps=settings["lora_steps"], rank=settings["lora_rank"],
                     lr=settings["lora_lr"], seed=settings["seed"], progress=EngineProgress(progress),
-                    cancel=self._cancel(session))
+                    cancel=self._cancel(session), loras=lora_specs(settings.get("loras")))
         return "Identity LoRA ready: Run reuses it for this image, prompt and LoRA settings."
 
 
@@ -489,5 +489,6 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
         api_name="generate", **engine)
     lora_btn.click(prepare_run, [session], [image_file, mask_file, points_json], queue=False,
                    api_visibility="private").then(
-        h.train_lora, [image_file, prompt, session], [status], inputs_kwargs={k: fields[k] for k in LORA_FIELDS},
+        h.train_lora, [image_file, prompt, session], [status],
+        inputs_kwargs={k: fields[k] for k in LORA_FIELDS} | ({"loras": picker} if picker is not None else {}),
         api_name="train_lora", **engine)
