@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['kept_rate']:.0%} | {r['lost']} | {r['wall_s']:.2f} | {r['unet_calls']:.0f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"runs": [noop, res], **{k: res[k] for k in ("method", "n", "md", "noop_md", "success_rate", "bg_psnr")}}, indent=1))
+        args.json.write_text(json.dumps({"runs": [noop, res], "model": args.model, "settings": settings,
+                                         **{k: res[k] for k in ("method", "n", "md", "noop_md", "success_rate", "bg_psnr")}},
+                                        indent=1))
     return 0
 
 

@@ -404,7 +404,8 @@ def resume_unet(args, argv) -> None:
     init = (UNet2DConditionModel.from_pretrained(out / "unet"), CLIPTextModel.from_pretrained(out / "text_encoder"))
     log.info("resume: continuing the UNet phase of %s for %d steps (lr %g, warm-up %d)", out, args.unet_steps,
              args.unet_lr, args.warmup)
-    card["resume_command"] = "python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:])
+    card.setdefault("commands", []).append(
+        {"command": "python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:])})
     stream = SceneStream(np.random.default_rng(args.seed + 100))
     train_unet(args, vae, stream, time.time() + args.minutes * 60 - SAVE_RESERVE_S, card, out, tiny_tokenizer(),
                init=init)

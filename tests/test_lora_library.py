@@ -190,7 +190,8 @@ def test_editor_records_loras_and_survives_a_bad_one(editor, subject):
 
 
 def test_identity_lora_trained_ahead_under_subject_loras_is_the_one_the_drag_uses(editor, subject):
-    req = DragRequest(scene(64, 64), (((20, 30), (28, 30)),), None, **{**FAST, "lora_steps": 2})
+    # a seed no other test uses: the editor (and its LoRA cache) is shared by the session
+    req = DragRequest(scene(64, 64), (((20, 30), (28, 30)),), None, **{**FAST, "lora_steps": 2, "seed": 1234})
     editor.train_identity_lora(req.image, steps=2, rank=req.lora_rank, lr=req.lora_lr, seed=req.seed,
                                loras=[("subject", 0.6)])
     assert "lora" not in editor.edit(req, loras=[("subject", 0.6)]).timings  # cached under the subject LoRA
