@@ -194,10 +194,24 @@ def open_tab(page, name: str):
     page.get_by_role("tab", name=name).click()
 
 
-def upload_canvas(page, selector: str, path: str):
-    page.locator(f"{selector} input[type=file]").set_input_files(path)
-    page.locator(f"{selector} canvas").first.wait_for(state="visible")
-    page.wait_for_timeout(1000)
+def upload_canvas(page, selector: str, path: str, shows: str | None = None, tab: str | None = None, attempts: int = 3):
+    """Upload into an ImageEditor. With ``shows`` (a preview that displays the upload), wait for it and, if
+    the upload was dropped (the busy-machine case of ``upload``), start over on a fresh page and ``tab``."""
+    for attempt in range(1, attempts + 1):
+        page.locator(f"{selector} input[type=file]").set_input_files(path)
+        page.locator(f"{selector} canvas").first.wait_for(state="visible")
+        if shows is None:
+            page.wait_for_timeout(1000)
+            return
+        try:
+            page.wait_for_selector(f"{shows} img", timeout=30_000)
+            page.wait_for_timeout(500)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts:
+                raise
+            open_app(page, page.url)
+            open_tab(page, tab)
 
 
 def paint(page, selector: str, fx: float = 0.3, fy: float = 0.5, length: int = 60):
@@ -226,7 +240,7 @@ def click_preview(page, selector: str, fx: float, fy: float):
 
 def test_move_tab_paint_place_run(page, image_path):
     open_tab(page, "Move & Resize")
-    upload_canvas(page, "#move-canvas", image_path)
+    upload_canvas(page, "#move-canvas", image_path, shows="#move-preview", tab="Move & Resize")
     paint(page, "#move-canvas", 0.15, 0.45, 40)
     click_preview(page, "#move-preview", 0.7, 0.5)  # place the object's centre here
     page.wait_for_function("() => Number(document.querySelector('#move-dx input[type=number]').value) > 10")

@@ -266,7 +266,8 @@ def build_guided_tabs(editor, settings: dict | None = None, links=None) -> None:
             with gr.Column():
                 outputs = _results("move")
         files = [gr.File(visible=False), gr.File(visible=False)]
-    for ev in (canvas.change, dx.change, dy.change, scale.change):
+    # .upload too: on a busy machine the editor's first .change can arrive before its picture has loaded
+    for ev in (canvas.upload, canvas.change, dx.change, dy.change, scale.change):
         ev(move_preview, [canvas, dx, dy, scale], [preview, info], trigger_mode="always_last", **instant)
     preview.select(move_click, [canvas], [dx, dy], **instant)
     cancel.click(request_cancel, [session], [status], queue=False, api_visibility="private")
@@ -298,7 +299,7 @@ def build_guided_tabs(editor, settings: dict | None = None, links=None) -> None:
             with gr.Column():
                 p_out = _results("paste")
         p_files = [gr.File(visible=False) for _ in range(3)]
-    for ev in (base.change, ref.change, p_dx.change, p_dy.change, p_scale.change):
+    for ev in (base.change, ref.upload, ref.change, p_dx.change, p_dy.change, p_scale.change):
         ev(paste_preview, [base, ref, p_dx, p_dy, p_scale], [p_preview, p_info], trigger_mode="always_last", **instant)
     p_preview.select(paste_click, [base, ref], [p_dx, p_dy], **instant)
     p_cancel.click(request_cancel, [session], [p_status], queue=False, api_visibility="private")
