@@ -171,12 +171,10 @@ class Editor:
             self.load()
             img, _, _ = self._prepare(req)
             run = Run(self._bundle.unet, progress, cancel)
-            self._loras_now = tuple((str(p), float(w)) for p, w in (loras or ()))
             try:
-                with self._lora_context(self._loras_now):
+                with self._active_loras(loras):
                     self._identity_lora(run, img, (image_hash(img), img.size), prompt, steps, rank, lr, seed)
             finally:
-                self._loras_now = ()
                 run.close()
 
     # ---- helpers for task modules ------------------------------------------------------------------
@@ -244,12 +242,10 @@ class Editor:
         with self._lock:
             b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
             run = Run(b.unet, progress, cancel)
-            self._loras_now = tuple((str(p), float(w)) for p, w in (loras or ()))
             try:
-                with self._lora_context(self._loras_now):
+                with self._active_loras(loras):
                     return task.run(self, request, run)
             finally:
-                self._loras_now = ()
                 run.close()
 
     def lora_key(self) -> tuple:
@@ -260,12 +256,20 @@ class Editor:
 
         return cache_key(self._loras_now, self.allow_pickle)
 
-    def _lora_context(self, loras):
-        if not loras:
-            return contextlib.nullcontext()
-        from editing.lora_library import activate  # issue 6: the LoRA library
+    @contextlib.contextmanager
+    def _active_loras(self, loras):
+        """((path or name, weight), …) active on the UNet (and in ``lora_key``) for the ``with`` block."""
+        self._loras_now = tuple((str(p), float(w)) for p, w in (loras or ()))
+        try:
+            if not self._loras_now:
+                yield
+                return
+            from editing.lora_library import activate  # issue 6: the LoRA library
 
-        return activate(self._bundle, loras, allow_pickle=self.allow_pickle)
+            with activate(self._bundle, self._loras_now, allow_pickle=self.allow_pickle):
+                yield
+        finally:
+            self._loras_now = ()
 
     # ---- drag --------------------------------------------------------------------------------
     def _prepare(self, req: DragRequest):

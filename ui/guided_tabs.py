@@ -56,7 +56,7 @@ def placement_preview(base: Image.Image, obj: Image.Image, mask: np.ndarray, dx:
 
         edge = cv2.morphologyEx(old.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
         out[edge] = (255, 43, 214)
-    return overlay.zoom(np.clip(out, 0, 255).astype(np.uint8), overlay.preview_zoom(size))
+    return overlay.zoomed(np.clip(out, 0, 255).astype(np.uint8))
 
 
 def _num(v, name: str, default: float = 0.0) -> float:
@@ -74,7 +74,7 @@ def move_preview(value, dx, dy, scale):
     if image is None:
         return None, "Upload a picture, then paint the object to move."
     if mask is None:
-        return overlay.zoom(overlay.as_rgb(image), overlay.preview_zoom(image.size)), "Paint the object to move with the brush."
+        return overlay.zoomed(overlay.as_rgb(image)), "Paint the object to move with the brush."
     try:
         dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
     except EditError as e:
@@ -98,8 +98,7 @@ def paste_preview(base, ref_value, dx, dy, scale):
         return None, "Upload the photo and the reference image, then paint the object on the reference."
     base = Image.fromarray(base) if isinstance(base, np.ndarray) else base
     if mask is None:
-        return (overlay.zoom(overlay.as_rgb(base), overlay.preview_zoom(base.size)),
-                "Paint the object to paste on the reference image.")
+        return overlay.zoomed(overlay.as_rgb(base)), "Paint the object to paste on the reference image."
     try:
         dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
     except EditError as e:

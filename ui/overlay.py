@@ -108,6 +108,11 @@ def zoom(rgb: np.ndarray, factor: int) -> np.ndarray:
     return rgb if factor == 1 else np.ascontiguousarray(np.repeat(np.repeat(rgb, factor, 0), factor, 1))
 
 
+def zoomed(rgb: np.ndarray) -> np.ndarray:
+    """An H×W×3 preview enlarged by its ``preview_zoom``."""
+    return zoom(rgb, preview_zoom((rgb.shape[1], rgb.shape[0])))
+
+
 def to_picture(xy: Sequence[float], factor: int) -> tuple[float, float]:
     """A click on a preview zoomed by ``factor`` -> (x, y) in the picture's pixels (pixel centres kept)."""
     return tuple((float(v) + 0.5) / factor - 0.5 for v in xy[:2])
