@@ -14,16 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from models.errors import EditCancelled, EditError  # noqa: F401 - re-exported: the engine's error types
+
 Point = tuple[float, float]
 PointPair = tuple[Point, Point]  # (handle, target)
-
-
-class EditError(Exception):
-    """A problem the user can act on. ``str(e)`` is one line, shown as is in the UI and CLI."""
-
-
-class EditCancelled(EditError):
-    """The user pressed Cancel; nothing was changed."""
 
 
 # name -> (min, max, default, one-line why). The UI builds its sliders from this table.

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editing.requests import EditError
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 

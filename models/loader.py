@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from editing.requests import EditError
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
