@@ -14,59 +14,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from editing.checks import (check_fields, check_image, check_number, check_point, check_text,  # noqa: F401
+                            field_table, normalize_mask, num, required_mask)
 from models.errors import EditCancelled, EditError  # noqa: F401 - re-exported: the engine's error types
 
 Point = tuple[float, float]
 PointPair = tuple[Point, Point]  # (handle, target)
 
 
-# name -> (min, max, default, one-line why). The UI builds its sliders from this table.
-DRAG_FIELDS: dict[str, tuple[float, float, float, str]] = {
-    "lora_steps": (0, 400, 80, "identity-LoRA fine-tuning steps (0 = skip); keeps the object's identity"),
-    "lora_rank": (1, 128, 16, "rank of the identity LoRA"),
-    "lora_lr": (1e-5, 1e-2, 5e-4, "identity-LoRA learning rate (AdamW)"),
-    "inversion_strength": (0.05, 1.0, 0.7, "how far back the image is inverted; 0.7 -> edit at t=681 of 50 DDIM steps"),
-    "n_inference_steps": (2, 200, 50, "DDIM steps of the full schedule"),
-    "latent_lr": (1e-4, 0.1, 0.01, "Adam learning rate of the latent optimisation"),
-    "max_steps": (1, 400, 80, "maximum motion-supervision steps (stops early when handles arrive)"),
-    "r_m": (1, 8, 1, "motion-supervision patch radius (feature cells)"),
-    "r_p": (1, 16, 3, "point-tracking search radius (feature cells)"),
-    "lam": (0.0, 10.0, 0.1, "weight of the keep-unmasked-area term"),
-    "guidance_scale": (1.0, 20.0, 1.0, "classifier-free guidance while denoising (1 = none, as for real images)"),
-    "seed": (0, 2**31 - 1, 42, "random seed (LoRA crops/noise)"),
-}
 MAX_POINT_PAIRS = 16
-
-
-def check_number(name: str, value: Any, table: dict) -> float | int:
-    """Validate ``value`` against ``table[name] = (min, max, default, why)``; whole numbers when the default is an int."""
-    lo, hi, default, why = table[name]
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise EditError(f"{name} must be a number, got {value!r} ({why}).") from None
-    if not math.isfinite(v):
-        raise EditError(f"{name} must be a finite number, got {value!r} ({why}).")
-    if not lo <= v <= hi:
-        raise EditError(f"{name}={value} is outside [{lo}, {hi}] ({why}).")
-    if isinstance(default, int) and not isinstance(default, bool):
-        if v != int(v):
-            raise EditError(f"{name} must be a whole number, got {value!r}.")
-        return int(v)
-    return v
-
-
-def check_point(p: Any, size: tuple[int, int], what: str) -> Point:
-    w, h = size
-    try:
-        x, y = (float(c) for c in p)
-    except (TypeError, ValueError):
-        raise EditError(f"{what} must be two numbers (x, y), got {p!r}.") from None
-    if not (math.isfinite(x) and math.isfinite(y)):
-        raise EditError(f"{what} ({x}, {y}) is not a finite position.")
-    if not (0 <= x <= w - 1 and 0 <= y <= h - 1):
-        raise EditError(f"{what} ({x:g}, {y:g}) is outside the {w}×{h} image.")
-    return (x, y)
 
 
 def pair_points(clicks: list[Point] | tuple[Point, ...]) -> tuple[PointPair, ...]:
@@ -96,30 +52,6 @@ def parse_points(text: str) -> tuple[PointPair, ...]:
     return tuple(pairs)
 
 
-def normalize_mask(mask: Any, size: tuple[int, int]) -> tuple[np.ndarray | None, list[str]]:
-    """Any mask-like (bool/uint8 array, PIL image) -> (H×W bool or None, notices)."""
-    if mask is None:
-        return None, []
-    notices = []
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m.max(axis=2)
-    if m.ndim != 2:
-        raise EditError(f"The mask must be a 2-D image, got shape {m.shape}.")
-    if m.dtype != bool:
-        m = np.nan_to_num(m.astype(np.float32)) > (127 if m.max(initial=0) > 1 else 0.5)
-    w, h = size
-    if m.shape != (h, w):
-        notices.append(f"The mask was {m.shape[1]}×{m.shape[0]}; it was resized to the image's {w}×{h}.")
-        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-    if not m.any():
-        notices.append("The mask is empty, so it was ignored: the whole image may change.")
-        return None, notices
-    return m, notices
-
-
 @dataclass(frozen=True)
 class DragRequest:
     """One drag edit. Validates on construction; raises EditError with an actionable message."""
@@ -128,34 +60,27 @@ class DragRequest:
     points: tuple[PointPair, ...]
     mask: np.ndarray | None = None
     prompt: str = ""
-    seed: int = 42
-    lora_steps: int = 80
-    lora_rank: int = 16
-    lora_lr: float = 5e-4
-    inversion_strength: float = 0.7
-    n_inference_steps: int = 50
-    latent_lr: float = 0.01
-    max_steps: int = 80
-    r_m: int = 1
-    r_p: int = 3
-    lam: float = 0.1
-    guidance_scale: float = 1.0
+    lora_steps: int = num(80, 0, 400, "identity-LoRA fine-tuning steps (0 = skip); keeps the object's identity")
+    lora_rank: int = num(16, 1, 128, "rank of the identity LoRA")
+    lora_lr: float = num(5e-4, 1e-5, 1e-2, "identity-LoRA learning rate (AdamW)")
+    inversion_strength: float = num(0.7, 0.05, 1.0, "how far back the image is inverted; 0.7 -> edit at t=681 of 50 DDIM steps")
+    n_inference_steps: int = num(50, 2, 200, "DDIM steps of the full schedule")
+    latent_lr: float = num(0.01, 1e-4, 0.1, "Adam learning rate of the latent optimisation")
+    max_steps: int = num(80, 1, 400, "maximum motion-supervision steps (stops early when handles arrive)")
+    r_m: int = num(1, 1, 8, "motion-supervision patch radius (feature cells)")
+    r_p: int = num(3, 1, 16, "point-tracking search radius (feature cells)")
+    lam: float = num(0.1, 0.0, 10.0, "weight of the keep-unmasked-area term")
+    guidance_scale: float = num(1.0, 1.0, 20.0, "classifier-free guidance while denoising (1 = none, as for real images)")
+    seed: int = num(42, 0, 2**31 - 1, "random seed (LoRA crops/noise)")
     notices: tuple[str, ...] = field(default=(), compare=False)
-
-    FIELDS_UI = DRAG_FIELDS
 
     def __post_init__(self):
         if self.image is None:
             raise EditError("No image: upload or generate an image first.")
-        if not isinstance(self.image, Image.Image):
-            raise EditError(f"The image must be a PIL image, got {type(self.image).__name__}.")
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
-        img = self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+        img = check_image(self.image, "image")
         set_("image", img)
-        if min(img.size) < 8:
-            raise EditError(f"The image is {img.width}×{img.height}; it must be at least 8 px on each side.")
-        for name in DRAG_FIELDS:
-            set_(name, check_number(name, getattr(self, name), DRAG_FIELDS))
+        check_fields(self, DRAG_FIELDS)
         if round(self.inversion_strength * self.n_inference_steps) < 1:
             raise EditError("inversion_strength × n_inference_steps must be at least 1 step.")
         if not isinstance(self.prompt, str):
@@ -187,6 +112,10 @@ class DragRequest:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "mask", "notices")}
 
 
+DRAG_FIELDS = field_table(DragRequest)  # name -> (min, max, default, why): the UI sliders and CLI flags
+DragRequest.FIELDS_UI = DRAG_FIELDS
+
+
 # ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance.py) ---------------
 GUIDED_METHODS = ("diffeditor", "dragondiffusion")
 # Published defaults per task (DragonDiffusion/DiffEditor demos): energy weights, CFG, energy scale.
@@ -196,37 +125,24 @@ GUIDED_DEFAULTS = {
     "appearance": dict(w_edit=3.5, w_content=5.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=5.0, energy_scale=2.0),
     "paste": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=4.0, energy_scale=1.5),
 }
-GUIDED_FIELDS: dict[str, tuple[float, float, float | None, str]] = {  # None default = the task's published value
-    "n_inference_steps": (4, 200, 50, "DDIM steps; the schedules are defined on 50 and scale with this"),
-    "guidance_scale": (1.0, 20.0, None, "classifier-free guidance of the sampling"),
-    "energy_scale": (0.0, 20.0, None, "strength of the gradient guidance (×1000 internally, as published)"),
-    "w_edit": (0.0, 20.0, None, "weight of the edit energy (content goes where asked)"),
-    "w_content": (0.0, 20.0, None, "weight of the content energy (the rest stays)"),
-    "w_contrast": (0.0, 5.0, None, "move: push the vacated area away from the old object"),
-    "w_inpaint": (0.0, 5.0, None, "fill the vacated area like the background"),
-    "sde_strength": (0.0, 1.0, 0.4, "DiffEditor regional SDE η inside the edit region (steps 11–19)"),
-    "ip_scale": (0.0, 1.0, 0.1, "DiffEditor image prompt (IP-Adapter) scale, steps 10–19; 0 = off"),
-    "seed": (0, 2**31 - 1, 42, "random seed (regional SDE noise)"),
-}
-
-
 @dataclass(frozen=True, kw_only=True)
 class GuidedParams:
     """Fields every guided task shares; subclasses set ``TASK``. ``None`` = the task's published default."""
 
     prompt: str = ""
     method: str = "diffeditor"
-    n_inference_steps: int = 50
-    guidance_scale: float | None = None
-    energy_scale: float | None = None
-    w_edit: float | None = None
-    w_content: float | None = None
-    w_contrast: float | None = None
-    w_inpaint: float | None = None
-    sde_strength: float = 0.4
+    n_inference_steps: int = num(50, 4, 200, "DDIM steps; the schedules are defined on 50 and scale with this")
+    # None = the task's published value (GUIDED_DEFAULTS)
+    guidance_scale: float | None = num(None, 1.0, 20.0, "classifier-free guidance of the sampling")
+    energy_scale: float | None = num(None, 0.0, 20.0, "strength of the gradient guidance (×1000 internally, as published)")
+    w_edit: float | None = num(None, 0.0, 20.0, "weight of the edit energy (content goes where asked)")
+    w_content: float | None = num(None, 0.0, 20.0, "weight of the content energy (the rest stays)")
+    w_contrast: float | None = num(None, 0.0, 5.0, "move: push the vacated area away from the old object")
+    w_inpaint: float | None = num(None, 0.0, 5.0, "fill the vacated area like the background")
+    sde_strength: float = num(0.4, 0.0, 1.0, "DiffEditor regional SDE η inside the edit region (steps 11–19)")
     ip_adapter: str | None = None  # IP-Adapter spec for DiffEditor's image prompt (None = off)
-    ip_scale: float = 0.1
-    seed: int = 42
+    ip_scale: float = num(0.1, 0.0, 1.0, "DiffEditor image prompt (IP-Adapter) scale, steps 10–19; 0 = off")
+    seed: int = num(42, 0, 2**31 - 1, "random seed (regional SDE noise)")
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     TASK = ""
@@ -241,32 +157,16 @@ class GuidedParams:
         if method not in GUIDED_METHODS:
             raise EditError(f"Unknown method {self.method!r}: choose one of {', '.join(GUIDED_METHODS)}.")
         self._set("method", method)
-        defaults = GUIDED_DEFAULTS[self.TASK]
-        for name in GUIDED_FIELDS:
-            value = getattr(self, name)
-            if value is None:
-                value = defaults[name]
-            self._set(name, check_number(name, value, GUIDED_FIELDS))
+        check_fields(self, GUIDED_FIELDS, GUIDED_DEFAULTS[self.TASK])
         if self.ip_adapter is not None and not isinstance(self.ip_adapter, str):
             raise EditError("ip_adapter must be a model spec (text) or None.")
 
     def _image(self, name: str, img) -> Image.Image:
-        if img is None:
-            raise EditError(f"No {name}: upload one first.")
-        if not isinstance(img, Image.Image):
-            raise EditError(f"The {name} must be a PIL image, got {type(img).__name__}.")
-        img = img if img.mode == "RGB" else img.convert("RGB")
-        if min(img.size) < 8:
-            raise EditError(f"The {name} is {img.width}×{img.height}; it must be at least 8 px on each side.")
-        return img
+        return check_image(img, name)
 
     def _required_mask(self, name: str, mask, size) -> np.ndarray:
-        if mask is None:
-            raise EditError(f"No {name}: paint the object first.")
-        m, notices = normalize_mask(mask, size)
-        if m is None:
-            raise EditError(f"The {name} is empty: paint the object first.")
-        self._set("notices", self.notices + tuple(n for n in notices if "empty" not in n))
+        m, notices = required_mask(mask, size, name)
+        self._set("notices", self.notices + tuple(notices))
         return m
 
     def _reference(self, size, what: str) -> None:
@@ -287,6 +187,9 @@ class GuidedParams:
 
     def replace(self, **changes):
         return dataclasses.replace(self, notices=(), **changes)
+
+
+GUIDED_FIELDS = field_table(GuidedParams)  # None default = the task's published value (GUIDED_DEFAULTS)
 
 
 def _offset(value, what="offset") -> tuple[float, float]:
