@@ -20,7 +20,7 @@ from PIL import Image
 
 from editing.features import run_for_features
 from editing.images import pil_to_tensor
-from editing.inversion import add_noise
+from editing.sampling import add_noise
 
 DIFT_MODEL = "stabilityai/stable-diffusion-2-1"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from editing.inversion import Schedule, ddim_step, invert, unet_eps
+from editing.sampling import NoisePredictor, Schedule, denoise, invert
 from models import toy_world as tw
 
 log = logging.getLogger("bench.toy_quality")
@@ -97,18 +97,14 @@ def decode(parts: dict, z: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.decode(c / vae.config.scaling_factor).sample for c in z.split(32)])
 
 
-@torch.no_grad()
 def ddim_denoise(unet, x: torch.Tensor, cond: torch.Tensor, schedule: Schedule, start: int,
                  uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
-    """DDIM from ``timesteps[start]`` down to z₀ (σ = 0), with classifier-free guidance when ``uncond`` is given."""
-    for t in schedule.timesteps[start:]:
-        if uncond is not None and guidance_scale != 1.0:
-            e_u, e_c = unet_eps(unet, torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
-            eps = e_u + guidance_scale * (e_c - e_u)
-        else:
-            eps = unet_eps(unet, x, t, cond)
-        x = ddim_step(x, eps, schedule.alpha(t), schedule.alpha(t - schedule.stride))
-    return x
+    """DDIM from ``timesteps[start]`` down to z₀ (σ = 0) on the shared loop, with classifier-free guidance
+    when ``uncond`` is given."""
+    cfg = uncond is not None and guidance_scale != 1.0
+    predict = NoisePredictor(unet, cond, x.shape[0], uncond=uncond if cfg else None, guidance_scale=guidance_scale,
+                             device=x.device)
+    return denoise(predict, x, schedule, start)
 
 
 def match_shapes(sample: np.ndarray, shapes: list[tw.Shape]) -> list[bool]:
@@ -177,7 +173,7 @@ def run(model: str | Path, n: int = 64, steps: int = 50, guidance_scale: float =
         start = schedule.start_index(strength)
         recs = []
         for i in range(0, n, batch):
-            inv = invert(unet, z0[i:i + batch], cond[i:i + batch], schedule, start)
+            inv = invert(NoisePredictor(unet, cond[i:i + batch], len(cond[i:i + batch])), z0[i:i + batch], schedule, start)
             recs.append(ddim_denoise(unet, inv.z_t, cond[i:i + batch], schedule, start))
         report[key] = round(psnr_db(decode(parts, torch.cat(recs)), x), 2)
         log.info("inversion to t=%d and back: PSNR %.2f dB (%.1f s)", schedule.timesteps[start], report[key], time.time() - t0)

@@ -1,8 +1,10 @@
 """DragDiffusion (Shi et al., CVPR 2024): optimise one diffusion latent so handle content moves to targets.
 
 The math lives in small pure functions (patch sampling, motion supervision, point tracking, mask
-term); ``optimize_latent`` is the loop of §3.3, ``denoise_with_reference`` the final sampling with
-the original branch as attention reference (§3.4).
+term); ``optimize_latent`` is the loop of §3.3, ``denoise_with_reference`` the final sampling (the
+shared ``sampling.denoise`` loop) with the original branch as attention reference (§3.4), and
+``run_drag`` the task: identity LoRA (§3.2) → DDIM inversion → optimisation → denoise → decode.
+A generated image's own trajectory replaces the LoRA and the inversion.
 
 Positions are ``(x, y)`` floats on the supervision grid (``supervision_grid``: half the working image
 resolution for SD-1.5), as
@@ -10,18 +12,25 @@ produced by ``editing.geometry.points_to_grid``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from editing import cuda_graphs
 from editing.attention import mutual_self_attention
+from editing.context import EditContext
 from editing.features import run_for_features
-from editing.inversion import Schedule, ddim_step, noise_predictor
-from editing.requests import EditCancelled
+from editing.geometry import grid_to_points, points_to_grid, resize_mask
+from editing.images import image_hash, tensor_to_pil
+from editing.lora import lora_adapter, train_identity_lora
+from editing.requests import DragRequest
+from editing.runtime import EditResult, Task, decode_image, decode_mask, register
+from editing.sampling import NoisePredictor, Schedule, ddim_step, denoise, invert
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +134,20 @@ def optimize_latent(
     targets: torch.Tensor,
     grid_hw: tuple[int, int],
     *,
-    keep: torch.Tensor | None = None,
-    lr: float = 0.01,
-    max_steps: int = 80,
-    r_m: int = 1,
-    r_p: int = 3,
-    lam: float = 0.1,
-    progress: Callable[[float, str], None] | None = None,
-    cancel=None,
+    keep: torch.Tensor | None,
+    lr: float,
+    max_steps: int,
+    r_m: int,
+    r_p: int,
+    lam: float,
+    report: Callable[[float, str], None] | None = None,
     use_graphs: bool | None = None,
 ) -> DragOutcome:
     """Motion supervision + point tracking on z_t (§3.3); stops as soon as every handle has arrived.
 
     ``keep`` is (1, 1, h, w) on the latent grid, 1 where the image must stay (outside the user's mask).
     Without a mask the UNet pass stops after ``up_blocks[2]``: the last block never runs.
+    ``report(frac, msg)`` is the run's progress (it raises ``EditCancelled`` on Cancel).
     """
     device = z_t.device
     use_amp = device.type == "cuda" and next(unet.parameters()).dtype != torch.float32
@@ -167,8 +176,8 @@ def optimize_latent(
     losses: list[float] = []
     step = 0
     for step in range(max_steps):
-        if cancel is not None and cancel.is_set():
-            raise EditCancelled("Cancelled during drag optimisation.")
+        if report:
+            report(step / max_steps, f"step {step + 1}/{max_steps}")
         feat, *rest = forward(z)
         eps = rest[0] if rest else None
         if step > 0:
@@ -183,9 +192,9 @@ def optimize_latent(
         scaler.step(opt)
         scaler.update()
         losses.append(loss.detach().item())
-        if progress:
+        if report:
             dist = torch.linalg.norm(handles - targets, dim=1).max().item()
-            progress((step + 1) / max_steps, f"step {step + 1}: loss {losses[-1]:.3f}, farthest handle {dist:.1f} cells away")
+            report((step + 1) / max_steps, f"step {step + 1}: loss {losses[-1]:.3f}, farthest handle {dist:.1f} cells away")
     else:
         step = max_steps
     arrived = all_arrived(handles, targets)
@@ -193,37 +202,116 @@ def optimize_latent(
     return DragOutcome(z.detach(), handles.detach().cpu(), step, arrived, losses)
 
 
-@torch.no_grad()
-def denoise_with_reference(
-    unet,
-    z_orig: torch.Tensor,
-    z_edit: torch.Tensor,
-    cond: torch.Tensor,
-    schedule: Schedule,
-    start: int,
-    *,
-    uncond: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    progress: Callable[[float], None] | None = None,
-    cancel=None,
-) -> torch.Tensor:
+def denoise_with_reference(unet, z_orig: torch.Tensor, z_edit: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
+                           start: int, *, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                           run=None) -> torch.Tensor:
     """Denoise ``[original, edited]`` together; the edited branch's self-attention in up_blocks[2..3]
-    reads the original branch's keys/values (§3.4). Returns the edited z₀ (1, 4, h, w)."""
+    reads the original branch's keys/values (§3.4). CFG only when ``guidance_scale`` > 1. Returns the
+    edited z₀ (1, 4, h, w)."""
     cfg = guidance_scale > 1.0 and uncond is not None
     x = torch.cat([z_orig, z_edit]).float()
-    conds = torch.cat([uncond.expand(2, -1, -1), cond.expand(2, -1, -1)]) if cfg else cond.expand(2, -1, -1)
-    ts = schedule.timesteps[start:]
     with mutual_self_attention(unet):
-        eps_fn = noise_predictor(unet, conds, (conds.shape[0], *x.shape[1:]), x.device)
-        for i, t in enumerate(ts):
-            if cancel is not None and cancel.is_set():
-                raise EditCancelled("Cancelled while denoising.")
-            inp = torch.cat([x, x]) if cfg else x  # groups of [orig, edit] per CFG branch
-            eps = eps_fn(inp, t)
-            if cfg:
-                e_u, e_c = eps.chunk(2)
-                eps = e_u + guidance_scale * (e_c - e_u)
-            x = ddim_step(x, eps, schedule.alpha(t), schedule.alpha(t - schedule.stride))
-            if progress:
-                progress((i + 1) / len(ts))
+        predict = NoisePredictor(unet, cond, 2, uncond=uncond if cfg else None, guidance_scale=guidance_scale,
+                                 device=x.device)
+        x = denoise(predict, x, schedule, start, run=run)
     return x[1:2]
+
+
+# ---- the task ------------------------------------------------------------------------------------------
+def identity_lora(ctx: EditContext, work_img: Image.Image, prompt: str, req: DragRequest):
+    """The identity LoRA of a working-size image (§3.2), trained once per (image, prompt, LoRA settings,
+    active LoRAs) and cached on the CPU. Returns ``(state or None, cache key or None)``."""
+    if req.lora_steps <= 0:
+        return None, None
+    key = ((image_hash(work_img), work_img.size), prompt, req.lora_steps, req.lora_rank, req.lora_lr, req.seed,
+           ctx.lora_key)
+
+    def make():
+        b = ctx.bundle
+        with ctx.run.step("lora"):
+            return train_identity_lora(b.unet, ctx.posterior(work_img), b.encode_prompt(prompt),
+                                       b.scheduler.alphas_cumprod, steps=req.lora_steps, rank=req.lora_rank,
+                                       lr=req.lora_lr, seed=req.seed, report=ctx.run.report,
+                                       grad_checkpointing=ctx.options.lora_checkpointing)
+
+    return ctx.caches.loras.get_or(key, make)[0], key
+
+
+def _reusable_generation(ctx: EditContext, req: DragRequest, schedule: Schedule, start: int, notices: list):
+    """The generation this image came from, if its trajectory can stand in for inversion + LoRA."""
+    gen = ctx.caches.generated.get(image_hash(req.image))
+    if gen is not None and len(gen.inversion.schedule.timesteps) != req.n_inference_steps:
+        notices.append("This image was generated with another step count, so it is inverted like a photo.")
+        return None
+    if gen is not None and start < gen.inversion.start:
+        notices.append("This image's generation started below the drag's inversion strength, so it is inverted "
+                       "like a photo (lower the inversion strength to reuse its latents).")
+        return None
+    return gen
+
+
+def _inverted_latent(ctx: EditContext, req: DragRequest, work_img, prompt, cond, schedule, start, lora_key):
+    """z_t of the photo: cached DDIM inversion (under the identity LoRA, if any) to ``timesteps[start]``."""
+    b = ctx.bundle
+    with ctx.run.step("encode"):
+        z0 = ctx.posterior(work_img)[0]
+
+    def make():
+        with ctx.run.step("inversion"):
+            return invert(NoisePredictor(b.unet, cond, z0.shape[0], device=z0.device), z0, schedule, start, run=ctx.run)
+
+    img_key = (image_hash(work_img), work_img.size)
+    key = (img_key, prompt, lora_key, ctx.lora_key, req.inversion_strength, req.n_inference_steps)
+    return ctx.caches.inversions.get_or(key, make)[0].z_t
+
+
+def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
+    """DragDiffusion edit: (identity LoRA) → DDIM inversion → latent optimisation → denoise → decode."""
+    b, run = ctx.bundle, ctx.run
+    work_img, (image, mask, points), notices = ctx.fit(req.image, req.mask, req.points)
+    notices = list(req.notices) + notices
+    schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
+    start = schedule.start_index(req.inversion_strength)
+    gen = _reusable_generation(ctx, req, schedule, start, notices)
+    prompt = req.prompt or (gen.prompt if gen else "")
+    guidance = gen.guidance_scale if gen is not None and req.guidance_scale == 1.0 else req.guidance_scale
+    cond = b.encode_prompt(prompt)
+    lora_state, lora_key = (None, None) if gen is not None else identity_lora(ctx, work_img, prompt, req)
+    with lora_adapter(b.unet, lora_state, req.lora_rank):
+        if gen is not None:
+            z_t = gen.inversion.latents[len(schedule.timesteps) - start]
+        else:
+            z_t = _inverted_latent(ctx, req, work_img, prompt, cond, schedule, start, lora_key)
+        z_t = z_t.to(b.device)
+        lat_hw = tuple(z_t.shape[-2:])
+        grid_hw = supervision_grid(lat_hw)
+        pts_h = points_to_grid([h for h, _ in points], image.size, grid_hw)
+        pts_t = points_to_grid([g for _, g in points], image.size, grid_hw)
+        keep = None if mask is None else (1.0 - resize_mask(mask, lat_hw)).to(b.device)
+        with run.step("drag"):
+            out = optimize_latent(b.unet, z_t, schedule.timesteps[start], cond, schedule, pts_h, pts_t, grid_hw,
+                                  keep=keep, lr=req.latent_lr, max_steps=req.max_steps, r_m=req.r_m, r_p=req.r_p,
+                                  lam=req.lam, report=run.report)
+        if not out.arrived:
+            notices.append(f"Stopped after {out.steps} steps before every handle reached its target; "
+                           "raise 'max steps' or run again from this result.")
+        with run.step("denoise"):
+            z0 = denoise_with_reference(b.unet, z_t, out.latent, cond, schedule, start, uncond=b.encode_prompt(""),
+                                        guidance_scale=guidance, run=run)
+    result = tensor_to_pil(ctx.decode(z0)).resize(image.size, Image.LANCZOS)
+    params = req.params()
+    params["points"] = [[list(h), list(t)] for h, t in req.points]
+    recipe = ctx.recipe("drag", params, images={"image": req.image}, masks={"mask": req.mask},
+                        extra={"steps_run": out.steps, "arrived": out.arrived, "generated": gen.recipe if gen else None})
+    return EditResult(result, recipe, run.timings, run.nfe, notices, grid_to_points(out.handles, grid_hw, image.size))
+
+
+def drag_from_recipe(recipe: dict) -> DragRequest:
+    params = dict(recipe["params"])
+    points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
+    known = {f.name for f in dataclasses.fields(DragRequest)}
+    return DragRequest(decode_image(recipe["image_png"]), points, decode_mask(recipe.get("mask_png")),
+                       **{k: v for k, v in params.items() if k in known})
+
+
+register(Task("drag", DragRequest, run=run_drag, from_recipe=drag_from_recipe))

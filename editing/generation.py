@@ -6,8 +6,8 @@ shared one is never mutated). Every generated image is drag-ready: its DDIM traj
 recorded with ``callback_on_step_end``) is handed to ``Editor.remember_generation``, so a drag of
 it needs neither inversion nor an identity LoRA.
 
-    editor.edit(SketchRequest(sketch, prompt="a red house", strength=0.7))
-    editor.edit(GenerateRequest("a cat", controlnets=(ControlNetUnit(edges, preprocessor="canny"),)))
+    ctx.edit(SketchRequest(sketch, prompt="a red house", strength=0.7))
+    ctx.edit(GenerateRequest("a cat", controlnets=(ControlNetUnit(edges, preprocessor="canny"),)))
 
 Design notes (where we differ from diffusers' defaults):
 - T2I-Adapter features are attached at the UNet's ``down_intrablock_additional_residuals`` hook
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ from PIL import Image
 
 from editing import conditions
 from editing.images import tensor_to_pil
-from editing.inversion import Schedule
+from editing.sampling import Schedule
 from editing.requests import EditError, check_number
 from editing.runtime import EditResult, Task, decode_image, register
 
@@ -338,18 +337,18 @@ def _fit_condition(img: Image.Image, size: tuple[int, int], what: str, notices: 
 
 
 @contextlib.contextmanager
-def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg: bool, notices, conds_out):
+def _extensions(ctx, req_adapters, ip_unit, size, timesteps_of_run, cfg: bool, notices, conds_out):
     """T2I-Adapter residuals and the IP-Adapter, attached for one pipeline call; yields pipeline kwargs."""
     from models import adapters as models_adapters
 
-    b = editor.bundle
+    b, run = ctx.bundle, ctx.run
     kwargs = {}
     with contextlib.ExitStack() as stack:
         if req_adapters:
             units, counted = [], set()
             with run.step("conditions"):
                 for i, u in enumerate(req_adapters):
-                    ad = models_adapters.t2i_adapter(b, u.model, editor.allow_pickle)
+                    ad = models_adapters.t2i_adapter(b, u.model, ctx.options.allow_pickle)
                     if id(ad) not in counted:
                         run.count_module(ad, "t2i_adapter")
                         counted.add(id(ad))
@@ -364,7 +363,7 @@ def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg:
                     units.append((feats, active))
             stack.enter_context(models_adapters.adapter_residuals(b.unet, units))
         if ip_unit is not None:
-            ip = stack.enter_context(models_adapters.ip_adapter(b, ip_unit.model, editor.allow_pickle, ip_unit.scale))
+            ip = stack.enter_context(models_adapters.ip_adapter(b, ip_unit.model, ctx.options.allow_pickle, ip_unit.scale))
             run.count_module(ip.weights.encoder, "image_encoder")
             with run.step("conditions"):
                 emb = ip.embed(ip_unit.images).mean(dim=1, keepdim=True)  # several references: one averaged prompt
@@ -372,29 +371,24 @@ def _extensions(editor, run, req_adapters, ip_unit, size, timesteps_of_run, cfg:
         yield kwargs
 
 
-def _remembers_partial(editor) -> bool:
-    """Whether ``Editor.remember_generation`` takes ``start`` (trajectories that begin below z_T)."""
-    return "start" in inspect.signature(editor.remember_generation).parameters
-
-
-def _finish(editor, run, req, task: str, latents, images, traj, schedule, start: int | None, notices, recipe_fn,
+def _finish(ctx, req, task: str, latents, images, traj, schedule, start: int | None, notices, recipe_fn,
             size: tuple[int, int] | None) -> EditResult:
     """Decode, resize, make each image drag-ready, build the result.
 
     ``start``: index into ``schedule.timesteps`` of the trajectory's first latent (0 = from z_T; None = no
     trajectory). A partial trajectory (SDEdit below strength 1) serves drags whose inversion strength is at
     most the sketch's strength, once the Editor accepts it."""
-    b = editor.bundle
+    b, run = ctx.bundle, ctx.run
     with run.step("decode"):
         images = _decode(b, latents) if images is None else images
         if size is not None:
             images = [im if im.size == size else im.resize(size, Image.LANCZOS) for im in images]
     recipes = [recipe_fn(i) for i in range(len(images))]
-    ready = bool(traj) and start is not None and (start == 0 or _remembers_partial(editor))
+    ready = bool(traj) and start is not None
     if ready:
         more = {"start": start} if start else {}
         for i, im in enumerate(images):
-            editor.remember_generation(im, [z[i: i + 1] for z in traj], schedule, req.prompt, req.guidance_scale,
+            ctx.remember_generation(im, [z[i: i + 1] for z in traj], schedule, req.prompt, req.guidance_scale,
                                        recipes[i], **more)
     extra = {"drag_ready": ready, "recipes": recipes,
              "calls": {k: dict(v) for k, v in run.calls.items()}}
@@ -402,24 +396,24 @@ def _finish(editor, run, req, task: str, latents, images, traj, schedule, start:
 
 
 # ---- sketch (SDEdit) -------------------------------------------------------------------------------
-def run_sketch(editor, req: SketchRequest, run) -> EditResult:
+def run_sketch(ctx, req: SketchRequest) -> EditResult:
     """SDEdit (Meng et al. 2022): noise the sketch to t0 = strength, denoise to 0 with the prompt."""
     from models import adapters as models_adapters
 
-    b = editor.bundle
-    work, (shown, _, _), notices = editor.fit(req.sketch)
+    b, run = ctx.bundle, ctx.run
+    work, (shown, _, _), notices = ctx.fit(req.sketch)
     notices = list(req.notices) + notices
     schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
     n_run = min(int(req.n_inference_steps * req.strength), req.n_inference_steps)  # diffusers' img2img rule
 
     def recipe_fn(i):
         params = req.params() | {"seed": req.seed + i, "batch": 1}
-        return editor.recipe("sketch", params, images={"sketch": req.sketch, "image": req.image},
+        return ctx.recipe("sketch", params, images={"sketch": req.sketch, "image": req.image},
                              extra={"batch_index": i, "batch_seed": req.seed})
 
     if n_run == 0:  # strength 0: nothing is redrawn
         notices.append("Strength 0 keeps the sketch as drawn: raise it to let the model redraw the picture.")
-        return _finish(editor, run, req, "sketch", None, [shown] * req.batch, [], schedule, None, notices,
+        return _finish(ctx, req, "sketch", None, [shown] * req.batch, [], schedule, None, notices,
                        recipe_fn, None)
     gens = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.batch)]
     kwargs = {"image": work, "strength": req.strength, "num_inference_steps": req.n_inference_steps,
@@ -427,7 +421,7 @@ def run_sketch(editor, req: SketchRequest, run) -> EditResult:
               "prompt_embeds": b.encode_prompt(req.prompt),
               "negative_prompt_embeds": b.encode_prompt(req.negative_prompt), "output_type": "latent"}
     if req.scribble_controlnet:
-        cn = models_adapters.controlnet(b, req.scribble_controlnet, editor.allow_pickle)
+        cn = models_adapters.controlnet(b, req.scribble_controlnet, ctx.options.allow_pickle)
         run.count_module(cn, "controlnet")
         pipe = _pipeline(b, "StableDiffusionControlNetImg2ImgPipeline", [cn])
         kwargs.update(control_image=req.strokes.resize(work.size, Image.NEAREST),
@@ -441,14 +435,14 @@ def run_sketch(editor, req: SketchRequest, run) -> EditResult:
     finally:
         rec.close()
     start = req.n_inference_steps - n_run  # the trajectory starts at timesteps[start] (t0), not at z_T
-    return _finish(editor, run, req, "sketch", z, None, rec.latents, schedule, start, notices, recipe_fn, shown.size)
+    return _finish(ctx, req, "sketch", z, None, rec.latents, schedule, start, notices, recipe_fn, shown.size)
 
 
 # ---- text-to-image with units ---------------------------------------------------------------------
-def output_size(editor, req: GenerateRequest) -> tuple[tuple[int, int], list[str]]:
+def output_size(ctx, req: GenerateRequest) -> tuple[tuple[int, int], list[str]]:
     """(w, h) the UNet can take (multiples of ``pixel_multiple``) and a notice when the request was rounded."""
-    b = editor.bundle
-    native, m = editor.resolution or b.native_resolution, b.pixel_multiple
+    b = ctx.bundle
+    native, m = ctx.options.resolution or b.native_resolution, b.pixel_multiple
     w, h = req.width or native, req.height or native
     if req.width and not req.height:
         h = w
@@ -459,12 +453,12 @@ def output_size(editor, req: GenerateRequest) -> tuple[tuple[int, int], list[str
     return (rw, rh), notes
 
 
-def run_generate(editor, req: GenerateRequest, run) -> EditResult:
+def run_generate(ctx, req: GenerateRequest) -> EditResult:
     """Text-to-image with DDIM, any mix of ControlNet / T2I-Adapter units and an IP-Adapter; drag-ready."""
     from models import adapters as models_adapters
 
-    b = editor.bundle
-    (w, h), notices = output_size(editor, req)
+    b, run = ctx.bundle, ctx.run
+    (w, h), notices = output_size(ctx, req)
     notices = list(req.notices) + notices
     schedule = Schedule.from_scheduler(b.scheduler, req.n_inference_steps)
     cfg = req.guidance_scale > 1.0
@@ -481,7 +475,7 @@ def run_generate(editor, req: GenerateRequest, run) -> EditResult:
         nets = []
         with run.step("conditions"):
             for i, u in enumerate(req.controlnets):
-                nets.append(models_adapters.controlnet(b, u.model, editor.allow_pickle))
+                nets.append(models_adapters.controlnet(b, u.model, ctx.options.allow_pickle))
                 conds[f"controlnet{i}"] = _fit_condition(conditions.preprocess(u.preprocessor, u.image, u.options),
                                                          (w, h), f"ControlNet {i + 1}'s condition image", notices)
         for cn in {id(n): n for n in nets}.values():  # the same model in two units is one module: count it once
@@ -500,17 +494,17 @@ def run_generate(editor, req: GenerateRequest, run) -> EditResult:
 
     def recipe_fn(i):
         params = req.params() | {"seed": req.seed + i, "batch": 1, "width": w, "height": h}
-        return editor.recipe("generate", params, images=req.pictures(),
+        return ctx.recipe("generate", params, images=req.pictures(),
                              extra={"batch_index": i, "batch_seed": req.seed})
 
     rec = _Recorder(run, b.unet, req.batch, req.n_inference_steps, "generate")
     try:
-        with (_extensions(editor, run, req.adapters, req.ip_adapter, (w, h), schedule.timesteps, cfg, notices,
+        with (_extensions(ctx, req.adapters, req.ip_adapter, (w, h), schedule.timesteps, cfg, notices,
                           conds) as extra_kwargs, run.step("generate"), torch.no_grad()):
             z = pipe(callback_on_step_end=rec, **kwargs, **extra_kwargs).images
     finally:
         rec.close()
-    result = _finish(editor, run, req, "generate", z, None, rec.latents, schedule, 0, notices, recipe_fn, None)
+    result = _finish(ctx, req, "generate", z, None, rec.latents, schedule, 0, notices, recipe_fn, None)
     result.extra["conditions"] = conds  # the preprocessed condition pictures, as the model saw them
     return result
 

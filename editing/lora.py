@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from editing import cuda_graphs
-from editing.inversion import add_noise
-from editing.requests import EditCancelled
+from editing.sampling import add_noise
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +66,23 @@ def train_identity_lora(
     cond: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     *,
-    steps: int = 80,
-    rank: int = 16,
-    lr: float = 5e-4,
+    steps: int,
+    rank: int,
+    lr: float,
+    seed: int,
     batch: int = 4,
-    seed: int = 42,
     name: str = "identity",
     grad_checkpointing: bool = False,
-    progress: Callable[[float, float], None] | None = None,
-    cancel=None,
+    report: Callable[[float, str], None] | None = None,
+    losses: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune a fresh LoRA on one image; return its weights (CPU) and leave the UNet as it was.
 
     Each step draws ``batch`` fresh samples from the VAE posterior (mean, std) of the image, a
-    uniform t and noise, and takes an AdamW step (lr 5e-4, betas .9/.999, wd 1e-2) on the ε-MSE.
+    uniform t and noise, and takes an AdamW step (betas .9/.999, wd 1e-2) on the ε-MSE
+    (DragDiffusion §3.2; steps, rank and lr come from ``DragRequest``). ``report(frac, msg)`` is the
+    run's progress, which raises ``EditCancelled`` once Cancel is pressed; ``losses`` (a list) receives
+    every step's loss.
     """
     from peft import get_peft_model_state_dict
 
@@ -111,8 +113,8 @@ def train_identity_lora(
             unet=unet, batch=batch, use=cuda_graphs.enabled(device) and not grad_checkpointing,
         )
         for step in range(steps):
-            if cancel is not None and cancel.is_set():
-                raise EditCancelled("Cancelled during identity-LoRA training.")
+            if report:
+                report(step / steps, f"LoRA step {step + 1}/{steps}")
             z0 = mean + std * torch.randn(shape, generator=gen).to(device)
             noise = torch.randn(shape, generator=gen).to(device)
             t = torch.randint(0, len(a_table), (batch,), generator=gen).to(device)
@@ -122,8 +124,8 @@ def train_identity_lora(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            if progress:
-                progress((step + 1) / steps, loss.detach().item())
+            if losses is not None:
+                losses.append(loss.detach().item())
         state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(unet, adapter_name=name).items()}
         return state
     finally:

@@ -114,6 +114,26 @@ class DragRequest:
 
 DRAG_FIELDS = field_table(DragRequest)  # name -> (min, max, default, why): the UI sliders and CLI flags
 DragRequest.FIELDS_UI = DRAG_FIELDS
+LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
+
+
+@dataclass(frozen=True)
+class IdentityLoraRequest:
+    """Train a drag's identity LoRA ahead of the drag; the fields mean what they mean in ``DragRequest``
+    (``None`` = its default)."""
+
+    image: Image.Image
+    prompt: str = ""
+    lora_steps: int | None = None
+    lora_rank: int | None = None
+    lora_lr: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "image", check_image(self.image, "image"))
+        object.__setattr__(self, "prompt", check_text(self.prompt, "prompt"))
+        table = {k: DRAG_FIELDS[k] for k in LORA_FIELDS}
+        check_fields(self, table, {k: spec.default for k, spec in table.items()})
 
 
 # ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance.py) ---------------

@@ -5,9 +5,10 @@ A task is one edit kind (``drag``, ``move``, ``sketch``, …). Its module regist
 
     register(Task("sketch", SketchRequest, run=run_sketch, from_recipe=sketch_from_recipe))
 
-``run(editor, request, run) -> EditResult`` executes it on the Editor's loaded bundle (the Editor
-holds the lock, counts UNet calls and activates the chosen LoRAs around it); ``from_recipe(recipe)``
-rebuilds the request from the JSON a result carried, so ``Editor.replay`` works for every task.
+``run(ctx, request) -> EditResult`` executes it with an ``EditContext`` (editing/context.py: the loaded
+bundle, this request's ``Run``, the caches, the active LoRAs; the Editor holds the lock around it);
+``from_recipe(recipe)`` rebuilds the request from the JSON a result carried, so ``Editor.replay``
+works for every task.
 """
 from __future__ import annotations
 
@@ -147,13 +148,13 @@ def versions() -> dict:
 class Task:
     name: str
     request_type: type
-    run: Callable  # (editor, request, run: Run) -> EditResult
+    run: Callable  # (ctx: EditContext, request) -> EditResult
     from_recipe: Callable[[dict], Any]  # recipe -> request
 
 
 TASKS: dict[str, Task] = {}
 # Modules that register tasks; imported by the Editor on construction.
-TASK_MODULES = ("editing.guidance", "editing.generation", "editing.dreambooth")
+TASK_MODULES = ("editing.drag_diffusion", "editing.guidance", "editing.generation", "editing.dreambooth")
 
 
 def register(task: Task) -> Task:

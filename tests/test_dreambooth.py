@@ -8,7 +8,7 @@ import torch
 
 from editing import dreambooth as db
 from editing import lora_library as lib
-from editing.inversion import unet_eps
+from editing.sampling import unet_eps
 from editing.requests import EditCancelled, EditError
 from tests.conftest import scene
 

@@ -179,9 +179,15 @@ def test_cancel_mid_run_then_next_request_works(editor):
 @pytest.mark.parametrize("kwargs, match", [
     ({"guidance_scale": float("nan")}, "guidance_scale"),
     ({"n_inference_steps": 1}, "n_inference_steps"),
-    ({"size": (10, 10)}, "Image size"),
-    ({"size": (64.5, 64)}, "Image size"),
+    ({"size": (4000, 64)}, "width"),  # one size limit for every generation: GenerateRequest's
+    ({"size": (64.5, 64)}, "width"),
 ])
 def test_generate_bad_input(editor, kwargs, match):
     with pytest.raises(EditError, match=match):
         editor.generate("a cat", **kwargs)
+
+
+def test_generate_rounds_a_small_size_up_with_a_notice(editor):
+    r = editor.generate("a cat", size=(10, 10), n_inference_steps=2)
+    m = editor.bundle.pixel_multiple
+    assert r.image.size == (m, m) and any("rounded" in n for n in r.notices)

@@ -7,7 +7,7 @@ from editing import cuda_graphs
 from editing import drag_diffusion as dd
 from editing.geometry import points_to_grid
 from editing.images import pil_to_tensor
-from editing.inversion import Schedule, invert
+from editing.sampling import NoisePredictor, Schedule, invert
 from editing.lora import train_identity_lora
 from tests.conftest import FAST, scene
 
@@ -39,7 +39,7 @@ def test_graphed_inversion_matches_eager(cuda_bundle, monkeypatch):
     runs = []
     for flag in ("0", "1"):
         monkeypatch.setenv("DRAGCANVAS_CUDA_GRAPHS", flag)
-        runs.append(invert(b.unet, _z0(b), cond, s, 3).z_t)
+        runs.append(invert(NoisePredictor(b.unet, cond, 1, device="cuda"), _z0(b), s, 3).z_t)
     assert torch.allclose(runs[0], runs[1], atol=1e-2)
     assert cuda_graphs.stats["captured"] >= 1
 
@@ -47,12 +47,12 @@ def test_graphed_inversion_matches_eager(cuda_bundle, monkeypatch):
 def test_graphed_drag_and_lora_match_eager(cuda_bundle, monkeypatch):
     b, cond = cuda_bundle, cuda_bundle.encode_prompt("")
     s = Schedule.from_scheduler(b.scheduler, 10)
-    z_t = invert(b.unet, _z0(b), cond, s, 3).z_t
+    z_t = invert(NoisePredictor(b.unet, cond, 1, device="cuda"), _z0(b), s, 3).z_t
     h, g = points_to_grid([(40, 64)], (128, 128), (64, 64)), points_to_grid([(80, 64)], (128, 128), (64, 64))
     keep = torch.ones(1, 1, 16, 16, device="cuda")
     keep[..., 4:12, 4:12] = 0
-    outs = [dd.optimize_latent(b.unet, z_t, s.timesteps[3], cond, s, h, g, (64, 64), keep=keep, max_steps=5,
-                               use_graphs=flag) for flag in (False, True)]
+    outs = [dd.optimize_latent(b.unet, z_t, s.timesteps[3], cond, s, h, g, (64, 64), keep=keep, lr=0.01, max_steps=5,
+                               r_m=1, r_p=3, lam=0.1, use_graphs=flag) for flag in (False, True)]
     assert np.allclose(outs[0].losses, outs[1].losses, rtol=5e-2, atol=1e-3)
     assert torch.allclose(outs[0].latent, outs[1].latent, atol=5e-2)
     z0 = _z0(b)
@@ -61,7 +61,7 @@ def test_graphed_drag_and_lora_match_eager(cuda_bundle, monkeypatch):
         monkeypatch.setenv("DRAGCANVAS_CUDA_GRAPHS", flag)
         got = []
         train_identity_lora(b.unet, (z0, torch.zeros_like(z0)), cond, b.scheduler.alphas_cumprod, steps=5, rank=4,
-                            seed=0, progress=lambda f, l: got.append(l))
+                            lr=5e-4, seed=0, losses=got)
         losses.append(got)
     assert np.allclose(losses[0], losses[1], rtol=5e-2, atol=1e-3)
     assert not getattr(b.unet, "peft_config", {})

@@ -15,6 +15,13 @@ from tests.conftest import scene
 STEPS = dict(n_inference_steps=10)
 
 
+def _working_size(editor, size):
+    from editing.geometry import working_size
+
+    b = editor.bundle
+    return working_size(size, editor.resolution or b.native_resolution, b.pixel_multiple)
+
+
 def box(h=64, w=64, y0=20, y1=40, x0=12, x1=30):
     m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = True
@@ -64,7 +71,7 @@ def test_energy_formula_and_that_it_falls_along_its_gradient(bundle):
     ref = torch.randn(1, 4, 8, 8)
     cond = bundle.encode_prompt("")
     grid = (16, 16)
-    hc, tc = [guidance._cells_around(torch.tensor([4.0, 8.0]), grid)], [guidance._cells_around(torch.tensor([10.0, 8.0]), grid)]
+    hc, tc = [guidance.tasks._cells_around(torch.tensor([4.0, 8.0]), grid)], [guidance.tasks._cells_around(torch.tensor([10.0, 8.0]), grid)]
     outside = torch.zeros(grid, dtype=torch.bool)
     outside[:, 13:] = True
 
@@ -77,7 +84,7 @@ def test_energy_formula_and_that_it_falls_along_its_gradient(bundle):
             e, c = energies([g[:1] for g in f], [g[1:] for g in f])
         return float(e + c)
 
-    g_edit, g_con = guidance._energy_gradients(unet, x, ref, 501, cond.expand(2, -1, -1), grid, energies)
+    g_edit, g_con = guidance.energy_gradients(unet, x, ref, 501, cond.expand(2, -1, -1), grid, energies)
     g = g_edit + g_con
     assert g.abs().sum() > 0
     before = total(x)
@@ -90,7 +97,7 @@ def test_memory_bank_covers_every_decoder_self_attention_layer_and_step(editor, 
     editor.clear_caches()
     procs_before = dict(bundle.unet.attn_processors)
     r = editor.edit(MoveRequest(image=scene(64, 64), mask=box(), offset=(10, 0), **STEPS))
-    inv = next(iter(editor.cache("guided_inversion").values()))
+    inv = next(iter(editor.caches.task("guided_inversion").values()))
     layers = guidance.bank_layers(bundle.unet)
     assert layers and all(n.startswith("up_blocks") and ".attn1." in n for n in layers)
     assert inv.bank.layers == set(layers)
@@ -98,7 +105,7 @@ def test_memory_bank_covers_every_decoder_self_attention_layer_and_step(editor, 
     assert r.extra["memory_bank_mb"] > 0 and r.extra["bank_layers"] == len(layers)
     assert dict(bundle.unet.attn_processors) == procs_before  # processors restored
     editor.clear_caches()
-    assert not editor.cache("guided_inversion")  # the bank is freed with the caches
+    assert not editor.caches.task("guided_inversion")  # the bank is freed with the caches
 
 
 def test_processors_restored_after_a_cancelled_edit(editor, bundle):
@@ -124,17 +131,17 @@ def test_processors_restored_after_a_cancelled_edit(editor, bundle):
 # ---- z_T placement -----------------------------------------------------------------------------------------
 def test_move_puts_the_objects_inverted_noise_at_the_new_place(editor, bundle, monkeypatch):
     seen = {}
-    real = guidance.guided_sample
+    real = guidance.sampler.guided_sample
 
     def spy(unet, inv, plan, *a, **k):
         seen["plan"], seen["inv"] = plan, inv
         return real(unet, inv, plan, *a, **k)
 
-    monkeypatch.setattr(guidance, "guided_sample", spy)
+    monkeypatch.setattr(guidance.sampler, "guided_sample", spy)
     m = box(64, 64, 16, 32, 8, 24)
     editor.edit(MoveRequest(image=scene(64, 64), mask=m, offset=(24, 16), **STEPS))
     plan, inv = seen["plan"], seen["inv"]
-    c = bundle.vae_scale_factor * 64 / editor._working_size((64, 64))[0]  # image px per latent cell
+    c = bundle.vae_scale_factor * 64 / _working_size(editor, (64, 64))[0]  # image px per latent cell
     L = lambda v: round(v / c)  # noqa: E731
     z_inv, z_T = inv.latents[-1][:1], plan.z_T.cpu()
     src = z_inv[..., L(16): L(32), L(8): L(24)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editing import lora_library as lib
-from editing.inversion import unet_eps
+from editing.sampling import unet_eps
 from editing.lora import lora_adapter, train_identity_lora
 from editing.requests import DragRequest, EditError
 from tests.conftest import FAST, scene

@@ -8,7 +8,7 @@ from editing.attention import MutualSelfAttnProcessor, mutual_self_attention, se
 from editing.features import FeatureCapture, run_for_features
 from editing.geometry import points_to_grid, working_size
 from editing.images import pil_to_tensor
-from editing.inversion import Schedule, ddim_step, invert, unet_eps
+from editing.sampling import NoisePredictor, Schedule, ddim_step, invert, unet_eps
 from editing.lora import lora_adapter, train_identity_lora
 from tests.conftest import scene
 
@@ -46,7 +46,7 @@ def test_inversion_reconstruction_error_falls_with_more_steps(bundle):
     errors = []
     for n in (4, 20):
         s = Schedule.from_scheduler(bundle.scheduler, n)
-        inv = invert(bundle.unet, z0, cond, s, 0)
+        inv = invert(NoisePredictor(bundle.unet, cond, 1), z0, s, 0)
         assert len(inv.latents) == n + 1
         x = inv.z_t
         for t in s.timesteps:
@@ -103,8 +103,7 @@ def test_identity_lora_loss_falls_and_adapter_is_removed(bundle):
     base = unet_eps(unet, probe, 300, cond)
     losses = []
     state = train_identity_lora(unet, (z0, torch.zeros_like(z0)), cond, bundle.scheduler.alphas_cumprod,
-                                steps=40, rank=4, lr=3e-3, batch=2, seed=0,
-                                progress=lambda f, loss: losses.append(loss))
+                                steps=40, rank=4, lr=3e-3, batch=2, seed=0, losses=losses)
     assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10])
     assert state and all("lora" in k for k in state)
     assert not getattr(unet, "peft_config", {})  # adapter deleted after training
@@ -142,7 +141,7 @@ def _optimise(bundle, mask=None, steps=8):
     cond = bundle.encode_prompt("")
     s = Schedule.from_scheduler(bundle.scheduler, 10)
     start = s.start_index(0.7)
-    z_t = invert(bundle.unet, z0, cond, s, start).z_t
+    z_t = invert(NoisePredictor(bundle.unet, cond, 1), z0, s, start).z_t
     grid = (64, 64)
     h = points_to_grid([(40, 64)], (128, 128), grid)
     g = points_to_grid([(80, 64)], (128, 128), grid)
@@ -150,7 +149,7 @@ def _optimise(bundle, mask=None, steps=8):
     if mask is not None:
         keep = 1 - torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], z_t.shape[-2:])
     return z_t, dd.optimize_latent(bundle.unet, z_t, s.timesteps[start], cond, s, h, g, grid, keep=keep,
-                                   max_steps=steps, lam=1.0, r_p=3)
+                                   lr=0.01, max_steps=steps, r_m=1, r_p=3, lam=1.0)
 
 
 def test_motion_supervision_loss_falls_during_optimisation(bundle):
@@ -181,7 +180,7 @@ def test_lora_gradient_checkpointing_matches_plain_training(bundle):
     for ckpt in (False, True):
         losses = []
         state = train_identity_lora(unet, (z0, torch.zeros_like(z0)), cond, bundle.scheduler.alphas_cumprod, steps=3,
-                                    rank=2, batch=1, seed=1, grad_checkpointing=ckpt, progress=lambda f, l: losses.append(l))
+                                    rank=2, lr=5e-4, batch=1, seed=1, grad_checkpointing=ckpt, losses=losses)
         runs.append((losses, state))
     assert np.allclose(runs[0][0], runs[1][0], rtol=1e-4)
     assert all(torch.allclose(runs[0][1][k], runs[1][1][k], atol=1e-5) for k in runs[0][1])
@@ -196,7 +195,7 @@ def test_optimisation_stops_at_once_when_handles_have_arrived(bundle):
     try:
         h = torch.tensor([[10.0, 10.0]])
         out = dd.optimize_latent(bundle.unet, z_t, s.timesteps[3], bundle.encode_prompt(""), s, h, h + 1.0, (32, 32),
-                                 max_steps=20)
+                                 keep=None, lr=0.01, max_steps=20, r_m=1, r_p=3, lam=0.1)
     finally:
         hook.remove()
     assert out.arrived and out.steps == 0 and out.losses == []

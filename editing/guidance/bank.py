@@ -1,0 +1,109 @@
+"""The attention memory bank (DragonDiffusion §3.3): decoder self-attention inputs recorded during
+inversion, read back while sampling through a small SDPA processor (visual cross-attention).
+
+K = W_k·h and V = W_v·h, so keeping h is the same information as keeping K and V at half the memory;
+the stock SDPA processor recomputes K/V from it.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from editing.attention import attn_processors, self_attn_names
+from editing.geometry import resize_mask
+
+
+class MemoryBank:
+    """Decoder self-attention inputs per (layer, timestep), batch = the inverted images (base[, reference])."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def put(self, name: str, t: int, h: torch.Tensor) -> None:
+        self.store[(name, t)] = h.detach().to(self.device, copy=True)
+
+    def get(self, name: str, t: int, device) -> torch.Tensor:
+        return self.store[(name, t)].to(device, non_blocking=True)
+
+    @property
+    def layers(self) -> set[str]:
+        return {n for n, _ in self.store}
+
+    @property
+    def timesteps(self) -> set[int]:
+        return {t for _, t in self.store}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.store.values())
+
+
+class BankControl:
+    """What the bank processors do right now: ``record``, ``off``, or read the bank in ``mode``."""
+
+    def __init__(self, bank: MemoryBank, mode: str = "off", fg: np.ndarray | None = None, bg: np.ndarray | None = None):
+        self.bank, self.state, self.mode, self.t = bank, "off", mode, 0
+        self._fg, self._bg = fg, bg  # splice: reference-object mask, base-edit mask (working-image pixels)
+        self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.aspect = 1.0  # h / w of the latent
+
+    def tokens(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices (reference object, base background) at a layer with ``n`` tokens."""
+        if n not in self._tokens:
+            w = round((n / self.aspect) ** 0.5)
+            h = n // w
+            fg = resize_mask(self._fg, (h, w)).flatten() > 0.5
+            bg = resize_mask(self._bg, (h, w)).flatten() < 0.5
+            self._tokens[n] = (fg.nonzero().flatten().to(device), bg.nonzero().flatten().to(device))
+        return self._tokens[n]
+
+    def context(self, name: str, h: torch.Tensor) -> torch.Tensor | None:
+        """The K/V source for a self-attention layer whose queries come from ``h`` (B, N, C)."""
+        if self.state == "record":
+            self.bank.put(name, self.t, h)
+            return None
+        if self.state != "read":
+            return None
+        mem = self.bank.get(name, self.t, h.device).to(h.dtype)
+        b = h.shape[0]
+        if self.mode == "replace":
+            return mem[:1].expand(b, -1, -1)
+        if self.mode == "concat":
+            return torch.cat([h, mem[:1].expand(b, -1, -1)], dim=1)
+        if self.mode == "splice":
+            fg, bg = self.tokens(h.shape[1], h.device)
+            spliced = torch.cat([mem[:1, bg], mem[1:2, fg]], dim=1)
+            return spliced.expand(b, -1, -1)
+        raise ValueError(self.mode)
+
+
+class BankAttnProcessor(AttnProcessor2_0):
+    """Stock SDPA self-attention whose K/V source may come from the memory bank (see ``BankControl``)."""
+
+    def __init__(self, name: str, control: BankControl):
+        super().__init__()
+        self.name, self.control = name, control
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is None and hidden_states.ndim == 3:
+            encoder_hidden_states = self.control.context(self.name, hidden_states)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def bank_layers(unet) -> list[str]:
+    """Every decoder self-attention layer (``up_blocks[1..3]`` attn1 in SD-1.5)."""
+    return self_attn_names(unet, ("up_blocks",))
+
+
+@contextlib.contextmanager
+def memory_bank_attention(unet, control: BankControl):
+    """Install bank processors on the decoder's self-attention; the previous processors come back on exit."""
+    procs = {n: BankAttnProcessor(n, control) for n in bank_layers(unet)}
+    with attn_processors(unet, procs):
+        yield
+
+
