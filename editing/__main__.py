@@ -1,4 +1,4 @@
-"""``python -m editing ...`` (see editing/cli.py)."""
+"""``python -m editing ...`` (see editing/cli/)."""
 import sys
 
 from editing.cli import main
