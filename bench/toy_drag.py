@@ -20,7 +20,6 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,51 +28,10 @@ from PIL import Image
 
 from editing.requests import DragRequest
 from models import toy_world as tw
+from models.toy_world import Case, make_cases  # noqa: F401 - re-exported: bench.toy_drag.make_cases
 
 log = logging.getLogger(__name__)
 SUCCESS_PX = 3.0
-
-
-@dataclass(frozen=True)
-class Case:
-    scene: tw.Scene
-    shape: tw.Shape  # the dragged shape
-    handle: tuple[float, float]
-    target: tuple[float, float]
-    mask: np.ndarray  # H×W bool
-
-
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    import cv2
-
-    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
-
-
-def make_cases(n: int, seed: int = tw.HELDOUT_SEED) -> list[Case]:
-    """``n`` held-out drag cases: 1–2 shapes, the dragged shape's colour unique in its scene."""
-    cases, s = [], seed
-    rng = np.random.default_rng(seed)
-    while len(cases) < n:
-        scene, s = tw.make_scene(s), s + 1
-        if len(scene.shapes) > 2:
-            continue
-        shape = scene.shapes[0]
-        if sum(o.colour == shape.colour for o in scene.shapes) > 1 or shape.mask.sum() < 20:
-            continue
-        for _ in range(20):  # a target 6–20 px away that keeps the shape inside the frame
-            ang, dist = rng.uniform(0, 2 * math.pi), rng.uniform(6, 20)
-            dx, dy = dist * math.cos(ang), dist * math.sin(ang)
-            reach = shape.radius * 1.25 + 1
-            cx, cy = shape.center[0] + dx, shape.center[1] + dy
-            if reach <= cx <= tw.SIZE - reach and reach <= cy <= tw.SIZE - reach:
-                break
-        else:
-            continue
-        moved = tw.render([shape.moved(dx, dy)], scene.background).shapes[0]
-        handle = shape.centroid
-        target = (handle[0] + dx, handle[1] + dy)
-        cases.append(Case(scene, shape, handle, target, _dilate(shape.mask | moved.mask, 3)))
-    return cases
 
 
 def measure(case: Case, out: Image.Image) -> dict:

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from editing.requests import EditError
+from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
 
 ENV_DIR = "DRAGCANVAS_LORA_DIR"
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ACTIVE_ATTR = "_dragcanvas_active_loras"  # on the UNet: [(adapter name, weight)] while ``activate`` runs
@@ -139,11 +139,8 @@ def resolve(spec: str | Path, allow_pickle: bool = False) -> Path:
 def _check_file(p: Path, allow_pickle: bool) -> None:
     if not p.is_file():
         raise LoraError(f"LoRA file {p} does not exist.")
-    suffix = p.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise LoraError(f"{p.name} is a pickle file ({suffix}), which can run arbitrary code when loaded. "
-                        "Convert it to .safetensors, or pass --allow-pickle if you trust its source.")
-    if suffix not in LORA_SUFFIXES:
+    check_weights_file(p, allow_pickle, "LoRA file", LoraError)  # the one pickle policy (models/safety.py)
+    if p.suffix.lower() not in LORA_SUFFIXES:
         raise LoraError(f"{p.name} is not a LoRA file: use .safetensors (or .bin/.ckpt/.pt with --allow-pickle).")
 
 

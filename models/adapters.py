@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import diffusers_private
+from models.cache import LRU
 from models.errors import EditError
+from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DEFAULT_IP_WEIGHT = "models/ip-adapter_sd15.safetensors"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,18 +55,19 @@ class AdapterError(EditError):
     """An adapter or ControlNet cannot be found or does not fit the base model; the message says what to do."""
 
 
-_cache: dict[tuple, object] = {}
+CACHE_SIZE = 8  # adapters per base UNet: a ControlNet is ~1.4 GB in fp16 on SD-1.5, so keep a handful
+# One LRU per base UNet, dropped with it: bundles are evicted by the loader's LRU, and an ``id()`` key could be
+# reused by a later UNet and hand it adapters built for another model.
+_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
 def _cached(bundle, kind: str, spec: str, make):
-    key = (id(bundle.unet), kind, spec)
     with _lock:
-        if key not in _cache:
-            if len(_cache) > 8:  # adapters are large on real models: keep a handful
-                _cache.pop(next(iter(_cache)))
-            _cache[key] = make()
-        return _cache[key]
+        cache = _caches.get(bundle.unet)
+        if cache is None:
+            cache = _caches[bundle.unet] = LRU(CACHE_SIZE)
+        return cache.get_or((kind, spec), make)[0]
 
 
 def _clean(spec, what: str) -> str:
@@ -76,23 +80,11 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def _check_pickle(path: Path, allow_pickle: bool, what: str) -> None:
-    if allow_pickle:
-        return
-    if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
-        raise AdapterError(f"{what} {path.name} is a pickle file, which can run code when loaded. Use a "
-                           ".safetensors version, or pass --allow-pickle if you trust it.")
-    if path.is_dir():
-        has_st = any(path.rglob("*.safetensors"))
-        if not has_st and any(p.suffix in PICKLE_SUFFIXES for p in path.rglob("*")):
-            raise AdapterError(f"{what} folder {path} holds only pickle weights (.bin), which can run code when "
-                               "loaded. Convert them to .safetensors, or pass --allow-pickle if you trust it.")
-
-
 def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
     """A local diffusers folder or a Hub id -> ``cls`` on the bundle's device and dtype."""
     path = Path(spec).expanduser()
-    _check_pickle(path, allow_pickle, what)
+    if path.exists():  # a missing file is reported as missing below; Hub ids are guarded by use_safetensors
+        check_weights_file(path, allow_pickle, what, AdapterError)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise AdapterError(f"{what} folder {path} has no config.json: it is not a diffusers {cls.__name__}.")
@@ -270,7 +262,7 @@ def _ip_files(spec: str, allow_pickle: bool) -> tuple[Path, Path]:
     if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) or path.exists():
         if not path.is_file():
             raise AdapterError(f"IP-Adapter file {path} does not exist.")
-        _check_pickle(path, allow_pickle, "IP-Adapter")
+        check_weights_file(path, allow_pickle, "IP-Adapter", AdapterError)
         enc = next((p for p in (path.parent / "image_encoder", path.parent.parent / "image_encoder") if p.is_dir()), None)
         if enc is None:
             raise AdapterError(f"IP-Adapter {path.name} needs its CLIP image encoder: put the 'image_encoder' folder "
@@ -281,8 +273,7 @@ def _ip_files(spec: str, allow_pickle: bool) -> tuple[Path, Path]:
         raise AdapterError(f"Unknown IP-Adapter {spec!r}: not 'tiny', not an existing .safetensors file, and not a "
                            "Hub id like h94/IP-Adapter[:models/ip-adapter_sd15.safetensors].")
     weight = weight or DEFAULT_IP_WEIGHT
-    if weight.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise AdapterError(f"IP-Adapter {weight} is a pickle file; use the .safetensors one or pass --allow-pickle.")
+    check_weights_file(weight, allow_pickle, "IP-Adapter", AdapterError)  # a name in the Hub repo: judged by suffix
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
 
@@ -336,10 +327,10 @@ def _ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
         w.encoder = _place(w.encoder, bundle)
         # diffusers' own converters build the IP processors (decoupled K/V per cross-attention layer)
         # and the image projection from the state dict; we keep only the cross-attention ones.
-        procs = bundle.unet._convert_ip_adapter_attn_to_diffusers([w.state_dict], low_cpu_mem_usage=False)
+        procs = diffusers_private.ip_adapter_attn_processors(bundle.unet, w.state_dict)
         w.processors = {n: p.to(bundle.device, bundle.dtype) for n, p in procs.items() if not n.endswith("attn1.processor")}
-        w.projection = bundle.unet._convert_ip_adapter_image_proj_to_diffusers(
-            w.state_dict["image_proj"], low_cpu_mem_usage=False).to(bundle.device, bundle.dtype)
+        w.projection = diffusers_private.ip_adapter_image_projection(
+            bundle.unet, w.state_dict["image_proj"]).to(bundle.device, bundle.dtype)
         return w
 
     return _cached(bundle, "ip", spec, make)
@@ -396,22 +387,16 @@ def ip_adapter(bundle, spec: str, allow_pickle: bool = False, scale: float = 0.6
     w = _ip_weights(bundle, spec, allow_pickle)
     unet = bundle.unet
     before = dict(unet.attn_processors)
-    before_proj, before_type = unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
-    from diffusers.models.embeddings import MultiIPAdapterImageProjection
-
     try:
         unet.set_attn_processor({n: w.processors.get(n, p) for n, p in before.items()})
-        unet.encoder_hid_proj = MultiIPAdapterImageProjection([w.projection])
-        unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
-        handle = IPAdapterHandle(bundle, w)
-        handle.set_scale(scale)
-        yield handle
+        with diffusers_private.ip_image_projection_installed(unet, w.projection):
+            handle = IPAdapterHandle(bundle, w)
+            handle.set_scale(scale)
+            yield handle
     finally:
         unet.set_attn_processor(before)
-        unet.encoder_hid_proj = before_proj
-        unet.register_to_config(encoder_hid_dim_type=before_type)
 
 
 def clear_cache() -> None:
     with _lock:
-        _cache.clear()
+        _caches.clear()

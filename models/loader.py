@@ -6,7 +6,7 @@ A *spec* is one of
 - a local diffusers folder (``model_index.json`` inside),
 - a single-file checkpoint ``*.safetensors`` (configs ship in ``models/configs/sd15``; nothing fetched),
 - a Hugging Face Hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
-Pickle formats (``.ckpt``, ``.bin``, ``.pt``) are refused unless ``allow_pickle=True``.
+Pickle formats (``.ckpt``, ``.bin``, ``.pt``) are refused unless ``allow_pickle=True`` (``models/safety.py``).
 """
 from __future__ import annotations
 
@@ -22,14 +22,21 @@ from typing import Callable
 
 import torch
 
+from models.cache import LRU
 from models.errors import EditError
+from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 BUILTINS = {"tiny": "tiny", "cpu-small": "cpu-small", "sd15-random": "sd15"}
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+# Bundles kept loaded per process. Two: the model in use plus one more, so switching A -> B -> A (or a
+# benchmark comparing two models) does not reload, while a third model drops the least recent one instead
+# of piling up SD-sized weights (~2 GB each in fp16, ~4 GB in fp32) until the process runs out of memory.
+# An evicted bundle stays valid for whoever still holds it (an Editor keeps its own reference).
+BUNDLE_CACHE_SIZE = 2
+PROMPT_CACHE_SIZE = 32  # text embeddings per bundle: (1, 77, 768) each, the prompts of the current session
 
 
 class ModelLoadError(EditError):
@@ -49,7 +56,7 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     source: str  # builtin | hub | folder | single-file
-    _prompt_cache: dict = field(default_factory=dict, repr=False)
+    _prompt_cache: LRU = field(default_factory=lambda: LRU(PROMPT_CACHE_SIZE), repr=False)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -72,16 +79,14 @@ class ModelBundle:
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """CLIP text embeddings ``(1, 77, D)``; cached per prompt (the text encoder is frozen)."""
-        if prompt not in self._prompt_cache:
+        def make():
             ids = self.tokenizer(
                 prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                 truncation=True, return_tensors="pt",
             ).input_ids.to(self.device)
-            emb = self.text_encoder(ids)[0].to(self.dtype)
-            if len(self._prompt_cache) > 32:
-                self._prompt_cache.clear()
-            self._prompt_cache[prompt] = emb
-        return self._prompt_cache[prompt]
+            return self.text_encoder(ids)[0].to(self.dtype)
+
+        return self._prompt_cache.get_or(prompt, make)[0]
 
 
 def default_device() -> torch.device:
@@ -129,18 +134,6 @@ def _ddim(scheduler_config) -> object:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(scheduler_config)
-
-
-def _check_no_pickle(folder: Path, allow_pickle: bool) -> None:
-    if allow_pickle:
-        return
-    has_st = any(folder.rglob("*.safetensors"))
-    has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in folder.rglob("*"))
-    if has_pickle and not has_st:
-        raise ModelLoadError(
-            f"{folder} holds only pickle weights (.bin/.ckpt), which can run code when loaded. "
-            "Convert them to .safetensors, or pass --allow-pickle if you trust the source."
-        )
 
 
 def _load_pretrained(spec: str, source: str, device, dtype, allow_pickle: bool, local_only: bool) -> ModelBundle:
@@ -224,7 +217,7 @@ def best_offline_builtin() -> str:
     return "toy" if toy_available() else "tiny"
 
 
-_cache: dict[tuple, ModelBundle] = {}
+_cache = LRU(BUNDLE_CACHE_SIZE)  # (spec, device, dtype, offload) -> ModelBundle
 _cache_lock = threading.Lock()
 
 
@@ -237,19 +230,26 @@ def load_bundle(
     offload: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ModelBundle:
-    """Resolve ``spec`` and load it once per process (later calls return the cached bundle)."""
+    """Resolve ``spec`` and load it once per process (later calls return the cached bundle; the
+    ``BUNDLE_CACHE_SIZE`` most recently used bundles are kept)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     key = (spec, str(device), dtype, offload)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
+
+    def make() -> ModelBundle:
         if progress:
             progress(f"loading model {spec!r}")
         log.info("loading model %r on %s (%s)", spec, device, dtype)
-        bundle = _apply_policy(_resolve(spec, device, dtype, allow_pickle), offload)
-        _cache[key] = bundle
-        return bundle
+        return _apply_policy(_resolve(spec, device, dtype, allow_pickle), offload)
+
+    with _cache_lock:  # one load at a time: two sessions asking for the same model get the same bundle
+        return _cache.get_or(key, make)[0]
+
+
+def clear_cache() -> None:
+    """Forget the loaded bundles (whoever holds one keeps a working reference)."""
+    with _cache_lock:
+        _cache.clear()
 
 
 def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
@@ -269,11 +269,7 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
         return _from_components(spec, build_components(BUILTINS[spec]), "builtin", device, dtype)
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded. "
-                "Use a .safetensors file, or pass --allow-pickle if you trust it."
-            )
+        check_weights_file(path, allow_pickle, "Model file", ModelLoadError)
         if not path.exists():
             raise ModelLoadError(f"Model file {path} does not exist.")
         from diffusers import StableDiffusionPipeline
@@ -289,7 +285,7 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelLoadError(f"{path} is a folder but not a diffusers model (no model_index.json).")
-        _check_no_pickle(path, allow_pickle)
+        check_weights_file(path, allow_pickle, "Model", ModelLoadError)
         return _load_pretrained(str(path), "folder", device, dtype, allow_pickle, local_only=True)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         try:

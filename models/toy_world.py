@@ -11,9 +11,13 @@ moved, and ``segment_colour`` finds a colour's pixels in any image (a sample, an
 shape's new centroid can be measured.
 
 Seeds: training uses seeds below ``HELDOUT_SEED``; benchmarks draw scenes from ``HELDOUT_SEED`` up.
+
+Drag cases (``make_cases``): held-out scenes with a handle, a target and a mask, shared by the drag benchmark
+(``bench/toy_drag.py``) and the UI's examples (``ui/examples.py``), which must not import ``bench``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -229,3 +233,47 @@ def centroid(mask: np.ndarray) -> tuple[float, float] | None:
         return None
     ys, xs = np.nonzero(mask)
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+# ---- drag cases: a scene, the shape to drag, handle -> target, and the editable mask -------------
+@dataclass(frozen=True)
+class Case:
+    scene: Scene
+    shape: Shape  # the dragged shape
+    handle: tuple[float, float]
+    target: tuple[float, float]
+    mask: np.ndarray  # H×W bool
+
+
+def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    import cv2
+
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+
+
+def make_cases(n: int, seed: int = HELDOUT_SEED) -> list[Case]:
+    """``n`` held-out drag cases: 1–2 shapes, the dragged shape's colour unique in its scene; the handle is its
+    centroid, the target 6–20 px away, the mask covers its start and end dilated by 3 px."""
+    cases, s = [], seed
+    rng = np.random.default_rng(seed)
+    while len(cases) < n:
+        scene, s = make_scene(s), s + 1
+        if len(scene.shapes) > 2:
+            continue
+        shape = scene.shapes[0]
+        if sum(o.colour == shape.colour for o in scene.shapes) > 1 or shape.mask.sum() < 20:
+            continue
+        for _ in range(20):  # a target 6–20 px away that keeps the shape inside the frame
+            ang, dist = rng.uniform(0, 2 * math.pi), rng.uniform(6, 20)
+            dx, dy = dist * math.cos(ang), dist * math.sin(ang)
+            reach = shape.radius * 1.25 + 1
+            cx, cy = shape.center[0] + dx, shape.center[1] + dy
+            if reach <= cx <= SIZE - reach and reach <= cy <= SIZE - reach:
+                break
+        else:
+            continue
+        moved = render([shape.moved(dx, dy)], scene.background).shapes[0]
+        handle = shape.centroid
+        target = (handle[0] + dx, handle[1] + dy)
+        cases.append(Case(scene, shape, handle, target, _dilate(shape.mask | moved.mask, 3)))
+    return cases

@@ -1,0 +1,43 @@
+"""The one pickle policy: weight files in a pickle format can run code when loaded, so they are refused
+unless the user passed ``--allow-pickle`` (``allow_pickle=True``). Used by the model loader, the adapters
+(ControlNet, T2I-Adapter, IP-Adapter) and the LoRA library, so every layer says the same thing.
+
+Only names are looked at (nothing is opened), so a Hub path such as ``models/ip-adapter_sd15.bin`` is
+checked the same way as a local file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.errors import EditError
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+SAFE_SUFFIX = ".safetensors"
+
+
+def is_pickle(path: str | Path) -> bool:
+    """True when the file name has a pickle suffix (``.bin``, ``.ckpt``, ``.pt``, ``.pth``; any case)."""
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def check_weights_file(path: str | Path, allow_pickle: bool, what: str = "Weights",
+                       error: type[EditError] = EditError) -> None:
+    """Raise ``error`` when ``path`` is pickle weights and ``allow_pickle`` is off.
+
+    ``path`` may be a file (judged by its suffix, whether or not it exists yet) or a folder (refused
+    when it holds pickle weights and no ``.safetensors`` to load instead). ``what`` names the thing
+    in the message ("LoRA", "ControlNet", "Model"); ``error`` is the caller's ``EditError`` subclass.
+    """
+    if allow_pickle:
+        return
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        if any(is_pickle(p) for p in files) and not any(p.suffix.lower() == SAFE_SUFFIX for p in files):
+            raise error(f"{what} folder {path} holds only pickle weights (.bin/.ckpt), which can run arbitrary "
+                        "code when loaded. Convert them to .safetensors, or pass --allow-pickle if you trust "
+                        "the source.")
+        return
+    if is_pickle(path):
+        raise error(f"{what} {path.name} is a pickle checkpoint ({path.suffix.lower()}), which can run arbitrary "
+                    "code when loaded. Convert it to .safetensors, or pass --allow-pickle if you trust its source.")
