@@ -13,6 +13,7 @@ shared model computes exactly what it did before.
 from __future__ import annotations
 
 import contextlib
+import weakref
 import json
 import logging
 import os
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 ENV_DIR = "DRAGCANVAS_LORA_DIR"
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-ACTIVE_ATTR = "_dragcanvas_active_loras"  # on the UNet: [(adapter name, weight)] while ``activate`` runs
+# model -> [(adapter name, weight)] of the library LoRAs active while ``activate`` runs (nothing is stuck on the
+# shared model itself; weak keys, so a dropped model leaves no entry)
+_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Cross-attention width (to_k input) -> the base family a LoRA was trained for.
 BASE_BY_CONTEXT_DIM = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
 
@@ -328,7 +331,7 @@ def check_fits(lora: LoadedLora, unet, text_encoder, model_name: str = "the load
 # ---- putting LoRAs into the model ----------------------------------------------------------------
 def active_loras(unet) -> list[tuple[str, float]]:
     """(adapter name, weight) of the library LoRAs active on ``unet`` now (the identity LoRA stacks on these)."""
-    return list(getattr(unet, ACTIVE_ATTR, None) or [])
+    return list(_ACTIVE.get(unet) or [])
 
 
 def clear_prompt_cache(bundle) -> None:
@@ -341,12 +344,13 @@ def clear_prompt_cache(bundle) -> None:
 
 
 def _load_text_encoder_adapter(text_encoder, lora: LoadedLora, name: str) -> None:
-    from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    from models.diffusers_private import lora_config_from_state_dict
 
     sd = lora.text_encoder
     ranks = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
-    config = _create_lora_config(sd, lora.text_encoder_alphas, lora.text_encoder_metadata, ranks, is_unet=False)
+    config = lora_config_from_state_dict(sd, lora.text_encoder_alphas, lora.text_encoder_metadata, ranks, is_unet=False)
     inject_adapter_in_model(config, text_encoder, adapter_name=name)
     set_peft_model_state_dict(text_encoder, sd, adapter_name=name)
     dtype = next(p for n, p in text_encoder.named_parameters() if ".lora_" not in n).dtype
@@ -357,6 +361,8 @@ def delete_adapter(model, name: str) -> None:
     """Remove adapter ``name`` from every peft layer of ``model`` and from its ``peft_config``."""
     from diffusers.utils.peft_utils import delete_adapter_layers
 
+    from models.diffusers_private import forget_peft_loaded
+
     delete_adapter_layers(model, name)
     cfg = getattr(model, "peft_config", None)
     if isinstance(cfg, dict):
@@ -364,8 +370,7 @@ def delete_adapter(model, name: str) -> None:
         if not cfg:
             with contextlib.suppress(AttributeError):
                 del model.peft_config
-            if getattr(model, "_hf_peft_config_loaded", None):
-                model._hf_peft_config_loaded = None
+            forget_peft_loaded(model)
 
 
 def set_active(model, adapters: list[tuple[str, float]]) -> None:
@@ -406,7 +411,7 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
     for lo in loaded:
         check_fits(lo, unet, te, model_name)
     outer = active_loras(unet)
-    outer_te = list(getattr(te, ACTIVE_ATTR, None) or [])
+    outer_te = active_loras(te)
     added_unet, added_te, names = [], [], []
     try:
         for lo, (_, w) in zip(loaded, loras):
@@ -428,10 +433,10 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
                 _load_text_encoder_adapter(te, lo, name)
                 added_te.append((name, w))
         set_active(unet, outer + added_unet)
-        setattr(unet, ACTIVE_ATTR, outer + added_unet)
+        _ACTIVE[unet] = outer + added_unet
         if added_te:
             set_active(te, outer_te + added_te)
-            setattr(te, ACTIVE_ATTR, outer_te + added_te)
+            _ACTIVE[te] = outer_te + added_te
             clear_prompt_cache(bundle)
         log.info("LoRAs active: %s", ", ".join(f"{n}@{w:g}" for n, w in names))
         yield names
@@ -441,10 +446,10 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
         for name, _ in added_te:
             delete_adapter(te, name)
         set_active(unet, outer)
-        setattr(unet, ACTIVE_ATTR, outer)
+        _ACTIVE[unet] = outer
         if added_te:
             set_active(te, outer_te)
-            setattr(te, ACTIVE_ATTR, outer_te)
+            _ACTIVE[te] = outer_te
             clear_prompt_cache(bundle)
         unet.requires_grad_(False)
         te.requires_grad_(False)

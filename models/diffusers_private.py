@@ -67,3 +67,10 @@ def lora_config_from_state_dict(state_dict: dict, network_alphas, metadata, rank
     from diffusers.utils.peft_utils import _create_lora_config
 
     return _create_lora_config(state_dict, network_alphas, metadata, rank_pattern, is_unet=is_unet)
+
+
+def forget_peft_loaded(model) -> None:
+    """Clear diffusers' private "a peft config was loaded" flag once a model's last adapter is deleted (no
+    public call resets it; left set, the next ``load_lora_into_unet`` assumes adapters are present)."""
+    if getattr(model, "_hf_peft_config_loaded", None):
+        model._hf_peft_config_loaded = None

@@ -408,3 +408,13 @@ def test_drag_cases_moved_to_models_and_bench_still_has_them():
     case = toy_world.make_cases(1)[0]
     assert isinstance(case, toy_world.Case) and case.mask.shape == (toy_world.SIZE, toy_world.SIZE)
     assert case.mask.dtype == bool and case.mask[int(case.handle[1]), int(case.handle[0])]
+
+
+def test_the_private_peft_flag_we_reset_still_exists():
+    """``models.diffusers_private.forget_peft_loaded`` resets diffusers' ``_hf_peft_config_loaded`` (set by
+    ``PeftAdapterMixin``); a diffusers upgrade that renames it must fail here, not silently leave it set."""
+    import inspect
+
+    from diffusers.loaders import peft
+
+    assert "_hf_peft_config_loaded" in inspect.getsource(peft)
