@@ -105,6 +105,13 @@ class Run:
         if self.progress:
             self.progress(self.phase, float(frac), msg)
 
+    def preview(self, step: int, image) -> None:
+        """Hand an intermediate image (e.g. a training preview after ``step`` steps) to the progress callback,
+        when it takes images (has a ``preview(step, image)`` method, as the UI's callbacks do)."""
+        show = getattr(self.progress, "preview", None)
+        if show is not None:
+            show(step, image)
+
     def close(self):
         for h in self._hooks:
             h.remove()

@@ -9,8 +9,10 @@ Read top to bottom: per-session state, helpers, handlers, layout, wiring. Train 
     # photos, class noun, identifier ("" = automatic), LoRA name ("" = automatic), prior preservation,
     # train the text encoder, then any PersonalizeRequest.FIELDS_UI value by name.
 
-Training runs in a worker thread while the handler streams progress and preview images; when it
-ends the LoRA is in the library and every LoRA picker (ui/lora_picker.py) lists it.
+Training runs in a worker thread while the handler streams progress and preview images; both reach it
+through the run's progress callback (``TrainStream``: ``(phase, fraction, message)`` calls plus
+``preview(step, image)``), never by watching files. When it ends the LoRA is in the library and every
+LoRA picker (ui/lora_picker.py) lists it.
 """
 from __future__ import annotations
 
@@ -18,18 +20,11 @@ import functools
 import logging
 import math
 import threading
-import time
 from pathlib import Path
 
 import gradio as gr
 
-from editing.dreambooth import (
-    PERSONALIZE_FIELDS,
-    PersonalizeRequest,
-    names,
-    suggest_identifiers,
-    work_dir,
-)
+from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
 from editing.requests import EditCancelled, EditError
 from ui import lora_picker
 from ui.drag_tab import notify, shows_errors
@@ -104,12 +99,23 @@ def _paths(files) -> list[str]:
     return out
 
 
-def _previews(folder: Path, since: float) -> list[tuple[str, str]]:
-    """Preview PNGs written since ``since`` (older ones belong to an earlier run), oldest first."""
-    if not folder.is_dir():
-        return []
-    files = sorted(p for p in folder.glob("step-*.png") if p.stat().st_mtime >= since - 1)
-    return [(str(p), f"step {int(p.stem.split('-')[1])}") for p in files]
+class TrainStream:
+    """The run's progress callback: keeps the latest progress and every preview image it is handed.
+
+    The Editor's Run calls it from the training thread: ``(phase, fraction, message)`` for progress, and
+    ``preview(step, image)`` for each training preview (editing/dreambooth/runs.py ``preview_sink``); the
+    handler's thread reads both to stream updates.
+    """
+
+    def __init__(self):
+        self.progress: tuple[float, str] = (0.0, "starting")
+        self.previews: list[tuple[object, str]] = []  # (PIL image, "step N"), oldest first
+
+    def __call__(self, phase: str, frac: float, msg: str = "") -> None:
+        self.progress = (frac, f"{phase}: {msg}" if msg else phase)
+
+    def preview(self, step: int, image) -> None:
+        self.previews = self.previews + [(image, f"step {step}")]  # a new list: the reader never sees it half-built
 
 
 # ---- handlers ------------------------------------------------------------------------------------------
@@ -131,29 +137,24 @@ class PersonalizeHandlers:
         notify(req.notices)
         bundle = self.editor.load()
         ident, lora_name, _ = names(bundle.tokenizer, req)
-        folder = work_dir(req, lora_name) / "previews"
-        state = {"progress": (0.0, "starting"), "result": None, "error": None}
-
-        def report(phase, frac, msg=""):
-            state["progress"] = (frac, f"{phase}: {msg}" if msg else phase)
+        stream, outcome = TrainStream(), {"result": None, "error": None}
 
         def work():
             try:
-                state["result"] = self._edit(req, progress=report if self.can_cancel else None,
-                                             cancel=session.cancel if self.can_cancel else None)
+                outcome["result"] = self._edit(req, progress=stream if self.can_cancel else None,
+                                               cancel=session.cancel if self.can_cancel else None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the handler's thread
-                state["error"] = e
+                outcome["error"] = e
 
-        started = time.time()
         worker = threading.Thread(target=work, name=f"personalize-{lora_name}", daemon=True)
         worker.start()
         shown = 0
         try:
             while worker.is_alive():
                 worker.join(POLL_S)
-                frac, desc = state["progress"]
+                frac, desc = stream.progress
                 progress(min(1.0, max(0.0, frac)) if math.isfinite(frac) else 0.0, desc=desc)
-                previews = _previews(folder, started)
+                previews = stream.previews
                 if len(previews) != shown:
                     shown = len(previews)
                     yield previews, gr.skip(), gr.skip(), f"Training “a {ident} {req.class_noun}”: {desc}", \
@@ -161,15 +162,14 @@ class PersonalizeHandlers:
         finally:
             if worker.is_alive():  # the browser went away: stop training at its next step (it checkpoints)
                 session.cancel.set()
-        if state["error"] is not None:
-            raise state["error"]
-        result = state["result"]
+        if outcome["error"] is not None:
+            raise outcome["error"]
+        result = outcome["result"]
         notify(result.notices[len(req.notices):])
         card = result.extra["card"]
         status = (f"Saved LoRA **{result.extra['lora_name']}** ({result.total_s:.0f} s). Pick it in any tab's LoRA "
                   f"picker and prompt with “{card['instance_prompt']}”.")
-        yield (_previews(folder, started) or [(img, f"step {s}") for img, s in
-                                               zip(result.images, result.extra["preview_steps"])],
+        yield ([(img, f"step {s}") for img, s in zip(result.images, result.extra["preview_steps"])],
                result.extra["lora_path"], card, status, lora_picker.bump(), library_rows())
 
     @shows_errors
