@@ -6,7 +6,7 @@ Three numbers, each with the target it should meet (see models/toy/README.md):
 
 - ``vae_psnr_db`` (≥ 26): VAE reconstruction (posterior mean → decode) of ``n`` held-out scenes.
 - ``inversion_psnr_db`` (≥ 22): DDIM inversion of those scenes' latents to t = 981 (all 50 steps, no CFG,
-  the scene's caption as prompt) and DDIM reconstruction back, with ``editing.inversion``'s math; PSNR of
+  the scene's caption as prompt) and DDIM reconstruction back, with ``editing.sampling``'s loops; PSNR of
   the decoded image against the original scene, so it includes the VAE's error. The same at the
   DragDiffusion inversion strength 0.7 (t = 681) is reported as ``inversion_psnr_db_s07``.
 - ``prompt_shape_rate`` (≥ 0.70): text-to-image with CFG from the held-out captions (50 DDIM steps); a
