@@ -70,3 +70,20 @@ def mask_centre(mask: np.ndarray) -> tuple[float, float]:
     """Centre (x, y) of a mask's bounding box, in pixels."""
     ys, xs = np.nonzero(mask)
     return (float(xs.min() + xs.max()) / 2, float(ys.min() + ys.max()) / 2)
+
+
+def place_object(image: Image.Image, mask: np.ndarray, scale: float, offset: tuple[float, float],
+                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Where Move/Paste will put the object under ``mask`` of ``image``, both resized to ``size`` (w, h): its
+    bounding-box centre scaled by ``scale`` and shifted by ``offset`` pixels, exactly as ``place`` moves it.
+
+    PIL/NumPy in and out, so the UI's live preview needs no torch: returns (H×W×3 float32 RGB in [0, 255],
+    H×W bool of where the object lands).
+    """
+    if mask.shape != (size[1], size[0]):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    rgb = torch.from_numpy(np.asarray(image.convert("RGB").resize(size), np.float32)).permute(2, 0, 1)[None]
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    centre = mask_centre(mask)
+    moved = place(rgb, centre, scale, offset, size, mode="bilinear")[0].permute(1, 2, 0).numpy()  # (H, W, 3)
+    return moved, place(m, centre, scale, offset, size)[0, 0].numpy() > 0.5

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets" / "examples"
-BRUSH_RGBA = (255, 43, 214, 128)  # the Drag canvas' brush colour at 50 % (see ui/drag_tab.py)
+BRUSH_RGBA = (255, 43, 214, 128)  # the mask canvases' brush colour at 50 % (ui/common.py MASK_CANVAS)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
 
 def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
     """Held-out toy scenes (never trained on): drag the first shape's centroid 12–20 px."""
-    from bench.toy_drag import make_cases
+    from models.toy_world import make_cases
 
     folder.mkdir(parents=True, exist_ok=True)
     methods = ["DragDiffusion", "DiffEditor", "DragDiffusion", "DragonDiffusion"]

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import gradio as gr
 
 from editing import conditions
 from editing.generation import (
+    ADAPTER_FIELDS,
+    CONTROLNET_FIELDS,
     GENERATE_FIELDS,
+    IP_FIELDS,
     AdapterUnit,
     ControlNetUnit,
     GenerateRequest,
@@ -31,20 +35,25 @@ from editing.generation import (
 )
 from editing.images import load_image
 from editing.requests import EditError
-from ui.drag_tab import EngineProgress, notify, request_cancel, shows_errors
-from ui.sketch_tab import (
+from ui.common import (
+    GPU_SECONDS,
+    EngineProgress,
+    GpuHandlers,
     Results,
     details_of,
     field_input,
+    lora_picker,
     lora_specs,
+    notify,
     on_select,
     pick_seed,
+    request_cancel,
     sender,
+    shows_errors,
     status_line,
 )
-from ui.zerogpu import gpu, zero_gpu
+from ui.zerogpu import gpu
 
-GPU_SECONDS = 120
 N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS
 UNIT_KEYS = {
     "controlnet": {"kind", "model", "image", "preprocessor", "options", "scale", "start", "end", "guess_mode"},
@@ -138,6 +147,12 @@ def default_spec(editor, kind: str) -> str:
             "ip_adapter": "h94/IP-Adapter"}[kind]
 
 
+def _slider(spec: tuple, label: str, step: float) -> gr.Slider:
+    """A slider over a field-table entry's range (``(min, max, default, why)``), starting at its default."""
+    lo, hi, default, _ = spec
+    return gr.Slider(lo, hi, default, step=step, label=label)
+
+
 def _unit_widgets(editor, kind: str, title: str, index: int) -> UnitWidgets:
     eid = f"gen-{kind}-{index}"
     with gr.Accordion(title, open=False, elem_id=eid):
@@ -149,25 +164,32 @@ def _unit_widgets(editor, kind: str, title: str, index: int) -> UnitWidgets:
             preview = None if kind == "ip_adapter" else gr.Image(label="What the model sees", type="pil",
                                                                  interactive=False, height=200)
         if kind == "ip_adapter":
-            return UnitWidgets(kind, enabled, model, image, scale=gr.Slider(0, 2, 0.6, step=0.05, label="Scale"))
+            return UnitWidgets(kind, enabled, model, image, scale=_slider(IP_FIELDS["scale"], "Scale", 0.05))
         w = UnitWidgets(kind, enabled, model, image, preview=preview)
         w.preprocessor = gr.Dropdown(list(conditions.NAMES), value="palette" if kind == "t2i_adapter" else "canny",
                                      label="Preprocessor")
         with gr.Row():
-            w.low = gr.Slider(0, 255, 100, step=1, label="Canny low threshold")
-            w.high = gr.Slider(1, 255, 200, step=1, label="Canny high threshold")
-        w.scale = gr.Slider(0, 2, 1.0, step=0.05, label="Scale" if kind == "controlnet" else "Weight")
+            canny = conditions.OPTIONS["canny"]
+            w.low = _slider(canny["low_threshold"], "Canny low threshold", 1)
+            w.high = _slider(canny["high_threshold"], "Canny high threshold", 1)
         if kind == "controlnet":
-            with gr.Row():
-                w.start = gr.Slider(0, 1, 0.0, step=0.05, label="Guidance start")
-                w.end = gr.Slider(0, 1, 1.0, step=0.05, label="Guidance end")
-            w.guess = gr.Checkbox(False, label="Guess mode (steer without a prompt)")
+            _controlnet_widgets(w)
         else:
-            w.factor = gr.Slider(0, 1, 1.0, step=0.05, label="Conditioning factor (fraction of early steps)")
+            w.scale = _slider(ADAPTER_FIELDS["weight"], "Weight", 0.05)
+            w.factor = _slider(ADAPTER_FIELDS["conditioning_factor"], "Conditioning factor (fraction of early steps)",
+                               0.05)
         show = gr.Button("Preview preprocessor", size="sm")
         show.click(preview_condition, [w.image, w.preprocessor, w.low, w.high], [w.preview],
                    show_progress="hidden", api_visibility="private")
     return w
+
+
+def _controlnet_widgets(w: UnitWidgets) -> None:
+    w.scale = _slider(CONTROLNET_FIELDS["scale"], "Scale", 0.05)
+    with gr.Row():
+        w.start = _slider(CONTROLNET_FIELDS["start"], "Guidance start", 0.05)
+        w.end = _slider(CONTROLNET_FIELDS["end"], "Guidance end", 0.05)
+    w.guess = gr.Checkbox(False, label="Guess mode (steer without a prompt)")
 
 
 @shows_errors
@@ -180,11 +202,10 @@ def preview_condition(image, preprocessor, low, high):
 
 
 # ---- engine handler ----------------------------------------------------------------------------------
-class GenerateHandlers:
+class GenerateHandlers(GpuHandlers):
     def __init__(self, editor):
-        self.editor = editor
-        self.can_cancel = not zero_gpu()
-        self._edit = gpu(GPU_SECONDS)(editor.edit)
+        super().__init__(editor)
+        self._edit = gpu(GPU_SECONDS["text_to_image"])(editor.edit)
 
     @shows_errors
     def generate(self, prompt, negative_prompt, units, files, results: Results, progress=gr.Progress(),  # noqa: B008
@@ -193,12 +214,47 @@ class GenerateHandlers:
         cns, ads, ip = parse_units(units, files)
         req = GenerateRequest(prompt or "", negative_prompt or "", controlnets=cns, adapters=ads, ip_adapter=ip,
                               **settings)
-        result = self._edit(req, progress=EngineProgress(progress),
-                            cancel=results.cancel if self.can_cancel else None, loras=lora_specs(loras))
+        result = self._edit(req, progress=EngineProgress(progress), cancel=self.cancel_of(results),
+                            loras=lora_specs(loras))
         notify(result.notices)
         kinds = [f"{len(cns)} ControlNet" if cns else "", "T2I-Adapter" if ads else "", "IP-Adapter" if ip else ""]
         results.add(result, ", ".join(["generated", *filter(None, kinds)]), details_of(result))
         return results.gallery(), *results.shown(), status_line(result, "image")
+
+
+# ---- layout and wiring -----------------------------------------------------------------------------
+def _settings_column(w: SimpleNamespace, editor, can_cancel: bool, start: dict, links) -> None:
+    """Prompts, seed, size/steps/guidance/batch, the unit accordions, the LoRA picker, Run / Cancel."""
+    w.prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt", placeholder="a photo of a cat on a sofa")
+    w.negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+    with gr.Row():
+        lo, hi, _, _ = GENERATE_FIELDS["seed"]
+        w.seed = gr.Number(value=start["seed"], precision=0, minimum=lo, maximum=hi, label="Seed", elem_id="gen-seed")
+        w.randomize = gr.Checkbox(False, label="Random seed each run (the seed used is shown)")
+    w.fields = {"seed": w.seed}
+    with gr.Accordion("Size, steps, guidance, batch", open=False):
+        for name in ("width", "height", "n_inference_steps", "guidance_scale", "batch"):
+            label = name.replace("n_inference_steps", "steps").replace("_", " ").capitalize()
+            w.fields[name] = field_input(name, GENERATE_FIELDS[name], start[name], f"gen-{name}", label)
+    w.widgets = [_unit_widgets(editor, "controlnet", f"ControlNet unit {i + 1}", i) for i in range(N_CONTROLNETS)]
+    w.widgets.append(_unit_widgets(editor, "t2i_adapter", "T2I-Adapter unit", 0))
+    w.widgets.append(_unit_widgets(editor, "ip_adapter", "IP-Adapter (image prompt)", 0))
+    w.picker = lora_picker(links)
+    with gr.Row():
+        w.run_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
+        w.cancel_btn = gr.Button("Cancel", variant="stop", visible=can_cancel, elem_id="gen-cancel")
+    w.status = gr.Markdown("", min_height=48, elem_id="gen-status")
+
+
+def _results_column(w: SimpleNamespace) -> None:
+    w.gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
+                           height=360, allow_preview=False, elem_id="gen-gallery")
+    w.download = gr.DownloadButton("Download PNG (with recipe)", elem_id="gen-download")
+    with gr.Row():
+        w.to_drag = gr.Button("Send to Drag", size="sm", elem_id="gen-to-drag")
+        w.to_sketch = gr.Button("Send to Sketch", size="sm", elem_id="gen-to-sketch")
+    with gr.Accordion("Details: timings, UNet/ControlNet calls, settings", open=False):
+        w.details = gr.JSON(label="Details")
 
 
 def build_generate_tab(editor, settings: dict | None = None, links=None) -> None:
@@ -206,63 +262,42 @@ def build_generate_tab(editor, settings: dict | None = None, links=None) -> None
     start = {name: spec[2] for name, spec in GENERATE_FIELDS.items()}
     start.update({k: v for k, v in (settings or {}).items() if k in GENERATE_FIELDS})
     with gr.Tab("Generate", id="generate"):
-        results = gr.State(Results("generate"), delete_callback=Results.close)
+        w = SimpleNamespace(results=gr.State(Results("generate"), delete_callback=Results.close))
         gr.Markdown("Text-to-image, optionally steered by structure (ControlNet, T2I-Adapter) and an image prompt "
                     "(IP-Adapter). Every result is drag-ready: send it to Drag and drag at once.")
         with gr.Row(equal_height=False):
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt", placeholder="a photo of a cat on a sofa")
-                negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
-                with gr.Row():
-                    seed = gr.Number(value=start["seed"], precision=0, minimum=0, maximum=2**31 - 1, label="Seed",
-                                     elem_id="gen-seed")
-                    randomize = gr.Checkbox(False, label="Random seed each run (the seed used is shown)")
-                fields = {"seed": seed}
-                with gr.Accordion("Size, steps, guidance, batch", open=False):
-                    for name in ("width", "height", "n_inference_steps", "guidance_scale", "batch"):
-                        fields[name] = field_input(name, GENERATE_FIELDS[name], start[name], "gen")
-                widgets = [_unit_widgets(editor, "controlnet", f"ControlNet unit {i + 1}", i) for i in range(N_CONTROLNETS)]
-                widgets.append(_unit_widgets(editor, "t2i_adapter", "T2I-Adapter unit", 0))
-                widgets.append(_unit_widgets(editor, "ip_adapter", "IP-Adapter (image prompt)", 0))
-                picker = links.lora_picker() if links is not None else None
-                with gr.Row():
-                    run_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
-                    cancel_btn = gr.Button("Cancel", variant="stop", visible=h.can_cancel, elem_id="gen-cancel")
-                status = gr.Markdown("", min_height=48, elem_id="gen-status")
+                _settings_column(w, editor, h.can_cancel, start, links)
             with gr.Column():
-                gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
-                                     height=360, allow_preview=False, elem_id="gen-gallery")
-                download = gr.DownloadButton("Download PNG (with recipe)", elem_id="gen-download")
-                with gr.Row():
-                    to_drag = gr.Button("Send to Drag", size="sm", elem_id="gen-to-drag")
-                    to_sketch = gr.Button("Send to Sketch", size="sm", elem_id="gen-to-sketch")
-                with gr.Accordion("Details: timings, UNet/ControlNet calls, settings", open=False):
-                    details = gr.JSON(label="Details")
-        units_json = gr.Textbox(visible=False)
-        unit_files = gr.File(file_count="multiple", visible=False)
+                _results_column(w)
+        w.units_json = gr.Textbox(visible=False)
+        w.unit_files = gr.File(file_count="multiple", visible=False)
+    _wire(w, h, links)
 
+
+def _wire(w: SimpleNamespace, h: GenerateHandlers, links) -> None:
     def prepare(data: dict):
         """Generate, step 1, instant: arm Cancel, pick the seed, turn the unit accordions into units JSON + files."""
-        data[results].cancel.clear()
+        data[w.results].cancel.clear()
         files: list[str] = []
-        units = [u for w in widgets if (u := w.unit(data, files)) is not None]
-        return {units_json: json.dumps(units), unit_files: files or None,
-                seed: pick_seed(data[randomize], data[seed])}
+        units = [u for unit in w.widgets if (u := unit.unit(data, files)) is not None]
+        return {w.units_json: json.dumps(units), w.unit_files: files or None,
+                w.seed: pick_seed(data[w.randomize], data[w.seed], GENERATE_FIELDS["seed"])}
 
     instant = {"show_progress": "hidden", "api_visibility": "private"}
-    gallery.select(on_select, [results], [download, details], **instant)
-    cancel_btn.click(request_cancel, [results], [status], queue=False, api_visibility="private")
+    w.gallery.select(on_select, [w.results], [w.download, w.details], **instant)
+    w.cancel_btn.click(request_cancel, [w.results], [w.status], queue=False, api_visibility="private")
     if links is not None:
-        for button, tab in ((to_drag, "drag"), (to_sketch, "sketch")):
+        for button, tab in ((w.to_drag, "drag"), (w.to_sketch, "sketch")):
             fn, outputs = sender(links, tab)
-            button.click(fn, [results], outputs, **instant)
-        first = widgets[0]
+            button.click(fn, [w.results], outputs, **instant)
+        first = w.widgets[0]
         links.inboxes["generate"].change(lambda p: (p, True) if p else gr.skip(), [links.inboxes["generate"]],
                                          [first.image, first.enabled], **instant)
-    if picker is not None:
-        fields["loras"] = picker
-    inputs = {results, randomize, seed, *(c for w in widgets for c in w.components())}
-    run_btn.click(shows_errors(prepare), inputs, [units_json, unit_files, seed], queue=False,
-                  api_visibility="private").success(
-        h.generate, [prompt, negative, units_json, unit_files, results], [gallery, download, details, status],
-        inputs_kwargs=fields, api_name="text_to_image", concurrency_id="gpu", show_progress_on=[status])
+    if w.picker is not None:
+        w.fields["loras"] = w.picker
+    inputs = {w.results, w.randomize, w.seed, *(c for unit in w.widgets for c in unit.components())}
+    w.run_btn.click(shows_errors(prepare), inputs, [w.units_json, w.unit_files, w.seed], queue=False,
+                    api_visibility="private").success(
+        h.generate, [w.prompt, w.negative, w.units_json, w.unit_files, w.results],
+        [w.gallery, w.download, w.details, w.status], inputs_kwargs=w.fields, api_name="text_to_image", concurrency_id="gpu", show_progress_on=[w.status])

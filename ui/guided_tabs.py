@@ -10,56 +10,47 @@ The three tabs share one history (before/after, download with the recipe, contin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+from types import SimpleNamespace
 
+import cv2
 import gradio as gr
 import numpy as np
-import torch
 from PIL import Image
 
-from editing.geometry import mask_centre, place
+from editing.geometry import mask_centre, place_object
 from editing.images import load_image, load_mask
-from editing.requests import AppearanceRequest, EditError, MoveRequest, PasteRequest
+from editing.requests import GUIDED_FIELDS, AppearanceRequest, EditError, MoveRequest, PasteRequest
 from ui import overlay
-from ui.drag_tab import (GPU_SECONDS, EngineProgress, Session, arm, canvas_image, lora_specs, notify, request_cancel,
-                         shows_errors, summary)
-from ui.zerogpu import gpu, zero_gpu
+from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, EngineProgress, GpuHandlers, arm, canvas_image,
+                       lora_picker, lora_specs, notify, on_select, request_cancel, shows_errors, summary, timings,
+                       with_loras)
+from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
 
 METHODS = {"DiffEditor": "diffeditor", "DragonDiffusion": "dragondiffusion"}
-BRUSH = dict(type="numpy", image_mode="RGBA", format="png", sources=("upload", "clipboard"), transforms=(),
-             layers=False, brush=gr.Brush(colors=[("#ff2bd6", 0.5)], color_mode="fixed"))
+STEPS, SEED = GUIDED_FIELDS["n_inference_steps"], GUIDED_FIELDS["seed"]  # (min, max, default, why)
+PLACEMENT = {f.name: f.default for f in dataclasses.fields(MoveRequest) if f.name in ("offset", "scale")}
+# Pure UI ranges: the sliders' reach (the API takes any offset) and the scales MoveRequest accepts.
+OFFSET_REACH, SCALE_RANGE, STEPS_SLIDER_MAX = 1024, (0.2, 4.0), 100
 
 
 # ---- previews (instant) -------------------------------------------------------------------------------
-def _warp(image: Image.Image, mask: np.ndarray, centre, scale: float, offset, size) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB float array, bool mask) of ``image``'s masked object placed like the engine will place it."""
-    img = torch.from_numpy(np.asarray(image.convert("RGB").resize(size), np.float32)).permute(2, 0, 1)[None]
-    m = torch.from_numpy(np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127)
-    m = m.float()[None, None]
-    rgb = place(img, centre, scale, offset, size, mode="bilinear")[0].permute(1, 2, 0).numpy()
-    return rgb, place(m, centre, scale, offset, size)[0, 0].numpy() > 0.5
-
-
 def placement_preview(base: Image.Image, obj: Image.Image, mask: np.ndarray, dx: float, dy: float, scale: float,
                       old: np.ndarray | None = None) -> np.ndarray:
     """The base picture with the object drawn translucent where it will land (and its old place outlined)."""
-    size = base.size
-    m = mask if mask.shape == (size[1], size[0]) else (
-        np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127)
-    rgb, placed = _warp(obj, m, mask_centre(m), float(scale), (float(dx), float(dy)), size)
+    rgb, placed = place_object(obj, mask, float(scale), (float(dx), float(dy)), base.size)
     out = np.asarray(base.convert("RGB"), np.float32).copy()
     out[placed] = 0.35 * out[placed] + 0.65 * rgb[placed]
     if old is not None and old.any():
-        import cv2
-
         edge = cv2.morphologyEx(old.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
         out[edge] = (255, 43, 214)
     return overlay.zoomed(np.clip(out, 0, 255).astype(np.uint8))
 
 
-def _num(v, name: str, default: float = 0.0) -> float:
+def _num(v, name: str, default: float) -> float:
     try:
         f = float(default if v is None else v)
     except (TypeError, ValueError):
@@ -69,6 +60,16 @@ def _num(v, name: str, default: float = 0.0) -> float:
     return f
 
 
+def _offset(dx, dy) -> tuple[float, float]:
+    """The dx, dy boxes, checked; a blank box means the request's default offset."""
+    return _num(dx, "dx", PLACEMENT["offset"][0]), _num(dy, "dy", PLACEMENT["offset"][1])
+
+
+def _placement(dx, dy, scale) -> tuple[float, float, float]:
+    """The preview sliders' (dx, dy, scale), checked."""
+    return *_offset(dx, dy), _num(scale, "scale", PLACEMENT["scale"])
+
+
 def move_preview(value, dx, dy, scale):
     image, mask = canvas_image(value)
     if image is None:
@@ -76,7 +77,7 @@ def move_preview(value, dx, dy, scale):
     if mask is None:
         return overlay.zoomed(overlay.as_rgb(image)), "Paint the object to move with the brush."
     try:
-        dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
+        dx, dy, scale = _placement(dx, dy, scale)
     except EditError as e:
         return gr.skip(), str(e)
     return (placement_preview(image, image, mask, dx, dy, max(scale, 0.05), old=mask),
@@ -100,7 +101,7 @@ def paste_preview(base, ref_value, dx, dy, scale):
     if mask is None:
         return overlay.zoomed(overlay.as_rgb(base)), "Paint the object to paste on the reference image."
     try:
-        dx, dy, scale = _num(dx, "dx"), _num(dy, "dy"), _num(scale, "scale", 1.0)
+        dx, dy, scale = _placement(dx, dy, scale)
     except EditError as e:
         return gr.skip(), str(e)
     return (placement_preview(base, ref.resize(base.size), mask, dx, dy, max(scale, 0.05)),
@@ -119,44 +120,44 @@ def paste_click(base, ref_value, evt: gr.SelectData):
 
 
 # ---- hand-over: canvases -> files for the API endpoints ------------------------------------------------
-def _save_canvas(session: Session, value, name: str, need_mask: bool = True):
+def _save_canvas(session: BeforeAfter, value, name: str):
     image, mask = canvas_image(value)
     if image is None:
         return None, None
     img_path = session.save_png(image, f"{name}.png")
-    mask_path = session.save_png(Image.fromarray(mask.astype(np.uint8) * 255), f"{name}-mask.png") if mask is not None else None
-    return img_path, mask_path
+    if mask is None:
+        return img_path, None
+    return img_path, session.save_png(Image.fromarray(mask.astype(np.uint8) * 255), f"{name}-mask.png")
 
 
-def prepare_move(session: Session, value):
+def prepare_move(session: BeforeAfter, value):
     arm(session)
     return _save_canvas(session, value, "move")
 
 
-def prepare_paste(session: Session, base, ref_value):
+def prepare_paste(session: BeforeAfter, base, ref_value):
     arm(session)
     base_path = session.save_png(Image.fromarray(base).convert("RGB"), "paste-base.png") if base is not None else None
     return (base_path, *_save_canvas(session, ref_value, "paste-ref"))
 
 
-def prepare_appearance(session: Session, base_value, ref_value):
+def prepare_appearance(session: BeforeAfter, base_value, ref_value):
     arm(session)
     return (*_save_canvas(session, base_value, "look-base"), *_save_canvas(session, ref_value, "look-ref"))
 
 
 # ---- engine handlers ------------------------------------------------------------------------------------
-class GuidedHandlers:
+class GuidedHandlers(GpuHandlers):
     def __init__(self, editor):
-        self.editor = editor
-        self.can_cancel = not zero_gpu()
+        super().__init__(editor)
         self._edit = gpu(GPU_SECONDS["drag"])(editor.edit)
 
-    def _run(self, request, session: Session, progress, caption: str, loras=None):
+    def _run(self, request, session: BeforeAfter, progress, caption: str, loras=None):
         notify(request.notices)
-        result = self._edit(request, progress=EngineProgress(progress),
-                            cancel=session.cancel if self.can_cancel else None, loras=lora_specs(loras))
+        result = self._edit(request, progress=EngineProgress(progress), cancel=self.cancel_of(session),
+                            loras=lora_specs(loras))
         notify(result.notices)
-        details = {"timings_s": {k: round(v, 3) for k, v in result.timings.items()}, "unet_calls": result.unet_calls,
+        details = {"timings_s": timings(result), "unet_calls": result.unet_calls,
                    "notices": result.notices, "params": result.recipe.get("params"), **result.extra}
         session.add_result(request.image, result, caption, details)
         return *session.shown(), session.gallery(), summary(result, True)
@@ -166,23 +167,25 @@ class GuidedHandlers:
         if method is not None and method not in METHODS and method not in METHODS.values():
             raise EditError(f"Unknown method {method!r}: choose DiffEditor or DragonDiffusion.")
         return dict(method=METHODS.get(method, method or "diffeditor"),
-                    n_inference_steps=int(_num(steps, "Steps", 50)), seed=int(_num(seed, "Seed", 42)))
+                    n_inference_steps=int(_num(steps, "Steps", STEPS[2])), seed=int(_num(seed, "Seed", SEED[2])))
 
     @shows_errors
-    def move(self, image, mask, dx, dy, scale, prompt, method, session: Session, progress=gr.Progress(),
-             steps=50, seed=42, loras=None):
+    def move(self, image, mask, dx, dy, scale, prompt, method, session: BeforeAfter, progress=gr.Progress(),
+             steps=STEPS[2], seed=SEED[2], loras=None):
         """Move (dx, dy px) and resize (scale) the object under ``mask``; the hole is filled."""
         if not image:
             raise EditError("No image: upload a picture first.")
         if not mask:
             raise EditError("No object mask: paint the object to move.")
-        req = MoveRequest(image=load_image(image), mask=load_mask(mask), offset=(_num(dx, "dx"), _num(dy, "dy")),
-                          scale=_num(scale, "Scale", 1.0), prompt=prompt or "", **self._kw(method, steps, seed))
-        return self._run(req, session, progress, f"move ({req.offset[0]:+.0f}, {req.offset[1]:+.0f}) ×{req.scale:g}", loras)
+        req = MoveRequest(image=load_image(image), mask=load_mask(mask), offset=_offset(dx, dy),
+                          scale=_num(scale, "Scale", PLACEMENT["scale"]), prompt=prompt or "",
+                          **self._kw(method, steps, seed))
+        caption = f"move ({req.offset[0]:+.0f}, {req.offset[1]:+.0f}) ×{req.scale:g}"
+        return self._run(req, session, progress, caption, loras)
 
     @shows_errors
-    def paste(self, image, reference, reference_mask, dx, dy, scale, prompt, method, session: Session,
-              progress=gr.Progress(), steps=50, seed=42, loras=None):
+    def paste(self, image, reference, reference_mask, dx, dy, scale, prompt, method, session: BeforeAfter,
+              progress=gr.Progress(), steps=STEPS[2], seed=SEED[2], loras=None):
         """Paste the object under ``reference_mask`` from ``reference`` into ``image``, moved by (dx, dy), scaled."""
         if not image:
             raise EditError("No photo: upload the picture to paste into.")
@@ -190,14 +193,15 @@ class GuidedHandlers:
             raise EditError("No reference image: upload the picture that holds the object.")
         if not reference_mask:
             raise EditError("The reference image needs a mask: paint the object to paste.")
-        req = PasteRequest(image=load_image(image), reference=load_image(reference), reference_mask=load_mask(reference_mask),
-                           offset=(_num(dx, "dx"), _num(dy, "dy")), scale=_num(scale, "Scale", 1.0), prompt=prompt or "",
+        req = PasteRequest(image=load_image(image), reference=load_image(reference),
+                           reference_mask=load_mask(reference_mask), offset=_offset(dx, dy),
+                           scale=_num(scale, "Scale", PLACEMENT["scale"]), prompt=prompt or "",
                            **self._kw(method, steps, seed))
         return self._run(req, session, progress, "paste", loras)
 
     @shows_errors
-    def appearance(self, image, mask, reference, reference_mask, prompt, method, session: Session,
-                   progress=gr.Progress(), steps=50, seed=42, loras=None):
+    def appearance(self, image, mask, reference, reference_mask, prompt, method, session: BeforeAfter,
+                   progress=gr.Progress(), steps=STEPS[2], seed=SEED[2], loras=None):
         """Give the object under ``mask`` the look of the object under ``reference_mask``."""
         if not image or not mask:
             raise EditError("Upload the photo and paint the object whose look should change.")
@@ -212,131 +216,135 @@ class GuidedHandlers:
 
 
 # ---- layout ---------------------------------------------------------------------------------------------
-def _results(prefix: str):
-    result = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id=f"{prefix}-result")
-    download = gr.DownloadButton("Download PNG (with recipe)", size="md", elem_id=f"{prefix}-download")
-    gallery = gr.Gallery(label="History (shared by Move, Paste and Appearance)", format="png", columns=4,
-                         fit_columns=False, height=200, allow_preview=False, elem_id=f"{prefix}-history")
+def _results(prefix: str) -> SimpleNamespace:
+    out = SimpleNamespace()
+    out.result = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id=f"{prefix}-result")
+    out.download = gr.DownloadButton("Download PNG (with recipe)", size="md", elem_id=f"{prefix}-download")
+    out.gallery = gr.Gallery(label="History (shared by Move, Paste and Appearance)", format="png", columns=4,
+                             fit_columns=False, height=200, allow_preview=False, elem_id=f"{prefix}-history")
     with gr.Accordion("Details: timings, UNet calls, memory bank", open=False):
-        details = gr.JSON(label="Details")
-    return result, download, gallery, details
+        out.details = gr.JSON(label="Details")
+    return out
 
 
-def _controls(prefix: str, settings: dict):
-    prompt = gr.Textbox(label="Prompt (optional): what the image shows", elem_id=f"{prefix}-prompt")
-    method = gr.Radio(list(METHODS), value="DiffEditor", label="Method", elem_id=f"{prefix}-method",
-                      info="DiffEditor: regional SDE + time travel (sharper); DragonDiffusion: guidance at every early step.")
+def _controls(prefix: str, settings: dict) -> SimpleNamespace:
+    c = SimpleNamespace()
+    c.prompt = gr.Textbox(label="Prompt (optional): what the image shows", elem_id=f"{prefix}-prompt")
+    c.method = gr.Radio(list(METHODS), value="DiffEditor", label="Method", elem_id=f"{prefix}-method",
+                        info="DiffEditor: regional SDE + time travel (sharper); DragonDiffusion: guidance at every early step.")
     with gr.Accordion("Settings", open=False):
-        steps = gr.Slider(4, 100, value=settings.get("n_inference_steps", 50), step=1, label="DDIM steps",
-                          elem_id=f"{prefix}-steps")
-        seed = gr.Number(value=settings.get("seed", 42), precision=0, label="Seed")
+        c.steps = gr.Slider(STEPS[0], STEPS_SLIDER_MAX, value=settings.get("n_inference_steps", STEPS[2]), step=1,
+                            label="DDIM steps", elem_id=f"{prefix}-steps")
+        c.seed = gr.Number(value=settings.get("seed", SEED[2]), precision=0, label="Seed")
     with gr.Row():
-        run = gr.Button("Run", variant="primary", elem_id=f"{prefix}-run")
-        cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
-    status = gr.Markdown("", min_height=48, elem_id=f"{prefix}-status")
-    return prompt, method, steps, seed, run, cancel, status
+        c.run = gr.Button("Run", variant="primary", elem_id=f"{prefix}-run")
+        c.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{prefix}-cancel")
+    c.status = gr.Markdown("", min_height=48, elem_id=f"{prefix}-status")
+    return c
 
 
-def build_guided_tabs(editor, settings: dict | None = None, links=None) -> None:
-    """Add the Move & Resize, Paste and Appearance tabs."""
-    settings = settings or {}
-    h = GuidedHandlers(editor)
-    engine = dict(concurrency_id="gpu")
-    instant = dict(concurrency_id="guided-preview", concurrency_limit=1, show_progress="hidden", api_visibility="private")
-    session = gr.State(Session(), delete_callback=Session.close)
+def _placement_sliders(prefix: str):
+    """dx, dy (pixels) and scale, starting at the request's defaults (no move)."""
+    with gr.Row():
+        dx = gr.Slider(-OFFSET_REACH, OFFSET_REACH, value=PLACEMENT["offset"][0], step=1, label="dx (px)",
+                       elem_id=f"{prefix}-dx")
+        dy = gr.Slider(-OFFSET_REACH, OFFSET_REACH, value=PLACEMENT["offset"][1], step=1, label="dy (px)",
+                       elem_id=f"{prefix}-dy")
+    scale = gr.Slider(*SCALE_RANGE, value=PLACEMENT["scale"], step=0.05, label="Scale", elem_id=f"{prefix}-scale")
+    return dx, dy, scale
 
-    # -- Move & Resize
+
+def _wire_run(t: SimpleNamespace, prepare, canvases: list, handler, params: list, api_name: str) -> None:
+    """Cancel; Run = save the canvases to ``t.files`` (instant), then the ``api_name`` endpoint on the GPU queue;
+    the tab's inbox (ui/links.py) of the same name."""
+    c, out = t.controls, t.out
+    c.cancel.click(request_cancel, [t.session], [c.status], queue=False, api_visibility="private")
+    c.run.click(prepare, [t.session, *canvases], t.files, queue=False, api_visibility="private").then(
+        handler, [*t.files, *params, c.prompt, c.method, t.session],
+        [out.result, out.download, out.details, out.gallery, c.status],
+        inputs_kwargs=with_loras({"steps": c.steps, "seed": c.seed}, t.picker),
+        api_name=api_name, show_progress_on=[c.status], concurrency_id="gpu")
+    if t.links is not None:  # a picture sent from another tab lands on the first canvas
+        inbox = t.links.inboxes[api_name]
+        inbox.change(lambda p: p, [inbox], [canvases[0]], **t.instant)
+
+
+def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with gr.Tab("Move & Resize", id="move"):
         gr.Markdown("**1.** Upload a picture and paint the object. **2.** Click the preview where its centre should go "
                     "(or use the sliders) and pick a size. **3.** Run: the object moves and the hole is filled.")
         with gr.Row(equal_height=False):
             with gr.Column():
-                canvas = gr.ImageEditor(label="Picture: paint the object", elem_id="move-canvas", **BRUSH)
-                with gr.Row():
-                    dx = gr.Slider(-1024, 1024, value=0, step=1, label="dx (px)", elem_id="move-dx")
-                    dy = gr.Slider(-1024, 1024, value=0, step=1, label="dy (px)", elem_id="move-dy")
-                scale = gr.Slider(0.2, 4.0, value=1.0, step=0.05, label="Scale", elem_id="move-scale")
+                canvas = gr.ImageEditor(label="Picture: paint the object", elem_id="move-canvas", **MASK_CANVAS)
+                dx, dy, scale = _placement_sliders("move")
             with gr.Column():
                 preview = gr.Image(label="Where the object will go", type="numpy", format="png", interactive=False,
                                    elem_id="move-preview")
                 info = gr.Markdown("Upload a picture, then paint the object to move.")
-                prompt, method, steps, seed, run, cancel, status = _controls("move", settings)
-                picker = links.lora_picker() if links is not None else None
+                t.controls = _controls("move", settings)
+                t.picker = lora_picker(t.links)
             with gr.Column():
-                outputs = _results("move")
-        files = [gr.File(visible=False), gr.File(visible=False)]
+                t.out = _results("move")
+        t.files = [gr.File(visible=False), gr.File(visible=False)]
     # .upload too: on a busy machine the editor's first .change can arrive before its picture has loaded
     for ev in (canvas.upload, canvas.change, dx.change, dy.change, scale.change):
-        ev(move_preview, [canvas, dx, dy, scale], [preview, info], trigger_mode="always_last", **instant)
-    preview.select(move_click, [canvas], [dx, dy], **instant)
-    cancel.click(request_cancel, [session], [status], queue=False, api_visibility="private")
-    run.click(prepare_move, [session, canvas], files, queue=False, api_visibility="private").then(
-        h.move, [*files, dx, dy, scale, prompt, method, session], [outputs[0], outputs[1], outputs[3], outputs[2], status],
-        inputs_kwargs={"steps": steps, "seed": seed} | ({"loras": picker} if picker is not None else {}),
-        api_name="move", show_progress_on=[status], **engine)
-    if links is not None:
-        links.inboxes["move"].change(lambda p: p, [links.inboxes["move"]], [canvas], **instant)
+        ev(move_preview, [canvas, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
+    preview.select(move_click, [canvas], [dx, dy], **t.instant)
+    _wire_run(t, prepare_move, [canvas], h.move, [dx, dy, scale], "move")
 
-    # -- Paste
+
+def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with gr.Tab("Paste", id="paste"):
         gr.Markdown("**1.** Upload the photo, and a reference picture on which you paint the object. **2.** Click the "
                     "preview where the object should go; pick its size. **3.** Run: it is pasted and blended in.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 base = gr.Image(label="Photo to paste into", type="numpy", format="png", elem_id="paste-base")
-                ref = gr.ImageEditor(label="Reference: paint the object", elem_id="paste-ref", **BRUSH)
+                ref = gr.ImageEditor(label="Reference: paint the object", elem_id="paste-ref", **MASK_CANVAS)
             with gr.Column():
-                p_preview = gr.Image(label="Live preview: click to place", type="numpy", format="png",
-                                     interactive=False, elem_id="paste-preview")
-                p_info = gr.Markdown("Upload the photo and the reference image.")
-                with gr.Row():
-                    p_dx = gr.Slider(-1024, 1024, value=0, step=1, label="dx (px)", elem_id="paste-dx")
-                    p_dy = gr.Slider(-1024, 1024, value=0, step=1, label="dy (px)", elem_id="paste-dy")
-                p_scale = gr.Slider(0.2, 4.0, value=1.0, step=0.05, label="Scale", elem_id="paste-scale")
-                p_prompt, p_method, p_steps, p_seed, p_run, p_cancel, p_status = _controls("paste", settings)
-                p_picker = links.lora_picker() if links is not None else None
+                preview = gr.Image(label="Live preview: click to place", type="numpy", format="png",
+                                   interactive=False, elem_id="paste-preview")
+                info = gr.Markdown("Upload the photo and the reference image.")
+                dx, dy, scale = _placement_sliders("paste")
+                t.controls = _controls("paste", settings)
+                t.picker = lora_picker(t.links)
             with gr.Column():
-                p_out = _results("paste")
-        p_files = [gr.File(visible=False) for _ in range(3)]
-    for ev in (base.change, ref.upload, ref.change, p_dx.change, p_dy.change, p_scale.change):
-        ev(paste_preview, [base, ref, p_dx, p_dy, p_scale], [p_preview, p_info], trigger_mode="always_last", **instant)
-    p_preview.select(paste_click, [base, ref], [p_dx, p_dy], **instant)
-    p_cancel.click(request_cancel, [session], [p_status], queue=False, api_visibility="private")
-    p_run.click(prepare_paste, [session, base, ref], p_files, queue=False, api_visibility="private").then(
-        h.paste, [*p_files, p_dx, p_dy, p_scale, p_prompt, p_method, session],
-        [p_out[0], p_out[1], p_out[3], p_out[2], p_status],
-        inputs_kwargs={"steps": p_steps, "seed": p_seed} | ({"loras": p_picker} if p_picker is not None else {}),
-        api_name="paste", show_progress_on=[p_status], **engine)
-    if links is not None:
-        links.inboxes["paste"].change(lambda p: p, [links.inboxes["paste"]], [base], **instant)
+                t.out = _results("paste")
+        t.files = [gr.File(visible=False) for _ in range(3)]
+    for ev in (base.change, ref.upload, ref.change, dx.change, dy.change, scale.change):
+        ev(paste_preview, [base, ref, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
+    preview.select(paste_click, [base, ref], [dx, dy], **t.instant)
+    _wire_run(t, prepare_paste, [base, ref], h.paste, [dx, dy, scale], "paste")
 
-    # -- Appearance
+
+def _appearance_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with gr.Tab("Appearance", id="appearance"):
         gr.Markdown("**1.** Paint the object whose look should change. **2.** Upload a reference and paint the object "
                     "whose look to take. **3.** Run.")
         with gr.Row(equal_height=False):
             with gr.Column():
-                a_base = gr.ImageEditor(label="Photo: paint the object", elem_id="look-base", **BRUSH)
-                a_ref = gr.ImageEditor(label="Reference: paint the object with the look", elem_id="look-ref", **BRUSH)
+                base = gr.ImageEditor(label="Photo: paint the object", elem_id="look-base", **MASK_CANVAS)
+                ref = gr.ImageEditor(label="Reference: paint the object with the look", elem_id="look-ref",
+                                     **MASK_CANVAS)
             with gr.Column():
-                a_prompt, a_method, a_steps, a_seed, a_run, a_cancel, a_status = _controls("look", settings)
-                a_picker = links.lora_picker() if links is not None else None
+                t.controls = _controls("look", settings)
+                t.picker = lora_picker(t.links)
             with gr.Column():
-                a_out = _results("look")
-        a_files = [gr.File(visible=False) for _ in range(4)]
-    a_cancel.click(request_cancel, [session], [a_status], queue=False, api_visibility="private")
-    a_run.click(prepare_appearance, [session, a_base, a_ref], a_files, queue=False, api_visibility="private").then(
-        h.appearance, [*a_files, a_prompt, a_method, session], [a_out[0], a_out[1], a_out[3], a_out[2], a_status],
-        inputs_kwargs={"steps": a_steps, "seed": a_seed} | ({"loras": a_picker} if a_picker is not None else {}),
-        api_name="appearance", show_progress_on=[a_status], **engine)
-    if links is not None:
-        links.inboxes["appearance"].change(lambda p: p, [links.inboxes["appearance"]], [a_base], **instant)
+                t.out = _results("look")
+        t.files = [gr.File(visible=False) for _ in range(4)]
+    _wire_run(t, prepare_appearance, [base, ref], h.appearance, [], "appearance")
 
+
+def build_guided_tabs(editor, settings: dict | None = None, links=None) -> None:
+    """Add the Move & Resize, Paste and Appearance tabs."""
+    settings = settings or {}
+    h = GuidedHandlers(editor)
+    instant = dict(concurrency_id="guided-preview", concurrency_limit=1, show_progress="hidden",
+                   api_visibility="private")
+    session = gr.State(BeforeAfter(), delete_callback=BeforeAfter.close)
+    tabs = [SimpleNamespace(session=session, links=links, instant=instant) for _ in range(3)]
+    for t, build in zip(tabs, (_move_tab, _paste_tab, _appearance_tab)):
+        build(t, h, settings)
     # The shared history: picking an entry in any gallery shows it in that tab.
-    for out in (outputs, p_out, a_out):
-        out[2].select(_pick, [session], [out[0], out[1], out[3]], **instant)
-
-
-def _pick(session: Session, evt: gr.SelectData):
-    session.selected = evt.index if isinstance(evt.index, int) else None
-    return session.shown()
+    for t in tabs:
+        t.out.gallery.select(on_select, [session], [t.out.result, t.out.download, t.out.details], **instant)

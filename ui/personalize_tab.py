@@ -27,7 +27,7 @@ import gradio as gr
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
 from editing.requests import EditCancelled, EditError
 from ui import lora_picker
-from ui.drag_tab import notify, shows_errors
+from ui.common import notify, shows_errors
 from ui.zerogpu import gpu, zero_gpu
 
 log = logging.getLogger(__name__)
