@@ -1,4 +1,4 @@
-"""Benchmark mode for DreamBooth-LoRA training (editing/dreambooth.py), for ``bench/perf.py``.
+"""Benchmark mode for DreamBooth-LoRA training (editing/dreambooth/), for ``bench/perf.py``.
 
 ``personalize`` trains a subject LoRA on four crops of the benchmark scene with prior preservation.
 The first run also generates the class-prior images (phase ``priors``); the repeat finds them cached

@@ -136,7 +136,7 @@ class IdentityLoraRequest:
         check_fields(self, table, {k: spec.default for k, spec in table.items()})
 
 
-# ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance.py) ---------------
+# ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance/) ------------------
 GUIDED_METHODS = ("diffeditor", "dragondiffusion")
 # Published defaults per task (DragonDiffusion/DiffEditor demos): energy weights, CFG, energy scale.
 GUIDED_DEFAULTS = {

@@ -1,4 +1,4 @@
-"""DreamBooth-LoRA (editing/dreambooth.py, editing/personalize.py) on the tiny model at 64 px, few steps."""
+"""DreamBooth-LoRA (editing/dreambooth/, editing/cli/personalize.py) on the tiny model at 64 px, few steps."""
 import json
 import threading
 

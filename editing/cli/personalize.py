@@ -1,4 +1,4 @@
-"""``personalize``: train a DreamBooth LoRA from a folder of photos (editing/dreambooth.py).
+"""``personalize``: train a DreamBooth LoRA from a folder of photos (editing/dreambooth/).
 
     python -m editing personalize --images DIR --class-noun dog [--out LORA_DIR --steps N --rank R
                                   --prior-images N --model SPEC]
