@@ -31,44 +31,21 @@ from PIL import Image
 from editing import conditions
 from editing.images import tensor_to_pil
 from editing.sampling import Schedule
-from editing.requests import EditError, check_number
+from editing.checks import check_fields, check_text, field_table, num
+from editing.requests import EditError
 from editing.runtime import EditResult, Task, decode_image, register
 
 MAX_BATCH = 8
 MAX_UNITS = 4
 MAX_SIDE = 2048
 
-_COMMON = {
-    "n_inference_steps": (2, 200, 50, "DDIM steps (50 = the drag's default, so results are drag-ready)"),
-    "guidance_scale": (1.0, 30.0, 7.5, "classifier-free guidance: how closely the prompt is followed"),
-    "seed": (0, 2**31 - 1, 42, "random seed of the first image (image i uses seed + i)"),
-    "batch": (1, MAX_BATCH, 1, "images per run"),
-}
-SKETCH_FIELDS: dict[str, tuple] = {
-    "strength": (0.0, 1.0, 0.75, "SDEdit t0: low keeps your sketch (faithful), high lets the model redraw (realistic)"),
-    **_COMMON,
-    "scribble_scale": (0.0, 2.0, 1.0, "strength of the optional ControlNet-scribble assist"),
-}
-GENERATE_FIELDS: dict[str, tuple] = {
-    "width": (0, MAX_SIDE, 0, "image width in px (0 = the model's native size)"),
-    "height": (0, MAX_SIDE, 0, "image height in px (0 = the model's native size)"),
-    **_COMMON,
-}
-CONTROLNET_FIELDS = {
-    "scale": (0.0, 2.0, 1.0, "how strongly this ControlNet steers (residuals × scale; 0 = off)"),
-    "start": (0.0, 1.0, 0.0, "fraction of the steps at which this unit starts steering"),
-    "end": (0.0, 1.0, 1.0, "fraction of the steps at which this unit stops steering"),
-}
-ADAPTER_FIELDS = {
-    "weight": (0.0, 2.0, 1.0, "how strongly this T2I-Adapter steers (features × weight; 0 = off)"),
-    "conditioning_factor": (0.0, 1.0, 1.0, "fraction of the (early, noisy) steps on which the adapter is applied"),
-}
-IP_FIELDS = {"scale": (0.0, 2.0, 0.6, "how strongly the reference image steers (0 = ignored)")}
+_STEPS = "DDIM steps (50 = the drag's default, so results are drag-ready)"
+_CFG = "classifier-free guidance: how closely the prompt is followed"
+_SEED = "random seed of the first image (image i uses seed + i)"
 
 
 def _check_fields(obj, table: dict) -> None:
-    for name in table:
-        object.__setattr__(obj, name, check_number(name, getattr(obj, name), table))
+    check_fields(obj, table)
 
 
 def _check_image(img, what: str) -> Image.Image:
@@ -79,14 +56,6 @@ def _check_image(img, what: str) -> Image.Image:
     if min(img.size) < 8:
         raise EditError(f"{what} is {img.width}×{img.height}; it must be at least 8 px on each side.")
     return img
-
-
-def _check_text(value, what: str) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise EditError(f"The {what} must be text.")
-    return value
 
 
 def _check_spec(spec, what: str) -> str:
@@ -104,9 +73,9 @@ class ControlNetUnit:
     model: str = "tiny"
     preprocessor: str = "none"
     options: Mapping = field(default_factory=dict)  # preprocessor options (editing/conditions.OPTIONS)
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
+    scale: float = num(1.0, 0.0, 2.0, "how strongly this ControlNet steers (residuals × scale; 0 = off)")
+    start: float = num(0.0, 0.0, 1.0, "fraction of the steps at which this unit starts steering")
+    end: float = num(1.0, 0.0, 1.0, "fraction of the steps at which this unit stops steering")
     guess_mode: bool = False
 
     def __post_init__(self):
@@ -123,6 +92,9 @@ class ControlNetUnit:
                 "scale": self.scale, "start": self.start, "end": self.end, "guess_mode": self.guess_mode}
 
 
+
+CONTROLNET_FIELDS = field_table(ControlNetUnit)
+
 @dataclass(frozen=True)
 class AdapterUnit:
     """One T2I-Adapter: the model, its condition picture and preprocessor, weight and conditioning factor."""
@@ -131,8 +103,8 @@ class AdapterUnit:
     model: str = "tiny"
     preprocessor: str = "none"
     options: Mapping = field(default_factory=dict)
-    weight: float = 1.0
-    conditioning_factor: float = 1.0
+    weight: float = num(1.0, 0.0, 2.0, "how strongly this T2I-Adapter steers (features × weight; 0 = off)")
+    conditioning_factor: float = num(1.0, 0.0, 1.0, "fraction of the (early, noisy) steps on which the adapter is applied")
 
     def __post_init__(self):
         object.__setattr__(self, "image", _check_image(self.image, "A T2I-Adapter condition image").convert("RGB"))
@@ -145,13 +117,16 @@ class AdapterUnit:
                 "weight": self.weight, "conditioning_factor": self.conditioning_factor}
 
 
+
+ADAPTER_FIELDS = field_table(AdapterUnit)
+
 @dataclass(frozen=True)
 class IPAdapterUnit:
     """An image prompt: one or more reference pictures (averaged into one prompt by the adapter) and a scale."""
 
     images: tuple[Image.Image, ...]
     model: str = "tiny"
-    scale: float = 0.6
+    scale: float = num(0.6, 0.0, 2.0, "how strongly the reference image steers (0 = ignored)")
 
     def __post_init__(self):
         imgs = (self.images,) if isinstance(self.images, Image.Image) else tuple(self.images or ())
@@ -167,6 +142,9 @@ class IPAdapterUnit:
         return {"model": self.model, "scale": self.scale, "n_images": len(self.images)}
 
 
+
+IP_FIELDS = field_table(IPAdapterUnit)
+
 # ---- requests ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SketchRequest:
@@ -179,16 +157,14 @@ class SketchRequest:
     image: Image.Image | None = None  # the photo drawn over (None = a blank canvas)
     prompt: str = ""
     negative_prompt: str = ""
-    strength: float = 0.75
-    n_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    seed: int = 42
-    batch: int = 1
+    strength: float = num(0.75, 0.0, 1.0, "SDEdit t0: low keeps your sketch (faithful), high lets the model redraw (realistic)")
+    n_inference_steps: int = num(50, 2, 200, _STEPS)
+    guidance_scale: float = num(7.5, 1.0, 30.0, _CFG)
+    seed: int = num(42, 0, 2**31 - 1, _SEED)
+    batch: int = num(1, 1, MAX_BATCH, "images per run")
     scribble_controlnet: str | None = None
-    scribble_scale: float = 1.0
+    scribble_scale: float = num(1.0, 0.0, 2.0, "strength of the optional ControlNet-scribble assist")
     notices: tuple[str, ...] = field(default=(), compare=False)
-
-    FIELDS_UI = SKETCH_FIELDS
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -211,8 +187,8 @@ class SketchRequest:
             raise EditError("The sketch is blank: draw some strokes first (or raise nothing and upload a drawing).")
         set_("sketch", composite)
         set_("image", base)
-        set_("prompt", _check_text(self.prompt, "prompt"))
-        set_("negative_prompt", _check_text(self.negative_prompt, "negative prompt"))
+        set_("prompt", check_text(self.prompt, "prompt"))
+        set_("negative_prompt", check_text(self.negative_prompt, "negative prompt"))
         _check_fields(self, SKETCH_FIELDS)
         if self.scribble_controlnet is not None and not str(self.scribble_controlnet).strip():
             set_("scribble_controlnet", None)
@@ -229,29 +205,31 @@ class SketchRequest:
         return {k: getattr(self, k) for k in ("prompt", "negative_prompt", *SKETCH_FIELDS, "scribble_controlnet")}
 
 
+
+SKETCH_FIELDS = field_table(SketchRequest)  # the Sketch tab's sliders and the CLI flags
+SketchRequest.FIELDS_UI = SKETCH_FIELDS
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """Text-to-image, optionally steered by ControlNet units, T2I-Adapter units and an IP-Adapter."""
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 0
-    height: int = 0
-    n_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    seed: int = 42
-    batch: int = 1
+    width: int = num(0, 0, MAX_SIDE, "image width in px (0 = the model's native size)")
+    height: int = num(0, 0, MAX_SIDE, "image height in px (0 = the model's native size)")
+    n_inference_steps: int = num(50, 2, 200, _STEPS)
+    guidance_scale: float = num(7.5, 1.0, 30.0, _CFG)
+    seed: int = num(42, 0, 2**31 - 1, _SEED)
+    batch: int = num(1, 1, MAX_BATCH, "images per run")
     controlnets: tuple[ControlNetUnit, ...] = ()
     adapters: tuple[AdapterUnit, ...] = ()
     ip_adapter: IPAdapterUnit | None = None
     notices: tuple[str, ...] = field(default=(), compare=False)
 
-    FIELDS_UI = GENERATE_FIELDS
-
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
-        set_("prompt", _check_text(self.prompt, "prompt"))
-        set_("negative_prompt", _check_text(self.negative_prompt, "negative prompt"))
+        set_("prompt", check_text(self.prompt, "prompt"))
+        set_("negative_prompt", check_text(self.negative_prompt, "negative prompt"))
         _check_fields(self, GENERATE_FIELDS)
         for name, kind, what in (("controlnets", ControlNetUnit, "ControlNet"), ("adapters", AdapterUnit, "T2I-Adapter")):
             units = tuple(getattr(self, name) or ())
@@ -277,6 +255,10 @@ class GenerateRequest:
             out.update({f"ip{j}": im for j, im in enumerate(self.ip_adapter.images)})
         return out
 
+
+
+GENERATE_FIELDS = field_table(GenerateRequest)
+GenerateRequest.FIELDS_UI = GENERATE_FIELDS
 
 # ---- the shared denoise run ------------------------------------------------------------------------
 def _components(b, scheduler) -> dict:

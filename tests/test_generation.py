@@ -306,16 +306,12 @@ def test_a_4x_vae_model_generates_with_every_unit():
     assert e.edit(GenerateRequest("x", guidance_scale=1.0, ip_adapter=IPAdapterUnit((drawing(),)), **FAST)).image.size == (64, 64)
 
 
-def test_partial_sketch_trajectory_is_offered_once_the_editor_takes_it(ed, monkeypatch):
-    """SDEdit below strength 1 keeps x_t0 … z_0; an Editor whose remember_generation takes ``start`` gets it."""
-    seen = {}
-
-    def remember(image, trajectory, schedule, prompt, guidance_scale, recipe, start=0):
-        seen.update(n=len(trajectory), start=start, t=len(schedule.timesteps))
-
-    monkeypatch.setattr(ed, "remember_generation", remember)
+def test_partial_sketch_trajectory_is_kept_for_drags(ed):
+    """SDEdit below strength 1 keeps x_t0 … z_0, starting at the step strength 0.5 begins at."""
     r = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=4))
-    assert r.extra["drag_ready"] and seen == {"n": 3, "start": 2, "t": 4}
+    gen = ed.generation_of(r.image)
+    assert r.extra["drag_ready"] and gen is not None
+    assert (len(gen.inversion.latents), gen.inversion.start, len(gen.inversion.schedule.timesteps)) == (3, 2, 4)
 
 
 def test_adapter_conditioning_factor_limits_the_steps_it_steers(ed):

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from tests.conftest import scene
+from tests.test_generation import drawing, edges
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("DRAGCANVAS_GOLDEN_UPDATE") == "1"
@@ -31,20 +31,6 @@ def box(h=64, w=64, y0=20, y1=40, x0=12, x1=30):
     m = np.zeros((h, w), bool)
     m[y0:y1, x0:x1] = True
     return m
-
-
-def drawing(size=(64, 64)) -> Image.Image:
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.ellipse((10, 10, 40, 40), outline=(200, 30, 30), width=3)
-    d.line((5, 55, 60, 50), fill=(30, 120, 30), width=3)
-    return img
-
-
-def edges(size=(64, 64)) -> Image.Image:
-    img = Image.new("RGB", size, "black")
-    ImageDraw.Draw(img).rectangle((12, 12, 44, 44), outline="white", width=2)
-    return img
 
 
 # ---- the cases: name -> (editor) -> EditResult --------------------------------------------------------
