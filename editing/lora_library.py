@@ -19,13 +19,13 @@ import logging
 import os
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from editing.requests import EditError
+from models.cache import LRU
 from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
@@ -194,9 +194,9 @@ class LoadedLora:
     card: dict
 
 
-_cache: OrderedDict = OrderedDict()  # (path, mtime, size) -> LoadedLora; a few small files
-_cache_lock = threading.Lock()
 CACHE_SIZE = 8
+_cache = LRU(CACHE_SIZE)  # (path, mtime, size) -> LoadedLora; a few small files
+_cache_lock = threading.Lock()
 
 
 def load_lora(spec: str | Path, allow_pickle: bool = False) -> LoadedLora:
@@ -206,13 +206,10 @@ def load_lora(spec: str | Path, allow_pickle: bool = False) -> LoadedLora:
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     with _cache_lock:
         if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    loaded = _convert(path, _read_file(path, allow_pickle))
+            return _cache.get(key)
+    loaded = _convert(path, _read_file(path, allow_pickle))  # outside the lock: reading may take a while
     with _cache_lock:
-        _cache[key] = loaded
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
+        _cache.put(key, loaded)
     return loaded
 
 
