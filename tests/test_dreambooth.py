@@ -94,6 +94,27 @@ def probe(bundle, prompt):
     return unet_eps(bundle.unet, x, 300, bundle.encode_prompt(prompt))
 
 
+def test_previews_reach_the_progress_callback_while_training(editor, photos):
+    """Each preview is handed to the caller (``Run.preview`` -> the callback's ``preview``) as it is made."""
+    class Stream:
+        def __init__(self):
+            self.seen = []  # ("progress", phase) / ("preview", step)
+
+        def __call__(self, phase, frac, msg=""):
+            self.seen.append(("progress", phase))
+
+        def preview(self, step, image):
+            self.seen.append(("preview", step, image.size))
+
+    stream = Stream()
+    r = editor.edit(db.PersonalizeRequest(photos[:2], "dog", name="streamed", **{**FAST, "steps": 2, "preview_every": 1}),
+                    progress=stream)
+    previews = [e for e in stream.seen if e[0] == "preview"]
+    assert previews == [("preview", 1, (64, 64)), ("preview", 2, (64, 64))]
+    assert stream.seen.index(previews[0]) < max(i for i, e in enumerate(stream.seen) if e == ("progress", "train"))
+    assert r.extra["preview_steps"] == [1, 2]
+
+
 def test_training_lowers_the_loss_and_the_lora_loads_back(editor, bundle, photos, lora_dir):
     base = probe(bundle, "a z dog")
     req = db.PersonalizeRequest(photos, "dog", **{**FAST, "steps": 30, "preview_every": 15})

@@ -103,7 +103,7 @@ class TrainStream:
     """The run's progress callback: keeps the latest progress and every preview image it is handed.
 
     The Editor's Run calls it from the training thread: ``(phase, fraction, message)`` for progress, and
-    ``preview(step, image)`` for each training preview (editing/dreambooth/runs.py ``preview_sink``); the
+    ``preview(step, image)`` for each training preview (the engine calls it through ``Run.preview``); the
     handler's thread reads both to stream updates.
     """
 

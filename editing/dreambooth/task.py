@@ -7,7 +7,6 @@ from PIL import Image
 
 from editing.dreambooth.photos import square
 from editing.dreambooth.request import PersonalizeRequest
-from editing.dreambooth.runs import preview_sink
 from editing.dreambooth.trainer import train_dreambooth_lora
 from editing.runtime import EditResult, Task, decode_image, encode_image, register
 
@@ -15,13 +14,11 @@ from editing.runtime import EditResult, Task, decode_image, encode_image, regist
 def run_personalize(ctx, req: PersonalizeRequest) -> EditResult:
     """Registered task: train, then return the last preview as the image and the LoRA facts in ``extra``.
 
-    ``ctx``: the ``EditContext`` (editing/context.py). Progress, cancel and phases go through ``ctx.run``;
-    each preview reaches the caller as it is made (``runs.preview_sink``: ``run.preview`` or the progress
-    callback's ``preview``).
+    ``ctx``: the ``EditContext`` (editing/context.py). Progress, cancel, phases and each preview as it is made
+    (``Run.preview``) go through ``ctx.run``.
     """
     run = ctx.run
-    out = train_dreambooth_lora(ctx.bundle, req, model_key=ctx.options.model_spec, run=run,
-                                on_preview=preview_sink(run))
+    out = train_dreambooth_lora(ctx.bundle, req, model_key=ctx.options.model_spec, run=run)
     size = out.card["resolution"]  # the photos as training saw them (square, training size): a small recipe
     recipe = ctx.recipe("personalize", req.params(),
                         extra={"photos_png": [encode_image(square(p, size)) for p in req.photos],

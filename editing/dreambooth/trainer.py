@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from editing.dreambooth.loss import prior_preservation_loss
 from editing.dreambooth.photos import augment, square
 from editing.dreambooth.priors import class_prior_images, encode_text, sample
 from editing.dreambooth.request import PersonalizeRequest, names, output_dir, work_dir
-from editing.dreambooth.runs import CallbackRun, cancel_requested
+from editing.dreambooth.runs import cancel_requested
 from editing.images import load_image, pil_to_tensor
 from editing.requests import EditCancelled, EditError
 from editing.sampling import add_noise
@@ -69,8 +68,7 @@ class TrainState:
     bundle: Any
     req: PersonalizeRequest
     model_key: str
-    run: Any  # Run-shaped: step(phase), report(frac, msg), cancel (editing/dreambooth/runs.py)
-    on_preview: Callable[[int, Image.Image], None] | None = None
+    run: Any  # the task's Run (editing/runtime.py): step(phase), report(frac, msg), cancel, preview(step, image)
     notices: list[str] = field(default_factory=list)
     acc: Any = None  # 1. accelerate.Accelerator
     identifier: str = ""  # 1.
@@ -107,22 +105,16 @@ class TrainState:
         return [self.bundle.unet] + ([self.bundle.text_encoder] if self.req.train_text_encoder else [])
 
 
-def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str, run=None,
-                          progress: Callable[[str, float, str], None] | None = None, cancel=None,
-                          on_preview: Callable[[int, Image.Image], None] | None = None,
-                          unet_calls: Callable[[str], Any] | None = None) -> TrainOutcome:
+def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str, run) -> TrainOutcome:
     """Train a DreamBooth LoRA on ``bundle`` (left exactly as it was afterwards). See the module docstring.
 
-    ``run``: the task's ``Run`` (phases, progress, cancel). Without one, the older callables build it:
-    ``progress(phase, fraction, message)``, ``cancel`` an Event, ``unet_calls(phase)`` a context manager
-    attributing time/UNet calls to a phase. ``on_preview(step, image)`` gets every preview image.
+    ``run``: the task's ``Run``: phases, progress, cancel, and every preview image (``run.preview``).
     """
     from editing import lora_library
 
     if lora_library.active_loras(bundle.unet):
         raise EditError("Personal LoRAs are trained on the base model: remove the LoRAs picked for this run.")
-    st = TrainState(bundle, req, model_key, run if run is not None else CallbackRun(progress, cancel, unet_calls),
-                    on_preview, list(req.notices))
+    st = TrainState(bundle, req, model_key, run, list(req.notices))
     plan(st)  # 1
     make_priors(st)  # 2
     encode_inputs(st)  # 3
@@ -345,8 +337,7 @@ def preview(st: TrainState, step: int) -> None:
     st.previews.append((step, img))
     (st.work / "previews").mkdir(parents=True, exist_ok=True)
     img.save(st.work / "previews" / f"step-{step:06d}.png")
-    if st.on_preview:
-        st.on_preview(step, img)
+    st.run.preview(step, img)
     b.unet.train()
 
 
