@@ -131,7 +131,35 @@ def on_select(history: History, evt: gr.SelectData):
     return history.shown()
 
 
+# ---- widgets shared by the generating tabs ------------------------------------------------------------
+def run_controls(w, label: str, prefix: str, can_cancel: bool) -> None:
+    """The Run and Cancel buttons and the status line (elem_ids ``{prefix}-run``, ``-cancel``, ``-status``)."""
+    with gr.Row():
+        w.run_btn = gr.Button(label, variant="primary", elem_id=f"{prefix}-run")
+        w.cancel_btn = gr.Button("Cancel", variant="stop", visible=can_cancel, elem_id=f"{prefix}-cancel")
+    w.status = gr.Markdown("", min_height=48, elem_id=f"{prefix}-status")
+
+
+def results_gallery(w, prefix: str, height: int) -> None:
+    """The results gallery and its PNG download (elem_ids ``{prefix}-gallery``, ``{prefix}-download``)."""
+    w.gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
+                           height=height, allow_preview=False, elem_id=f"{prefix}-gallery")
+    w.download = gr.DownloadButton("Download PNG (with recipe)", elem_id=f"{prefix}-download")
+
+
 # ---- errors, progress, Cancel -------------------------------------------------------------------------
+def _to_ui_error(fn, e: Exception):
+    """Raise what the browser shows for ``e`` (called in an ``except``): EditError -> gr.Error with its one-line
+    message; a gr.Error as is; anything else is logged and named in one line."""
+    if isinstance(e, EditError):
+        raise gr.Error(str(e)) from None
+    if isinstance(e, gr.Error):
+        raise e
+    log.exception("%s failed", fn.__name__)
+    raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). The app is still running; "
+                   "details are in the server log.") from None
+
+
 def shows_errors(fn):
     """EditError -> gr.Error with its one-line message; Cancel -> a warning; other errors are logged.
 
@@ -145,16 +173,29 @@ def shows_errors(fn):
         except EditCancelled as e:
             gr.Warning(f"{e} Your image, mask and points are unchanged.")
             return gr.skip()
-        except EditError as e:
-            raise gr.Error(str(e)) from None
-        except gr.Error:
-            raise
         except Exception as e:
-            log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). The app is still running; "
-                           "details are in the server log.") from None
+            _to_ui_error(fn, e)
 
     return wrapper
+
+
+def streams_errors(n_outputs: int):
+    """``shows_errors`` for generator handlers with ``n_outputs`` outputs (Cancel leaves all of them as they are)."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except EditCancelled as e:
+                gr.Warning(str(e))
+                yield tuple(gr.skip() for _ in range(n_outputs))
+            except Exception as e:
+                _to_ui_error(fn, e)
+
+        return wrapper
+
+    return decorate
 
 
 class EngineProgress:

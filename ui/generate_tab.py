@@ -35,23 +35,9 @@ from editing.generation import (
 )
 from editing.images import load_image
 from editing.requests import EditError
-from ui.common import (
-    GPU_SECONDS,
-    EngineProgress,
-    GpuHandlers,
-    Results,
-    details_of,
-    field_input,
-    lora_picker,
-    lora_specs,
-    notify,
-    on_select,
-    pick_seed,
-    request_cancel,
-    sender,
-    shows_errors,
-    status_line,
-)
+from ui.common import (GPU_SECONDS, EngineProgress, GpuHandlers, Results, details_of, field_input, lora_picker,
+                       lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
+                       sender, shows_errors, status_line)
 from ui.zerogpu import gpu
 
 N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS
@@ -240,16 +226,11 @@ def _settings_column(w: SimpleNamespace, editor, can_cancel: bool, start: dict, 
     w.widgets.append(_unit_widgets(editor, "t2i_adapter", "T2I-Adapter unit", 0))
     w.widgets.append(_unit_widgets(editor, "ip_adapter", "IP-Adapter (image prompt)", 0))
     w.picker = lora_picker(links)
-    with gr.Row():
-        w.run_btn = gr.Button("Generate", variant="primary", elem_id="gen-run")
-        w.cancel_btn = gr.Button("Cancel", variant="stop", visible=can_cancel, elem_id="gen-cancel")
-    w.status = gr.Markdown("", min_height=48, elem_id="gen-status")
+    run_controls(w, "Generate", "gen", can_cancel)
 
 
 def _results_column(w: SimpleNamespace) -> None:
-    w.gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
-                           height=360, allow_preview=False, elem_id="gen-gallery")
-    w.download = gr.DownloadButton("Download PNG (with recipe)", elem_id="gen-download")
+    results_gallery(w, "gen", 360)
     with gr.Row():
         w.to_drag = gr.Button("Send to Drag", size="sm", elem_id="gen-to-drag")
         w.to_sketch = gr.Button("Send to Sketch", size="sm", elem_id="gen-to-sketch")

@@ -16,8 +16,6 @@ LoRA picker (ui/lora_picker.py) lists it.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import threading
 from pathlib import Path
@@ -25,12 +23,11 @@ from pathlib import Path
 import gradio as gr
 
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
-from editing.requests import EditCancelled, EditError
+from editing.requests import EditError
 from ui import lora_picker
-from ui.common import notify, shows_errors
+from ui.common import notify, shows_errors, streams_errors
 from ui.zerogpu import gpu, zero_gpu
 
-log = logging.getLogger(__name__)
 
 MAIN_FIELDS = ("steps", "rank", "lr", "prior_images")
 ADVANCED_FIELDS = ("prior_weight", "prior_steps", "batch", "resolution", "checkpoint_every", "preview_every",
@@ -66,28 +63,6 @@ def library_rows() -> list[list]:
         rows.append([info.name, c.get("instance_prompt", ""), c.get("base_model", "(unknown)"), c.get("steps", ""),
                      c.get("rank", ""), str(info.path)])
     return rows or [["(empty)", "", "", "", "", ""]]
-
-
-def streams_errors(fn):
-    """``shows_errors`` for generator handlers: EditError -> gr.Error; Cancel -> a warning."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            yield from fn(*args, **kwargs)
-        except EditCancelled as e:
-            gr.Warning(str(e))
-            yield tuple(gr.skip() for _ in range(6))
-        except EditError as e:
-            raise gr.Error(str(e)) from None
-        except gr.Error:
-            raise
-        except Exception as e:
-            log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). The app is still running; "
-                           "details are in the server log.") from None
-
-    return wrapper
 
 
 def _paths(files) -> list[str]:
@@ -127,7 +102,7 @@ class PersonalizeHandlers:
         self.can_cancel = not zero_gpu()  # a ZeroGPU worker is another process: no Event or callback reaches it
         self._edit = gpu(GPU_SECONDS)(editor.edit)
 
-    @streams_errors
+    @streams_errors(6)
     def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
                     session: TrainSession, progress=gr.Progress(), **settings):  # noqa: B008 - gradio injects it
         """Train a subject LoRA from the photos; streams (previews, LoRA file, card, status, signal, library)."""

@@ -23,7 +23,8 @@ from editing.generation import SKETCH_FIELDS, SketchRequest
 from editing.images import load_image
 from editing.requests import EditError
 from ui.common import (GPU_SECONDS, EngineProgress, GpuHandlers, Results, details_of, field_input, lora_picker,
-                       lora_specs, notify, on_select, pick_seed, request_cancel, sender, shows_errors, status_line)
+                       lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
+                       sender, shows_errors, status_line)
 from ui.zerogpu import gpu
 
 BRUSH_COLOURS = ["#000000", "#e03030", "#f0a020", "#f5e040", "#30a040", "#3070e0", "#8040c0", "#8b5a2b",
@@ -147,16 +148,11 @@ def _settings_column(w: SimpleNamespace, can_cancel: bool, start: dict, links) -
                                 placeholder="tiny, or lllyasviel/sd-controlnet-scribble", elem_id="sketch-scribble")
         w.fields["scribble_scale"] = _sketch_input("scribble_scale", start["scribble_scale"])
     w.picker = lora_picker(links)
-    with gr.Row():
-        w.run_btn = gr.Button("Generate from sketch", variant="primary", elem_id="sketch-run")
-        w.cancel_btn = gr.Button("Cancel", variant="stop", visible=can_cancel, elem_id="sketch-cancel")
-    w.status = gr.Markdown("", min_height=48, elem_id="sketch-status")
+    run_controls(w, "Generate from sketch", "sketch", can_cancel)
 
 
 def _results_column(w: SimpleNamespace) -> None:
-    w.gallery = gr.Gallery(label="Results: select one to download or send", format="png", columns=3,
-                           height=320, allow_preview=False, elem_id="sketch-gallery")
-    w.download = gr.DownloadButton("Download PNG (with recipe)", elem_id="sketch-download")
+    results_gallery(w, "sketch", 320)
     with gr.Row():
         w.to_drag = gr.Button("Send to Drag", size="sm", elem_id="sketch-to-drag")
         w.again = gr.Button("Draw over the selected result", size="sm")
