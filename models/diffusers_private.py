@@ -63,7 +63,7 @@ def lora_config_from_state_dict(state_dict: dict, network_alphas, metadata, rank
     Private: ``diffusers.utils.peft_utils._create_lora_config``. The public loaders
     (``load_lora_into_text_encoder``) need transformers' PEFT integration, which wants a newer peft than
     we pin, so the LoRA library injects text-encoder adapters with peft directly and needs this config.
-    Offered here for ``editing/lora_library.py`` (``_load_text_encoder_adapter``)."""
+    Offered here for ``editing/lora_library/stack.py`` (``_load_text_encoder_adapter``)."""
     from diffusers.utils.peft_utils import _create_lora_config
 
     return _create_lora_config(state_dict, network_alphas, metadata, rank_pattern, is_unet=is_unet)

@@ -310,10 +310,10 @@ def test_pickle_only_folders_are_refused_unless_allowed(tmp_path):
 
 def test_every_layer_uses_the_one_pickle_policy():
     """No second copy of the rule: the loader, the adapters and the LoRA library all call models.safety."""
-    from editing import lora_library
+    from editing.lora_library import files as lora_files
     from models import adapters, loader, safety
 
-    for mod in (loader, adapters, lora_library):
+    for mod in (loader, adapters, lora_files):
         src = Path(mod.__file__).read_text(encoding="utf-8")
         assert "check_weights_file(" in src, mod.__name__
         assert mod.PICKLE_SUFFIXES is safety.PICKLE_SUFFIXES, mod.__name__

@@ -1,4 +1,4 @@
-"""The LoRA library (editing/lora_library.py): names, files, safety, fit checks, exact restore, stacking."""
+"""The LoRA library (editing/lora_library/): names, files, safety, fit checks, exact restore, stacking."""
 import json
 
 import pytest

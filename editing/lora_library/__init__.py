@@ -1,0 +1,17 @@
+"""The LoRA library: LoRA files by name, and ``activate`` — the context manager every edit runs inside.
+
+A *LoRA spec* is a library name (``zwx-dog``), a ``.safetensors`` file, or a folder holding one. The
+library is a folder (``~/.cache/dragcanvas/loras``, or ``$DRAGCANVAS_LORA_DIR``) of
+``NAME.safetensors`` files, each optionally with a ``NAME.json`` card written by the DreamBooth trainer.
+
+Files are read with diffusers' ``StableDiffusionLoraLoaderMixin.lora_state_dict`` (it converts
+kohya/A1111 ``lora_unet_*``/``lora_te_*`` keys), then loaded as named peft adapters: into the UNet with
+diffusers' ``load_lora_into_unet``, into the CLIP text encoder with peft directly (transformers' own
+adapter integration needs a newer peft than we pin). ``activate`` removes them again on exit, so the
+shared model computes exactly what it did before.
+"""
+from editing.lora_library.files import (ENV_DIR, LORA_SUFFIXES, LoraError, LoraInfo, add_to_library,  # noqa: F401
+                                        cache_key, library_dir, list_loras, read_card, resolve, safe_name)
+from editing.lora_library.loading import BASE_BY_CONTEXT_DIM, LoadedLora, check_fits, guess_base, load_lora  # noqa: F401
+from editing.lora_library.stack import (activate, active_loras, clear_prompt_cache, delete_adapter, load,  # noqa: F401
+                                        set_active)
