@@ -51,6 +51,10 @@ class Caches:
     generated: LRU = field(default_factory=lambda: LRU(8))  # image hash -> Generated
     tasks: dict[str, LRU] = field(default_factory=dict)
 
+    def generation_of(self, image: Image.Image | None) -> Generated | None:
+        """What a generation kept for this exact image (its trajectory), if anything."""
+        return None if image is None else self.generated.get(image_hash(image.convert("RGB")))
+
     def task(self, name: str, size: int = 2) -> LRU:
         """A task's own LRU (e.g. guided inversions + memory banks)."""
         return self.tasks.setdefault(name, LRU(size))
@@ -123,10 +127,6 @@ class EditContext:
         and serve drags whose inversion strength they cover."""
         inv = Inversion([z.detach().cpu() for z in reversed(trajectory)], schedule, start)
         self.caches.generated.put(image_hash(image), Generated(inv, prompt, guidance_scale, recipe))
-
-    def generation_of(self, image: Image.Image) -> Generated | None:
-        """What ``remember_generation`` kept for this exact image, if anything."""
-        return None if image is None else self.caches.generated.get(image_hash(image.convert("RGB")))
 
     # ---- results ------------------------------------------------------------------------------------
     def recipe(self, task: str, params: dict, images: dict | None = None, masks: dict | None = None,

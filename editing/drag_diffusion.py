@@ -239,7 +239,7 @@ def identity_lora(ctx: EditContext, work_img: Image.Image, prompt: str, req: Dra
 
 def _reusable_generation(ctx: EditContext, req: DragRequest, schedule: Schedule, start: int, notices: list):
     """The generation this image came from, if its trajectory can stand in for inversion + LoRA."""
-    gen = ctx.caches.generated.get(image_hash(req.image))
+    gen = ctx.caches.generation_of(req.image)
     if gen is not None and len(gen.inversion.schedule.timesteps) != req.n_inference_steps:
         notices.append("This image was generated with another step count, so it is inverted like a photo.")
         return None

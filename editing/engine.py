@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from editing.context import Caches, EditContext, EngineOptions, Generated
-from editing.images import image_hash
 from editing.requests import DragRequest, EditError, IdentityLoraRequest
 from editing.runtime import TASKS, EditResult, Progress, Run, load_task_modules, task_for
 
@@ -134,7 +133,7 @@ class Editor:
     # ---- generations ---------------------------------------------------------------------------
     def generation_of(self, image: Image.Image) -> Generated | None:
         """What a generation kept for this exact image (its trajectory), if anything."""
-        return None if image is None else self.caches.generated.get(image_hash(image.convert("RGB")))
+        return self.caches.generation_of(image)
 
     def is_drag_ready(self, image: Image.Image) -> bool:
         return self.generation_of(image) is not None

@@ -9,7 +9,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from PIL import Image

@@ -191,3 +191,19 @@ def test_generate_rounds_a_small_size_up_with_a_notice(editor):
     r = editor.generate("a cat", size=(10, 10), n_inference_steps=2)
     m = editor.bundle.pixel_multiple
     assert r.image.size == (m, m) and any("rounded" in n for n in r.notices)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": "abc"}, "lora_steps must be a number"),
+    ({"rank": 0}, r"lora_rank=0 is outside \[1, 128\]"),
+    ({"lr": float("nan")}, "lora_lr must be a finite number"),
+    ({"seed": 2.5}, "seed must be a whole number"),
+])
+def test_train_identity_lora_ahead_names_the_bad_field(editor, kwargs, match):
+    with pytest.raises(EditError, match=match):
+        editor.train_identity_lora(scene(), "", **kwargs)
+
+
+def test_train_identity_lora_needs_a_picture(editor):
+    with pytest.raises(EditError, match="No image"):
+        editor.train_identity_lora(None)
