@@ -1,13 +1,23 @@
 """DIFT point matching: diffusion features as a dense descriptor (Tang et al. 2023, "Emergent
 Correspondence from Image Diffusion", NeurIPS 2023), through our own model loader.
 
-The DragBench Mean Distance (REFERENCE.md, "Evaluation (DragBench, from DragDiffusion)") uses DIFT on
-SD-2.1 at t = 261, the output of ``up_blocks[1]``, averaged over an ensemble of 8 noise draws with
-the sample's prompt; the features are bilinearly upsampled to the image size and each handle is
-matched by cosine argmax. Those are the defaults here; the model spec is configurable (tests use
-"tiny"). As in DragDiffusion's evaluation (and unlike DIFT's own 768² resize) each image keeps its
-size, only rounded to the UNet's ``pixel_multiple``. Beyond the outermost feature-cell centres the
-bilinear map is flat, so matches there tie and the first (top-left) pixel wins.
+The DragBench Mean Distance (REFERENCE.md, "Evaluation (DragBench, from DragDiffusion)", exact
+protocol of the official ``drag_bench_evaluation/``) uses DIFT on SD-2.1 in fp32 at t = 261, the
+output of ``up_blocks[1]`` (``up_ft_index`` 1): the image is repeated 8 times, each copy gets its own
+VAE posterior sample and its own noise, x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε, one UNet pass with the sample's
+prompt (no CFG), and the 8 feature maps are averaged; the map is bilinearly upsampled to the image
+size and each handle is matched by cosine argmax over the whole image. Those are the defaults here;
+the model spec is configurable (tests use "tiny"). As in DragDiffusion's evaluation (and unlike
+DIFT's own 768² resize) each image is fed at its own size, not rounded (the diffusers UNet forwards
+the upsample sizes of sides that are not a multiple of its downsampling). Beyond the outermost
+feature-cell centres the bilinear map is flat, so matches there tie and the first (top-left, row
+major, as numpy's argmax) pixel wins.
+
+Seed: the official script seeds the global RNG once (42) and draws for every image in turn, so its
+noise depends on the file-system listing order and cannot be reproduced bit for bit. Here every
+``features`` call draws from its own generator seeded 42: a sample's score depends on that sample
+alone (order-free, so a worker pool gives the same numbers), and an unchanged image gets exactly its
+own features.
 
     dift = Dift()                                     # SD-2.1, t=261, up_blocks[1], 8 draws
     found = dift.match(original, handles, edited, prompt)   # [(x, y), ...] in edited-image pixels
@@ -23,11 +33,6 @@ from editing.images import pil_to_tensor
 from editing.sampling import add_noise
 
 DIFT_MODEL = "stabilityai/stable-diffusion-2-1"
-
-
-def _unet_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """(w, h) rounded to the nearest multiple of ``multiple`` (at least one), so the UNet divides evenly."""
-    return tuple(max(multiple, int(round(s / multiple)) * multiple) for s in size)
 
 
 def _grid(xy: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -78,10 +83,11 @@ class Dift:
     """Diffusion features of one model, averaged over noise draws; point matching by cosine argmax."""
 
     def __init__(self, spec: str = DIFT_MODEL, t: int = 261, block: int = 1, ensemble: int = 8,
-                 device=None, seed: int = 0):
+                 device=None, seed: int = 42, dtype: torch.dtype = torch.float32):
         from models.loader import load_bundle
 
-        self.bundle = load_bundle(spec, device=device)  # cached per process: shared with an Editor of the same spec
+        # fp32 as the official evaluation (it loads SD-2.1 without a dtype); cached per process
+        self.bundle = load_bundle(spec, device=device, dtype=dtype)
         n_up = len(self.bundle.unet.up_blocks)
         if not 0 <= block < n_up:
             raise ValueError(f"block={block}: the UNet of {spec!r} has up_blocks[0..{n_up - 1}].")
@@ -93,23 +99,24 @@ class Dift:
 
     @torch.no_grad()
     def features(self, image: Image.Image, prompt: str = "") -> torch.Tensor:
-        """``(1, C, h, w)`` float32: ``up_blocks[block]`` output at timestep t, mean over ``ensemble`` noise draws.
+        """``(1, C, h, w)`` float32: ``up_blocks[block]`` output at timestep t, mean over ``ensemble`` draws.
 
-        The image is resized to the nearest multiple of the model's ``pixel_multiple``; the map covers
-        the whole image, so any (w, h) maps back by scaling. The VAE posterior mean is the clean
-        latent (deterministic); the noise draws are seeded, so the same image gives the same features.
+        The image goes in at its own size (the map covers the whole image, so any (w, h) maps back by
+        scaling). Each of the ``ensemble`` copies takes its own sample of the VAE posterior, z₀ = μ + σ·n
+        (the official script encodes the repeated image and calls ``latent_dist.sample()``: the same
+        posterior, so it is encoded once here), then its own noise ε. All draws come from a generator
+        seeded with ``seed`` per call, so the same image gives the same features.
         """
         b = self.bundle
-        img = image.convert("RGB")
-        size = _unet_size(img.size, b.pixel_multiple)
-        if img.size != size:
-            img = img.resize(size, Image.BICUBIC)
-        x = pil_to_tensor(img).to(b.device, b.dtype)
-        z0 = b.vae.encode(x).latent_dist.mean.float() * b.vae.config.scaling_factor  # (1, 4, H/8, W/8)
+        x = pil_to_tensor(image.convert("RGB")).to(b.device, b.dtype)
+        post = b.vae.encode(x).latent_dist
         gen = torch.Generator("cpu").manual_seed(self.seed)
-        noise = torch.randn((self.ensemble, *z0.shape[1:]), generator=gen).to(b.device)
+        shape = (self.ensemble, *post.mean.shape[1:])
+        n = torch.randn(shape, generator=gen).to(b.device)  # posterior draws first, then noise, as the official
+        noise = torch.randn(shape, generator=gen).to(b.device)
+        z0 = (post.mean.float() + post.std.float() * n) * b.vae.config.scaling_factor  # (E, 4, h, w)
         a = b.scheduler.alphas_cumprod[self.t].float().to(b.device)
-        z_t = add_noise(z0.expand(self.ensemble, -1, -1, -1), noise, a)  # (E, 4, H/8, W/8)
+        z_t = add_noise(z0, noise, a)  # (E, 4, h, w)
         t = torch.tensor(self.t, dtype=torch.long, device=b.device)
         _, feats = run_for_features(b.unet, z_t, t, b.encode_prompt(prompt), blocks=(self.block,))
         return feats[self.block].float().mean(dim=0, keepdim=True)  # (1, C, h, w)
@@ -121,6 +128,6 @@ class Dift:
         if not pts:
             return []
         src_feat = self.features(src_img, prompt)
-        dst_feat = src_feat if dst_img is src_img else self.features(dst_img, prompt)
+        dst_feat = src_feat if dst_img is src_img else self.features(dst_img, prompt)  # the same draws: equal
         vecs = sample_features(src_feat, torch.tensor(pts, dtype=torch.float32), src_img.size)  # (K, C)
         return cosine_argmax(vecs, dst_feat, dst_img.size)

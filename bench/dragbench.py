@@ -6,21 +6,34 @@
     python -m bench.dragbench --data DIR --method noop --model tiny --dift-model tiny --limit 4
     python -m bench.dragbench --data DIR --method dragdiffusion --model tiny --dift-model tiny \\
         --set lora_steps=2 --set n_inference_steps=6 --set max_steps=2
+    python -m bench.dragbench --data DragBench --method instant --model stable-diffusion-v1-5/stable-diffusion-v1-5
+
+Methods: every entry of ``bench/methods.py`` (dragdiffusion, gooddrag, diffeditor, dragondiffusion,
+instant, region, noop); ``--set FIELD=VALUE`` sets a numeric field of that method's request.
 
 The data folder has DragBench's layout (REFERENCE.md, "Evaluation (DragBench, from DragDiffusion)"):
 ``DIR/<category>/<sample>/original_image.png`` and ``meta_data.pkl`` = {'prompt': str,
-'points': [[x, y], …] alternating handle, target, 'mask': H×W uint8 0/1}. Each sample becomes one
-``DragRequest`` (any image size; ``--set field=value`` overrides its settings) and runs through the
-method; the result is written in the same layout to ``OUT/<category>/<sample>/dragged_image.png``
+'points': [[x, y], …] alternating handle, target, 'mask': H×W uint8 0/1}. Each sample is checked as a
+``DragRequest`` (any image size; points inside it, the mask resized when its size differs), then runs
+through the method's own request; the result is written in the same layout to ``OUT/<category>/<sample>/dragged_image.png``
 (``meta_data.pkl`` copied beside it), so other evaluation scripts can read it too.
 
-Metrics, per sample, then per category and overall:
+Metrics, per sample, then per category and overall, following the official
+``drag_bench_evaluation/`` scripts (REFERENCE.md, "Exact protocol"):
+- The edited image is first resized to the original's size with PIL bilinear (as the official
+  scripts do before both metrics), then saved and scored.
 - **MD** (Mean Distance, lower is better): for each handle, its DIFT match in the edited image
-  (``bench/dift.py``: SD-2.1, t = 261, ``up_blocks[1]``, 8 noise draws, the sample's prompt); the
-  pixel distance to the target; the mean over all pairs (not over samples).
+  (``bench/dift.py``: SD-2.1 in fp32, t = 261, ``up_ft_index`` 1, the image repeated 8 times with the
+  posterior sampled and noised per copy, features averaged, the sample's prompt, no CFG, seed 42,
+  features bilinearly upsampled to H×W, cosine argmax over the whole edited image); the pixel
+  distance to the target; the mean over all pairs of the run (not of per-image means).
 - **IF** (Image Fidelity, higher is better): 1 − LPIPS(AlexNet) between the original and the edited
-  image at 224², with the ``lpips`` package. Without it (or its AlexNet weights) the table says
-  "unavailable" and the JSON holds null.
+  image, both in [−1, 1] resized bilinearly to 224², with the ``lpips`` package; the mean over
+  samples. Without it (or its AlexNet weights) the table says "unavailable" and the JSON holds null.
+
+Samples run through ``evaluate`` (one process, one Editor, in sorted order); a worker pool can replace
+it (``main(evaluate_fn=...)``): every sample's scores depend on that sample alone (DIFT's noise is
+seeded per image), so the order and the worker do not change a number.
 
 A bad sample (missing or malformed ``meta_data.pkl``, a point outside the image, an unreadable image,
 a method error) is reported in its row and the run goes on; a category folder with no samples is
@@ -41,16 +54,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editing.engine import Editor, EditResult
+from bench import methods as bm
+from editing.engine import Editor
 from editing.images import load_image, pil_to_tensor, save_png_with_recipe
-from editing.requests import DRAG_FIELDS, DragRequest, EditError
+from editing.requests import DragRequest, EditError
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +72,9 @@ IMAGE_NAME, META_NAME, OUT_NAME = "original_image.png", "meta_data.pkl", "dragge
 LPIPS_SIZE = 224
 
 
-# ---- methods ------------------------------------------------------------------------------------
-# A method edits one request: (editor, request) -> PIL image. It may return an EditResult instead,
-# whose engine notices and recipe are then kept (the recipe is embedded in the saved PNG).
-Method = Callable[[Editor, DragRequest], "Image.Image | EditResult"]
-
-
-def method_dragdiffusion(editor: Editor, req: DragRequest) -> EditResult:
-    """DragDiffusion with the request's settings: identity LoRA, DDIM inversion, optimisation, denoise."""
-    return editor.drag(req)
-
-
-def method_noop(editor: Editor, req: DragRequest) -> Image.Image:
-    """The input unchanged: the baseline (MD = how far the handles start from their targets, IF = 1)."""
-    return req.image
-
-
-METHODS: dict[str, Method] = {
-    "dragdiffusion": method_dragdiffusion,
-    "noop": method_noop,
-}
+# The methods: the shared table (bench/methods.py); the Move tool is not among them (DragBench's mask
+# is the editable area, not the object).
+METHODS: dict[str, bm.Method] = bm.METHODS
 
 
 # ---- reading a sample ---------------------------------------------------------------------------
@@ -133,8 +130,10 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def build_request(image: Image.Image, meta: dict, settings: dict) -> DragRequest:
-    """DragBench meta -> DragRequest (points alternate handle, target; mask 0/1 -> bool)."""
+def build_request(image: Image.Image, meta: dict, settings: dict | None = None) -> DragRequest:
+    """DragBench meta -> a checked DragRequest (points alternate handle, target; mask 0/1 -> bool).
+
+    Every method's input is checked this way (noop included), so a bad sample fails the same for all."""
     prompt = meta["prompt"]
     if not isinstance(prompt, str):
         raise SampleError(f"'prompt' must be text, got {type(prompt).__name__}.")
@@ -154,7 +153,7 @@ def build_request(image: Image.Image, meta: dict, settings: dict) -> DragRequest
             mask = mask if mask.dtype == bool else mask.astype(np.float32) > 0
         except (TypeError, ValueError):
             raise SampleError(f"'mask' must be an H×W array of 0/1, got {type(meta['mask']).__name__}.") from None
-    return DragRequest(image, pairs, mask, prompt=prompt, **settings)
+    return DragRequest(image, pairs, mask, prompt=prompt, **(settings or {}))
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -218,8 +217,15 @@ class Row:
         return r
 
 
-def run_sample(sample_dir: Path, out_dir: Path | None, method: Method, editor: Editor, dift, fidelity: Fidelity,
+def to_source_size(edited: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The edited image as the official scripts score it: RGB, resized to the original's (w, h) with PIL bilinear."""
+    edited = edited.convert("RGB")
+    return edited if edited.size == tuple(size) else edited.resize(tuple(size), Image.BILINEAR)
+
+
+def run_sample(sample_dir: Path, out_dir: Path | None, method: str, editor: Editor | None, dift, fidelity: Fidelity,
                settings: dict) -> Row:
+    """Edit one sample with ``method`` (a name of ``METHODS``), save it in DragBench's layout, score it."""
     row = Row(sample_dir.parent.name, sample_dir.name)
     try:
         meta = read_meta(sample_dir / META_NAME)
@@ -227,27 +233,21 @@ def run_sample(sample_dir: Path, out_dir: Path | None, method: Method, editor: E
             raise SampleError(f"{IMAGE_NAME} is missing.")
         image = load_image(sample_dir / IMAGE_NAME)
         row.size = list(image.size)
-        req = build_request(image, meta, settings)
+        req = build_request(image, meta)
         row.pairs, row.notices = len(req.points), list(req.notices)
 
-        t0 = time.perf_counter()
-        out = method(editor, req)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        row.wall_s = round(time.perf_counter() - t0, 4)
-        row.unet_calls = 0  # a method that returns a bare image (noop) evaluates no UNet
+        outcome = bm.run_method(method, editor, req.image, req.points, req.mask, req.prompt, settings, table=METHODS)
+        row.wall_s, row.unet_calls = round(outcome.seconds, 4), outcome.unet_calls
         recipe = None
-        if isinstance(out, EditResult):
-            row.unet_calls = sum(out.unet_calls.values())
-            row.notices += [n for n in out.notices if n not in row.notices]
-            out, recipe = out.image, out.recipe
-        if not isinstance(out, Image.Image):
-            raise SampleError(f"the method returned {type(out).__name__}, not an image.")
-        edited = out.convert("RGB")
-        if edited.size != image.size:
-            row.notices.append(f"The method returned {edited.width}×{edited.height}; it was resized to "
-                               f"{image.width}×{image.height} for saving and scoring.")
-            edited = edited.resize(image.size, Image.LANCZOS)
+        if outcome.result is not None:
+            row.notices += [n for n in outcome.result.notices if n not in row.notices]
+            recipe = outcome.result.recipe
+        if not isinstance(outcome.image, Image.Image):
+            raise SampleError(f"the method returned {type(outcome.image).__name__}, not an image.")
+        edited = to_source_size(outcome.image, image.size)
+        if outcome.image.size != image.size:
+            row.notices.append(f"The method returned {outcome.image.width}×{outcome.image.height}; it was resized "
+                               f"(bilinear) to {image.width}×{image.height} for saving and scoring.")
         if out_dir is not None:
             dst = out_dir / row.category / row.sample
             dst.mkdir(parents=True, exist_ok=True)
@@ -267,6 +267,51 @@ def run_sample(sample_dir: Path, out_dir: Path | None, method: Method, editor: E
         log.exception("%s/%s failed", row.category, row.sample)
         row.error = f"{type(e).__name__}: {str(e)[:200]}"
     return row
+
+
+@dataclass
+class Context:
+    """What scoring needs in one process: the editor (None for noop), DIFT, LPIPS, the method and its settings."""
+
+    method: str
+    settings: dict
+    editor: Editor | None
+    dift: object
+    fidelity: Fidelity
+    out: Path | None
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    """Load the editor (unless the method is noop), DIFT and LPIPS for ``args``; EditError when a model fails."""
+    from bench.dift import Dift
+
+    editor = None
+    if METHODS[args.method].build is not None:
+        editor = Editor(args.model, device=args.device, resolution=args.resolution)
+        if editor.banner:
+            log.warning("%s", editor.banner)
+        editor.load()
+    dift = Dift(args.dift_model, ensemble=args.dift_ensemble, device=args.device)
+    return Context(args.method, args.settings, editor, dift, Fidelity(dift.bundle.device), args.out)
+
+
+def evaluate(samples: Sequence[Path], ctx: Context) -> list[Row]:
+    """Every sample folder in order, in this process. The seam for a worker pool (issue 15): anything of this
+    signature returning one Row per sample, in order, can replace it (each worker builds its own Context)."""
+    rows = []
+    for k, sample_dir in enumerate(samples, 1):
+        row = run_sample(sample_dir, ctx.out, ctx.method, ctx.editor, ctx.dift, ctx.fidelity, ctx.settings)
+        if row.error:
+            log.warning("[%d/%d] %s/%s failed: %s", k, len(samples), row.category, row.sample, row.error)
+        else:
+            log.info("[%d/%d] %s/%s: MD %.2f, IF %s (%.1f s, %d UNet calls)", k, len(samples), row.category,
+                     row.sample, row.md, "–" if row.fidelity is None else f"{row.fidelity:.3f}", row.wall_s,
+                     row.unet_calls)
+        rows.append(row)
+    return rows
+
+
+Evaluate = Callable[[Sequence[Path], Context], list[Row]]
 
 
 def find_samples(data: Path) -> list[tuple[str, list[Path]]]:
@@ -307,7 +352,8 @@ def markdown(report: dict) -> str:
 
     d = report["dift"]
     head = (f"### DragBench — method {report['method']}, model {report['model']}\n\n"
-            f"MD: DIFT {d['model']} (t={d['t']}, up_blocks[{d['block']}], ensemble {d['ensemble']}); "
+            f"MD: DIFT {d['model']} (t={d['t']}, up_blocks[{d['block']}], ensemble {d['ensemble']}, seed {d['seed']}; "
+            f"mean over all points); edited image resized to the source with bilinear; "
             f"IF: 1 − LPIPS(AlexNet) at {LPIPS_SIZE}²"
             + ("" if fid else f" — unavailable: {report['lpips']['reason']}") + "\n")
     lines = ["| category | samples | ok | failed | pairs | MD ↓ | IF ↑ | edit s | UNet calls |",
@@ -316,22 +362,17 @@ def markdown(report: dict) -> str:
         lines.append(line(name + (" (no samples)" if s["empty_categories"] else ""), s))
     lines.append(line("**all**", report["summary"]))
     failures = [f"- {r['category']}/{r['sample'] or '—'}: {r['error']}" for r in report["samples"] if r["error"]]
-    tail = ("\n\nFailures:\n" + "\n".join(failures)) if failures else ""
+    summ = report["summary"]
+    tail = ("\n\nFailures (MD and IF cover only the "
+            f"{summ['ok']} ok samples, {summ['pairs']} points; the protocol's MD is over every point):\n"
+            + "\n".join(failures)) if failures else ""
     return f"{head}\n" + "\n".join(lines) + tail + "\n"
 
 
 # ---- driver -------------------------------------------------------------------------------------
-def parse_settings(items: list[str] | None) -> dict:
-    """``["lora_steps=2", …]`` -> validated DragRequest settings; raises EditError on a bad one."""
-    settings = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in DRAG_FIELDS:
-            raise EditError(f"--set {item!r}: write field=value with a field among {', '.join(DRAG_FIELDS)}.")
-        settings[key] = value.strip()
-    probe = DragRequest(Image.new("RGB", (8, 8)), (((0, 0), (4, 4)),), **settings)  # validates ranges
-    return {k: getattr(probe, k) for k in settings}
+def parse_settings(items: list[str] | None, method: str = "dragdiffusion") -> dict:
+    """``["lora_steps=2", …]`` -> validated settings of ``method``'s request; raises EditError on a bad one."""
+    return bm.parse_settings(items, [method], METHODS)[method]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -340,7 +381,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.dragbench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="DragBench folder: <category>/<sample>/original_image.png")
-    p.add_argument("--method", required=True, choices=list(METHODS))
+    p.add_argument("--method", required=True, choices=list(METHODS),
+                   help="; ".join(f"{k}: {m.about}" for k, m in METHODS.items()))
     p.add_argument("--model", default="auto", help="the editing model spec (models/loader.py); default auto")
     p.add_argument("--out", type=Path, help="where the edited images go (default out/dragbench/<method>)")
     p.add_argument("--dift-model", default=DIFT_MODEL, help=f"model for DIFT matching (default {DIFT_MODEL})")
@@ -348,7 +390,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="evaluate at most this many samples (in sorted order)")
     p.add_argument("--json", type=Path, help="also write the report as JSON to this file")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", dest="settings",
-                   help="a DragRequest setting for every sample, e.g. --set lora_steps=2 (repeatable)")
+                   help="a numeric field of the method's request for every sample, e.g. --set lora_steps=2 (repeatable)")
     p.add_argument("--resolution", type=int, help="the editor's working long side (default: the model's native)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
@@ -361,54 +403,51 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or Path("out") / "dragbench" / args.method
     if args.out.resolve() == args.data.resolve():
         p.error("--out must differ from --data (the originals would be mixed with the results).")
+    why = bm.available(args.method, METHODS)
+    if why:
+        p.error(why)
     try:
-        args.settings = parse_settings(args.settings)
+        args.settings = parse_settings(args.settings, args.method)
     except EditError as e:
         p.error(str(e))
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    from bench.dift import Dift
+def select(categories: list[tuple[str, list[Path]]], limit: int | None) -> tuple[list[Path], list[tuple[int, Row]]]:
+    """The sample folders to evaluate (the first ``limit`` in sorted order) and the rows of empty
+    categories met on the way, each with the number of samples before it (to keep the report's order)."""
+    chosen: list[Path] = []
+    empty: list[tuple[int, Row]] = []
+    for cat, samples in categories:
+        if limit is not None and len(chosen) >= limit:
+            break
+        if not samples:
+            log.warning("%s: no sample folders", cat)
+            empty.append((len(chosen), Row(cat, None, error=f"the category folder {cat}/ has no samples.")))
+            continue
+        chosen += samples[: None if limit is None else limit - len(chosen)]
+    return chosen, empty
 
+
+def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> int:
+    args = _parse(argv)
     categories = find_samples(args.data)
     if not categories:
         print(f"{args.data} has no category folders (expected <category>/<sample>/{IMAGE_NAME}).", file=sys.stderr)
         return 2
     try:
-        editor = Editor(args.model, device=args.device, resolution=args.resolution)
-        if editor.banner:
-            log.warning("%s", editor.banner)
-        editor.load()
-        dift = Dift(args.dift_model, ensemble=args.dift_ensemble, device=args.device)
+        ctx = make_context(args)
     except EditError as e:
         print(str(e), file=sys.stderr)
         return 2
-    fidelity = Fidelity(dift.bundle.device)
-    method = METHODS[args.method]
-
+    chosen, empty = select(categories, args.limit)
+    scored = (evaluate_fn or evaluate)(chosen, ctx)
     rows: list[Row] = []
-    total = sum(len(s) for _, s in categories)
-    todo = total if args.limit is None else min(args.limit, total)
-    done = 0
-    for cat, samples in categories:
-        if args.limit is not None and done >= todo:
-            break
-        if not samples:
-            log.warning("%s: no sample folders", cat)
-            rows.append(Row(cat, None, error=f"the category folder {cat}/ has no samples."))
-            continue
-        for sample_dir in samples[: todo - done]:
-            done += 1
-            row = run_sample(sample_dir, args.out, method, editor, dift, fidelity, args.settings)
+    for k, row in enumerate(scored + [None]):
+        rows += [r for before, r in empty if before == k]
+        if row is not None:
             rows.append(row)
-            if row.error:
-                log.warning("[%d/%d] %s/%s failed: %s", done, todo, row.category, row.sample, row.error)
-            else:
-                log.info("[%d/%d] %s/%s: MD %.2f, IF %s (%.1f s, %d UNet calls)", done, todo, row.category,
-                         row.sample, row.md, "–" if row.fidelity is None else f"{row.fidelity:.3f}", row.wall_s,
-                         row.unet_calls)
+    dift, fidelity = ctx.dift, ctx.fidelity
 
     report = {
         "method": args.method,
@@ -416,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data),
         "out": str(args.out),
         "request": args.settings,
-        "dift": {"model": args.dift_model, "t": dift.t, "block": dift.block, "ensemble": dift.ensemble, "seed": dift.seed},
+        "dift": {"model": args.dift_model, "t": dift.t, "block": dift.block, "ensemble": dift.ensemble, "seed": dift.seed,
+                 "dtype": str(dift.bundle.dtype).removeprefix("torch."), "size": "native", "latent": "posterior sample",
+                 "resize": "edited -> source size, PIL bilinear"},
         "lpips": {"available": fidelity.available, "reason": fidelity.reason, "net": "alex", "size": LPIPS_SIZE},
         "device": str(dift.bundle.device),
         "torch": torch.__version__,

@@ -3,6 +3,7 @@
 # weights, 512², fp16 on CUDA). Run from anywhere on a machine with a CUDA GPU:
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
+#   MODES=instant,region,diffeditor OUT=/some/dir bash bench/gpu_check.sh   # a subset (issue 12's GPU targets)
 #
 # The machine has torch/peft/transformers/accelerate but not diffusers: wheels of the missing
 # pure-python packages travel in .whl/ and are installed to /tmp/site. Writes
@@ -25,7 +26,7 @@ python3 -c "import torch, diffusers, transformers, peft; print('torch', torch.__
 '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, \
 '| cuda available', torch.cuda.is_available())"
 
-timeout 480 python3 -m bench.perf --config sd15-full --json "$OUT/perf_sd15.json" 2>&1 | tee "$OUT/perf_sd15.log"
+timeout 480 python3 -m bench.perf --config sd15-full ${MODES:+--modes "$MODES"} --json "$OUT/perf_sd15.json" 2>&1 | tee "$OUT/perf_sd15.log"
 rc=${PIPESTATUS[0]}
 
 nvidia-smi

@@ -35,7 +35,8 @@ def mode_personalize(editor, scene, cfg, state: dict):
         state["dir"] = tempfile.TemporaryDirectory(prefix="bench-personalize-")
     req = PersonalizeRequest(_photos(scene), "house", name="bench-house", out_dir=state["dir"].name, steps=steps,
                              prior_images=priors, prior_steps=prior_steps, preview_steps=prior_steps,
-                             resolution=cfg.resolution, resume=False, checkpoint_every=0, preview_every=0)
+                             resolution=cfg.resolution, resume=False, checkpoint_every=0, preview_every=0,
+                             replace=True)  # the repeat trains the same LoRA again, into the same folder
     result = editor.edit(req, progress=_phase_logger())
     train_s = result.timings.get("train", 0.0)
     result.extra["s_per_step"] = train_s / max(1, steps)

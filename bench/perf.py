@@ -258,6 +258,19 @@ def summarize(mode: str, first: Measured, repeat: Measured, max_rss_mb: float) -
     }
 
 
+BASELINE = "diffeditor"  # the speed targets are ratios to DiffEditor's wall time in the same run
+
+
+def ratios(runs: list[dict], baseline: str = BASELINE) -> dict[str, dict[str, float]] | None:
+    """Each mode's first and repeat wall time / the baseline mode's (same run, same machine); None without it."""
+    base = next((r for r in runs if r["mode"] == baseline), None)
+    if base is None:
+        return None
+    div = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    return {r["mode"]: {"first": div(r["first_s"], base["first_s"]), "repeat": div(r["repeat_s"], base["repeat_s"])}
+            for r in runs}
+
+
 def _columns(dicts) -> list[str]:
     """Phase names of all runs in pipeline order: earlier results (generation), the drag, the rest."""
     order = ("generate", "generate.decode", "lora", "encode", "inversion", "drag", "edit", "denoise", "decode", "other")
@@ -295,7 +308,13 @@ def markdown(report: dict) -> str:
     times = _table(["mode", "run", "wall s", "×first", *(f"{c} s" for c in time_cols), "drag steps",
                     "peak RSS MB", "peak CUDA MB"], t_rows)
     calls = _table(["mode", "run", *(f"{c} NFE" for c in nfe_cols), "total NFE"], n_rows)
-    return f"{head}\n{times}\n\n{calls}\n"
+    out = f"{head}\n{times}\n\n{calls}\n"
+    if report.get("ratios"):
+        base = report["ratios_to"]
+        g = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731 - 3 significant digits: 0.004 is not 0.00
+        rows = [[m, g(v["first"]), g(v["repeat"])] for m, v in report["ratios"].items()]
+        out += f"\n{_table(['mode', f'first wall / {base}', f'repeat wall / {base}'], rows)}\n"
+    return out
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -349,6 +368,8 @@ def run(config: str, modes: list[str], lora_checkpointing: bool = False) -> dict
         "model_load_s": round(load_s, 3),
         "warmup_s": round(warm_s, 3),
         "runs": runs,
+        "ratios_to": BASELINE,
+        "ratios": ratios(runs),
     }
 
 
@@ -397,7 +418,7 @@ def _load_modes() -> None:
                 raise
 
 
-MODE_MODULES = ("bench.modes_guided", "bench.modes_generation", "bench.modes_personalize")
+MODE_MODULES = ("bench.modes_guided", "bench.modes_drag", "bench.modes_generation", "bench.modes_personalize")
 if __name__ == "__main__":  # run the importable module, so the mode files and this share one bench.perf
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -1,6 +1,8 @@
 """Shapes drag benchmark: does a drag really move the shape to the target, and does the rest survive?
 
-    python -m bench.toy_drag --method dragdiffusion|diffeditor|dragondiffusion|move --n 50 [--model toy] [--json OUT.json]
+    python -m bench.toy_drag --methods dragdiffusion,gooddrag,diffeditor,dragondiffusion,instant,region --n 50 \\
+        [--model toy] [--set FIELD=VALUE] [--set METHOD.FIELD=VALUE] [--json OUT.json]
+    python -m bench.toy_drag --methods all --n 50        # every method of bench/methods.py, and move
 
 Held-out toy scenes (``models/toy_world.py``) with one or two shapes; the handle is a shape's
 centroid, the target 6–20 px away, the mask covers the shape's start and end (dilated by 3 px).
@@ -10,7 +12,8 @@ Metrics per method:
 - success: MD ≤ 3 px.     - bg PSNR: input vs output outside the mask.
 - kept: the blob still has the shape's colour and class (IoU ≥ 0.5 with the shape re-rendered there).
 - wall time and UNet calls per edit.
-The ``noop`` baseline (returns the input) always runs in the same table.
+The ``noop`` baseline (returns the input) always runs, on the same scenes, in the same table, and every
+method's MD is also given as a ratio to noop's (``MD / noop``), so ratios come from one run.
 """
 from __future__ import annotations
 
@@ -19,19 +22,24 @@ import json
 import logging
 import math
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
-from editing.requests import DragRequest
+from bench import methods as bm
+from editing.requests import EditError
 from models import toy_world as tw
 from models.toy_world import Case, make_cases  # noqa: F401 - re-exported: bench.toy_drag.make_cases
 
 log = logging.getLogger(__name__)
 SUCCESS_PX = 3.0
+# Every method of the shared table, and the Move tool (it needs the shape's own mask, which only this
+# benchmark has). noop is the baseline and always runs.
+METHODS: dict[str, bm.Method] = {**bm.METHODS, **bm.EXTRA}
+CHOICES = [m for m in METHODS if m != "noop"]
 
 
 def measure(case: Case, out: Image.Image) -> dict:
@@ -53,101 +61,149 @@ def measure(case: Case, out: Image.Image) -> dict:
     return {"md": md, "success": md <= SUCCESS_PX, "bg_psnr": psnr, "lost": lost, "kept": bool(kept)}
 
 
-# ---- methods: name -> fn(editor, case, settings) -> (image, unet_calls) -------------------------
-def _noop(editor, case: Case, settings: dict):
-    return case.scene.image, 0
+# ---- one case, and the map over all of them (the seam a worker pool replaces) --------------------
+@dataclass(frozen=True)
+class Job:
+    """One (method, case) evaluation; plain data, so a pool can ship it to another process, which rebuilds
+    the case with ``make_cases(n)[index]`` (the held-out cases are a deterministic sequence)."""
+
+    method: str
+    index: int
+    n: int
+    settings: dict
 
 
-def _dragdiffusion(editor, case: Case, settings: dict):
-    req = DragRequest(case.scene.image, ((case.handle, case.target),), case.mask, prompt=case.scene.caption, **settings)
-    r = editor.drag(req)
-    return r.image, sum(r.unet_calls.values())
+def run_case(editor, method: str, case: Case, settings: dict) -> dict:
+    """Edit one case with one method and score it (the Move tool gets the shape's own mask)."""
+    mask = case.shape.mask if method == "move" else case.mask
+    img, calls, seconds = bm.run_method(method, editor, case.scene.image, ((case.handle, case.target),), mask,
+                                        case.scene.caption, settings, table=METHODS)
+    return measure(case, img) | {"wall_s": seconds, "unet_calls": calls, "seed": case.scene.seed}
 
 
-def _guided(method: str):
-    def fn(editor, case: Case, settings: dict):
-        from editing.requests import GuidedDragRequest
+def evaluate(jobs: Sequence[Job], model: str) -> list[dict]:
+    """Every job in order on one Editor in this process (built only when a method needs a model).
 
-        req = GuidedDragRequest(image=case.scene.image, points=((case.handle, case.target),), mask=case.mask,
-                                prompt=case.scene.caption, method=method, **settings)
-        r = editor.edit(req)
-        return r.image, sum(r.unet_calls.values())
-
-    return fn
-
-
-def _move(editor, case: Case, settings: dict):
-    """The Move tool with the shape's own mask (what a user would paint) and the handle→target offset."""
-    from editing.requests import MoveRequest
-
-    offset = (case.target[0] - case.handle[0], case.target[1] - case.handle[1])
-    req = MoveRequest(image=case.scene.image, mask=case.shape.mask, offset=offset, prompt=case.scene.caption, **settings)
-    r = editor.edit(req)
-    return r.image, sum(r.unet_calls.values())
-
-
-METHODS: dict[str, Callable] = {"noop": _noop, "dragdiffusion": _dragdiffusion, "diffeditor": _guided("diffeditor"),
-                                "dragondiffusion": _guided("dragondiffusion"), "move": _move}
-
-
-def run(method: str, n: int, model: str, settings: dict) -> dict:
-    from editing.engine import Editor
-
-    editor = None if method == "noop" else Editor(model)
-    cases = make_cases(n)
+    This is the seam for a worker pool (issue 15): anything with this signature that returns one row per
+    job, in the jobs' order, can replace it (each worker builds its own Editor of ``model``).
+    """
+    editor = None
+    cases: list[Case] = []
     rows = []
-    for i, case in enumerate(cases):
-        t0 = time.perf_counter()
-        img, calls = METHODS[method](editor, case, settings)
-        m = measure(case, img) | {"wall_s": time.perf_counter() - t0, "unet_calls": calls, "seed": case.scene.seed}
-        rows.append(m)
-        log.info("%s %d/%d: md %.1f px (start %.1f), bg %.1f dB%s", method, i + 1, n, m["md"],
-                 math.dist(case.handle, case.target), m["bg_psnr"], " LOST" if m["lost"] else "")
+    last = None
+    for job in jobs:
+        if len(cases) < job.n:
+            cases = make_cases(job.n)
+        if editor is None and METHODS[job.method].build is not None:
+            from editing.engine import Editor
+
+            editor = Editor(model)
+        if editor is not None and job.method != last:
+            editor.clear_caches()  # a method's times never include another method's cached inversion or bank
+        last = job.method
+        case = cases[job.index]
+        row = run_case(editor, job.method, case, job.settings)
+        log.info("%s %d/%d: md %.1f px (start %.1f), bg %.1f dB, %.2f s%s", job.method, job.index + 1, job.n,
+                 row["md"], math.dist(case.handle, case.target), row["bg_psnr"], row["wall_s"],
+                 " LOST" if row["lost"] else "")
+        rows.append(row)
+    return rows
+
+
+Evaluate = Callable[[Sequence[Job], str], list[dict]]
+
+
+def summarize(method: str, rows: list[dict], noop_md: float | None = None) -> dict:
+    """Means over the cases (pure); ``md_vs_noop`` when noop's MD on the same cases is given."""
     finite = [r["bg_psnr"] for r in rows if r["bg_psnr"] < 99]
-    return {
-        "method": method, "n": len(rows), "md": float(np.mean([r["md"] for r in rows])),
+    md = float(np.mean([r["md"] for r in rows]))
+    out = {
+        "method": method, "n": len(rows), "md": md,
         "success_rate": float(np.mean([r["success"] for r in rows])),
         "bg_psnr": float(np.mean(finite)) if finite else float("inf"),
         "kept_rate": float(np.mean([r["kept"] for r in rows])), "lost": int(sum(r["lost"] for r in rows)),
         "wall_s": float(np.mean([r["wall_s"] for r in rows])), "unet_calls": float(np.mean([r["unet_calls"] for r in rows])),
         "cases": rows,
     }
-
-
-def _settings(pairs: list[str]) -> dict:
-    out = {}
-    for p in pairs:
-        k, _, v = p.partition("=")
-        out[k.strip()] = float(v) if any(c in v for c in ".e") else int(v)
+    if noop_md is not None:
+        out["md_vs_noop"] = md / noop_md if noop_md else float("nan")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.toy_drag", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--method", default="dragdiffusion", choices=[m for m in METHODS if m != "noop"])
-    ap.add_argument("--n", type=int, default=50)
-    ap.add_argument("--model", default="toy")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="DragRequest override")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
-    settings = _settings(args.set)
-    noop = run("noop", args.n, args.model, settings)
-    res = run(args.method, args.n, args.model, settings)
-    res["noop_md"] = noop["md"]
-    res["md_vs_noop"] = res["md"] / noop["md"] if noop["md"] else float("nan")
-    res["settings"] = settings
-    print(f"\n### toy drag benchmark — model {args.model}, {args.n} held-out scenes\n")
-    print("| method | MD px | MD / noop | success (≤3 px) | bg PSNR dB | kept colour+class | lost | s/edit | UNet calls |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in (noop, res):
-        ratio = r["md"] / noop["md"] if noop["md"] else float("nan")
-        print(f"| {r['method']} | {r['md']:.2f} | {ratio:.2f} | {r['success_rate']:.0%} | {r['bg_psnr']:.1f} | "
-              f"{r['kept_rate']:.0%} | {r['lost']} | {r['wall_s']:.2f} | {r['unet_calls']:.0f} |")
+def run(method: str, n: int, model: str, settings: dict, evaluate_fn: Evaluate | None = None) -> dict:
+    """One method on the first ``n`` held-out cases (no noop ratio; ``run_all`` adds it)."""
+    rows = (evaluate_fn or evaluate)([Job(method, i, n, settings) for i in range(n)], model)
+    return summarize(method, rows)
+
+
+def run_all(names: list[str], n: int, model: str, settings: dict[str, dict],
+            evaluate_fn: Evaluate | None = None) -> list[dict]:
+    """noop and every method of ``names`` on the same ``n`` cases, in one map; each with its MD / noop."""
+    names = ["noop"] + [m for m in names if m != "noop"]
+    jobs = [Job(m, i, n, settings.get(m, {})) for m in names for i in range(n)]
+    rows = (evaluate_fn or evaluate)(jobs, model)
+    by_method = {m: rows[k * n:(k + 1) * n] for k, m in enumerate(names)}
+    noop_md = float(np.mean([r["md"] for r in by_method["noop"]]))
+    return [summarize(m, by_method[m], noop_md) | {"settings": settings.get(m, {})} for m in names]
+
+
+def markdown(runs: list[dict], model: str, n: int) -> str:
+    lines = [f"### toy drag benchmark — model {model}, {n} held-out scenes\n",
+             "| method | MD px | MD / noop | success (≤3 px) | bg PSNR dB | kept colour+class | lost | s/edit | UNet calls |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        name = r["method"] + (" (" + ", ".join(f"{k}={v}" for k, v in r["settings"].items()) + ")" if r.get("settings") else "")
+        lines.append(f"| {name} | {r['md']:.2f} | {r['md_vs_noop']:.2f} | {r['success_rate']:.0%} | {r['bg_psnr']:.1f} | "
+                     f"{r['kept_rate']:.0%} | {r['lost']} | {r['wall_s']:.2f} | {r['unet_calls']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _methods(args, p: argparse.ArgumentParser) -> list[str]:
+    names: list[str] = []
+    for item in [*(args.methods or []), *(args.method or [])]:
+        for name in (s.strip() for s in item.split(",")):
+            if name == "all":
+                names += CHOICES
+            elif name:
+                names.append(name)
+    names = list(dict.fromkeys(n for n in names if n != "noop")) or ["dragdiffusion"]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(CHOICES)} (or all)")
+    missing = [why for n in names if (why := bm.available(n, METHODS))]
+    if missing:
+        p.error("; ".join(missing))
+    return names
+
+
+def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.toy_drag", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="methods:\n" + "\n".join(f"  {k:16s} {m.about}" for k, m in METHODS.items()))
+    p.add_argument("--method", action="append", metavar="NAME", help="a method to score (repeatable)")
+    p.add_argument("--methods", action="append", metavar="A,B,C", help=f"comma-separated, or all: {','.join(CHOICES)}")
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--model", default="toy")
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
+                   help="a request field for every chosen method that has it, or for METHOD only (repeatable)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be at least 1.")
+    names = _methods(args, p)
+    try:
+        settings = bm.parse_settings(args.set, names, METHODS)
+    except EditError as e:
+        p.error(str(e))
+    runs = run_all(names, args.n, args.model, settings, evaluate_fn)
+    print("\n" + markdown(runs, args.model, args.n))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"runs": [noop, res], "model": args.model, "settings": settings,
-                                         **{k: res[k] for k in ("method", "n", "md", "noop_md", "success_rate", "bg_psnr")}},
-                                        indent=1))
+        report = {"runs": runs, "model": args.model, "n": args.n, "noop_md": runs[0]["md"],
+                  "methods": names, "settings": settings}
+        if len(names) == 1:  # the one-method summary earlier reports had at the top level
+            report |= {k: runs[1][k] for k in ("method", "md", "md_vs_noop", "success_rate", "bg_psnr")}
+        args.json.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -22,6 +22,7 @@ def test_perf_tiny_config_writes_report(tmp_path, capsys):
     assert report["config"] == "tiny-test" and report["torch"] == torch.__version__
     runs = {r["mode"]: r for r in report["runs"]}
     assert list(runs) == list(perf.MODES)
+    table = capsys.readouterr().out
     for r in runs.values():
         assert RUN_KEYS <= r.keys()
         assert r["first_s"] > 0 and r["repeat_s"] > 0 and r["repeat_ratio"] > 0
@@ -38,6 +39,23 @@ def test_perf_tiny_config_writes_report(tmp_path, capsys):
         assert r["nfe_first"]["inversion"] > 0 and r["nfe_repeat"]["inversion"] == 0  # inversion + bank cached
         assert r["nfe_first"]["edit"] == r["nfe_repeat"]["edit"] > 0
 
+    from bench import methods as bm
+
+    for name in ("instant", "region", "gooddrag"):  # the newer methods (bench/modes_drag.py), once installed
+        if bm.available(name):
+            continue
+        r = runs[name]
+        assert r["unet_calls"] > 0 and r["unet_calls_repeat"] == sum(r["nfe_repeat"].values()) > 0
+    if "instant" in runs:  # no LoRA, no gradients, a short schedule: fewer UNet calls than DiffEditor
+        assert runs["instant"]["unet_calls"] < runs["diffeditor"]["unet_calls"]
+    # Wall-time ratios to DiffEditor in the same run (the speed target is one of them).
+    ratios = report["ratios"]
+    assert report["ratios_to"] == "diffeditor" and set(ratios) == set(runs)
+    assert ratios["diffeditor"] == {"first": 1.0, "repeat": 1.0}
+    for name, r in runs.items():
+        assert ratios[name]["first"] == pytest.approx(r["first_s"] / runs["diffeditor"]["first_s"], rel=1e-3)
+    assert "first wall / diffeditor" in table
+
     drag = runs["dragdiffusion"]
     assert drag["nfe_first"]["lora"] == 2 * 4  # 2 steps × batch 4
     assert drag["nfe_repeat"]["lora"] == drag["nfe_repeat"]["inversion"] == 0  # cached LoRA and inversion
@@ -46,7 +64,6 @@ def test_perf_tiny_config_writes_report(tmp_path, capsys):
     assert gen["nfe_first"]["lora"] == gen["nfe_first"]["inversion"] == 0
     assert gen["nfe_first"]["generate"] > 0 and "generate" not in gen["nfe_repeat"]
 
-    table = capsys.readouterr().out
     assert "| dragdiffusion | first |" in table and "| generated | repeat |" in table
 
 
