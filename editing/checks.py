@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -36,20 +37,46 @@ def field_table(cls) -> dict[str, FieldSpec]:
     return {f.name: f.metadata["spec"] for f in dataclasses.fields(cls) if "spec" in f.metadata}
 
 
+def _shown(value: Any) -> str:
+    """What was sent, short: numbers as ``%g`` (1e+12, nan, inf), text quoted and cut at 40 characters."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bound(x: float, whole: bool) -> str:
+    return str(int(x)) if whole else f"{x:g}"
+
+
 def check_number(name: str, value: Any, table: dict) -> float | int:
-    """Validate ``value`` against ``table[name] = (min, max, default, why)``; whole numbers when the default is an int."""
+    """Validate ``value`` against ``table[name] = (min, max, default, why)``; whole numbers when the default is
+    an int. Text holding a number (``'12'``, what an HTTP client sends) is read; anything else that is not a
+    finite number in range (``'abc'``, NaN, ±inf, ``True``, 2.5 for a whole-number field, 1e12 for a seed)
+    raises one line naming the field, its range and what was sent, e.g. ``seed=1e+12 is outside
+    [0, 2147483647] (a whole number); random seed …`` or ``n_inference_steps must be a whole number from 2 to
+    200 (got 2.5); …``."""
     lo, hi, default, why = table[name]
+    whole = isinstance(default, int) and not isinstance(default, bool)  # None default (published value): a float
+    kind = "a whole number" if whole else "a number"
+    span = f"from {_bound(lo, whole)} to {_bound(hi, whole)}"
+    if isinstance(value, (bool, np.bool_)):
+        raise EditError(f"{name} must be a number ({kind} {span}), got {_shown(value)}; {why}.")
     try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise EditError(f"{name} must be a number, got {value!r} ({why}).") from None
+        v = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise EditError(f"{name} must be a number ({kind} {span}), got {_shown(value)}; {why}.") from None
     if not math.isfinite(v):
-        raise EditError(f"{name} must be a finite number, got {value!r} ({why}).")
+        raise EditError(f"{name} must be a finite number {span} (got {_shown(value)}); {why}.")
     if not lo <= v <= hi:
-        raise EditError(f"{name}={value} is outside [{lo}, {hi}] ({why}).")
-    if isinstance(default, int) and not isinstance(default, bool):
+        raise EditError(f"{name}={_shown(value)} is outside [{_bound(lo, whole)}, {_bound(hi, whole)}] ({kind}); {why}.")
+    if whole:
         if v != int(v):
-            raise EditError(f"{name} must be a whole number, got {value!r}.")
+            raise EditError(f"{name} must be a whole number {span} (got {_shown(value)}); {why}.")
         return int(v)
     return v
 
@@ -64,6 +91,21 @@ def check_fields(obj, table: dict, defaults: dict | None = None) -> None:
         object.__setattr__(obj, name, check_number(name, value, table))
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A switch: a bool, 0/1, or the text an HTTP client sends ("true"/"false", "yes"/"no", "on"/"off").
+    Anything else raises (``bool("false")`` would silently be True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise EditError(f"{name} must be true or false (got {_shown(value)}).")
+
+
 def check_text(value, what: str) -> str:
     """Text or None (-> ""), else a clear error."""
     if value is None:
@@ -74,15 +116,16 @@ def check_text(value, what: str) -> str:
 
 
 def check_image(img, what: str) -> Image.Image:
-    """A PIL picture of at least 8 px a side, as RGB."""
+    """A picture (PIL image, or a path / bytes / array, read by ``editing.images``) within the size policy
+    (``images.MAX_PIXELS``, checked on the declared size before any decoding; at least 8 px a side), as RGB
+    with the mode conversions of ``images.to_rgb`` (transparency on white, 16-bit rescaled, EXIF turned)."""
+    from editing import images
+
     if img is None:
         raise EditError(f"No {what}: upload one first.")
-    if not isinstance(img, Image.Image):
-        raise EditError(f"The {what} must be a PIL image, got {type(img).__name__}.")
-    img = img if img.mode == "RGB" else img.convert("RGB")
-    if min(img.size) < 8:
-        raise EditError(f"The {what} is {img.width}×{img.height}; it must be at least 8 px on each side.")
-    return img
+    if not isinstance(img, (Image.Image, str, Path, bytes, bytearray, np.ndarray)):
+        raise EditError(f"The {what} must be a picture, got {type(img).__name__}.")
+    return images.load_image(img, what)
 
 
 def check_point(p: Any, size: tuple[int, int], what: str) -> tuple[float, float]:

@@ -8,6 +8,7 @@ the Editor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -27,7 +28,11 @@ class Editor:
 
     def __init__(self, model_spec: str = "auto", *, allow_pickle: bool = False, max_side: int = 2048,
                  device: str | None = None, dtype: torch.dtype | None = None, offload: bool = False,
-                 resolution: int | None = None, lora_checkpointing: bool = False, bank_on_cpu: bool = False):
+                 resolution: int | None = None, lora_checkpointing: bool = False, bank_on_cpu: bool = False,
+                 trust_lora_paths: bool = True):
+        """``trust_lora_paths``: whether the ``loras`` of a request may be server paths (and, with
+        ``allow_pickle``, pickles). True for the CLI and scripts; the app passes False, so its clients (UI and
+        API) choose LoRAs by library name only (editing/lora_library/files.py). A call's ``trusted=`` overrides."""
         from models.loader import resolve_auto
 
         self.banner = ""
@@ -36,6 +41,7 @@ class Editor:
         self.options = EngineOptions(model_spec, allow_pickle, int(max_side), resolution, lora_checkpointing,
                                      bank_on_cpu)
         self.device, self.dtype, self.offload = device, dtype, offload
+        self.trust_lora_paths = bool(trust_lora_paths)
         self.caches = Caches()
         self._bundle = None
         self._lock = threading.RLock()
@@ -76,35 +82,60 @@ class Editor:
         self.caches.clear()
 
     # ---- running tasks ---------------------------------------------------------------------------
+    def _trusted(self, trusted: bool | None) -> bool:
+        return self.trust_lora_paths if trusted is None else bool(trusted)
+
+    def _options_for(self, trusted: bool | None) -> EngineOptions:
+        """The options a request runs with: an untrusted caller's never allow pickles, so ``--allow-pickle`` (the
+        operator's trust in their own files) cannot reach a file a client named (a LoRA, ControlNet, adapter)."""
+        if self._trusted(trusted) or not self.options.allow_pickle:
+            return self.options
+        return dataclasses.replace(self.options, allow_pickle=False)
+
+    def check_loras(self, loras, trusted: bool | None = None) -> tuple[tuple[str, float], ...]:
+        """``loras`` as a request carries them, checked before any work: at most ``MAX_LORAS``, finite weights,
+        and for an untrusted caller library names of existing LoRAs only. Raises EditError."""
+        from editing.lora_library import check_loras, library_file
+
+        checked = tuple((str(spec), w) for spec, w in check_loras(loras))
+        if not self._trusted(trusted):
+            for spec, _ in checked:
+                library_file(spec)
+        return checked
+
     @contextlib.contextmanager
-    def _context(self, progress: Progress | None, cancel, loras):
+    def _context(self, progress: Progress | None, cancel, loras, trusted: bool | None = None):
         """Lock, loaded bundle, a fresh ``Run`` and the chosen LoRAs active on the UNet, for one request."""
+        active = self.check_loras(loras, trusted)  # before the lock: a bad list never waits for the GPU
         with self._lock:
             b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
             run = Run(b.unet, progress, cancel)
-            active = tuple((str(p), float(w)) for p, w in (loras or ()))
             try:
                 with contextlib.ExitStack() as stack:
                     if active:
                         from editing.lora_library import activate
 
-                        stack.enter_context(activate(b, active, allow_pickle=self.allow_pickle))
-                    yield EditContext(b, run, self.caches, self.options, active)
+                        stack.enter_context(activate(b, active, allow_pickle=self.allow_pickle,
+                                                     trusted=self._trusted(trusted)))
+                    yield EditContext(b, run, self.caches, self._options_for(trusted), active)
             finally:
                 run.close()
 
-    def edit(self, request, progress: Progress | None = None, cancel=None, loras=()) -> EditResult:
+    def edit(self, request, progress: Progress | None = None, cancel=None, loras=(), *,
+             trusted: bool | None = None) -> EditResult:
         """Run any registered task's request (drag, move, sketch, …). ``loras``: ((path or name, weight), …)
-        LoRAs active for this edit (the identity LoRA of a drag stacks on top)."""
+        LoRAs active for this edit (the identity LoRA of a drag stacks on top). ``trusted``: whether ``loras``
+        may name server paths (None = the Editor's ``trust_lora_paths``; the app's clients: False)."""
         task = task_for(request)
-        with self._context(progress, cancel, loras) as ctx:
+        with self._context(progress, cancel, loras, trusted) as ctx:
             return task.run(ctx, request)
 
-    def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None, loras=()) -> EditResult:
+    def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None, loras=(), *,
+             trusted: bool | None = None) -> EditResult:
         """DragDiffusion edit: (identity LoRA) → DDIM inversion → latent optimisation → denoise."""
         if not isinstance(request, DragRequest):
             raise EditError("drag() takes a DragRequest.")
-        return self.edit(request, progress, cancel, loras)
+        return self.edit(request, progress, cancel, loras, trusted=trusted)
 
     def generate(self, prompt: str, seed: int | None = None, size: tuple[int, int] | None = None,
                  guidance_scale: float | None = None, n_inference_steps: int | None = None,
@@ -120,13 +151,13 @@ class Editor:
 
     def train_identity_lora(self, image, prompt: str = "", steps: int | None = None, rank: int | None = None,
                             lr: float | None = None, seed: int | None = None, progress: Progress | None = None,
-                            cancel=None, loras=()) -> None:
+                            cancel=None, loras=(), *, trusted: bool | None = None) -> None:
         """Train (or find cached) the identity LoRA a later drag of ``image`` will use; ``loras`` as in ``edit``
         (the identity LoRA is trained on top of them, as the drag will). ``None`` = the drag's default."""
         from editing import drag_diffusion
 
         req = IdentityLoraRequest(image, prompt, steps, rank, lr, seed)
-        with self._context(progress, cancel, loras) as ctx:
+        with self._context(progress, cancel, loras, trusted) as ctx:
             work, _, _ = ctx.fit(req.image)
             drag_diffusion.identity_lora(ctx, work, req.prompt, req)
 
@@ -139,8 +170,10 @@ class Editor:
         return self.generation_of(image) is not None
 
     # ---- recipes -----------------------------------------------------------------------------
-    def replay(self, recipe: dict, progress: Progress | None = None, cancel=None) -> EditResult:
-        """Re-run a recipe produced by this engine (a generation first, when the edit started from one)."""
+    def replay(self, recipe: dict, progress: Progress | None = None, cancel=None, *,
+               trusted: bool | None = None) -> EditResult:
+        """Re-run a recipe produced by this engine (a generation first, when the edit started from one).
+        ``trusted`` as in ``edit``: a recipe a client sent may name LoRAs by library name only."""
         if not isinstance(recipe, dict) or "task" not in recipe:
             raise EditError("This is not a DragCanvas recipe (no 'task' field).")
         if recipe.get("model") not in (None, self.model_spec):
@@ -149,10 +182,14 @@ class Editor:
         if task not in TASKS:
             raise EditError(f"Unknown recipe task {task!r}.")
         if recipe.get("generated"):  # the edit started from an image generated here: make it drag-ready again
-            self.replay(recipe["generated"], progress=progress, cancel=cancel)
+            self.replay(recipe["generated"], progress=progress, cancel=cancel, trusted=trusted)
         try:
             request = TASKS[task].from_recipe(recipe)
         except (KeyError, ValueError, TypeError) as e:
             raise EditError(f"The recipe is incomplete or damaged ({type(e).__name__}: {e}).") from None
-        return self.edit(request, progress, cancel, loras=[tuple(x) for x in recipe.get("loras") or ()])
+        try:
+            loras = [tuple(x) for x in recipe.get("loras") or ()]
+        except TypeError:
+            raise EditError("The recipe's 'loras' field is damaged: it must be a list of [name, weight].") from None
+        return self.edit(request, progress, cancel, loras=loras, trusted=trusted)
 

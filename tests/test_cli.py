@@ -108,3 +108,33 @@ def test_guided_bad_inputs(tmp_path, capsys):
         assert code == 2, (args, err)
         last = err.strip().splitlines()[-1]
         assert last.startswith("error:") and words in last, (args, last)
+
+
+def test_bombs_and_non_images_exit_2_with_one_line(tmp_path, capsys):
+    """Issue 13 #8: a decompression bomb, an over-limit picture and a non-image: status 2, one line, no traceback."""
+    from editing.cli import main
+    from tests.test_input_policy import real_bomb_png
+
+    (tmp_path / "bomb.png").write_bytes(real_bomb_png(20000))
+    (tmp_path / "big.png").write_bytes(real_bomb_png(12000))
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    scene().save(tmp_path / "in.png")
+    p = run("drag", "--image", str(tmp_path / "bomb.png"), "--points", "10,10>20,10", "--model", "tiny")
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "limit of 50 MP" in p.stderr, p.stderr
+    img = str(tmp_path / "in.png")
+    cases = [
+        (["drag", "--image", str(tmp_path / "big.png"), "--points", "10,10>20,10"], "12000×12000"),
+        (["drag", "--image", img, "--mask", str(tmp_path / "bomb.png"), "--points", "10,10>20,10"], "limit"),
+        (["replay", str(tmp_path / "junk.png")], "not a readable image"),
+        (["replay", str(tmp_path / "bomb.png")], "limit"),
+        (["drag", "--image", img, "--points", "10,10>20,10", *["--lora", "x"] * 9], "at most 8"),
+        (["move", "--image", str(tmp_path / "bomb.png"), "--mask", img, "--offset", "5,0"], "limit"),
+        (["sketch", "--sketch", str(tmp_path / "junk.png")], "not a readable image"),
+    ]
+    for args, words in cases:
+        code = main([*args, "--model", "tiny"])
+        err = capsys.readouterr().err
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], (args, err)

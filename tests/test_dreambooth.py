@@ -1,10 +1,12 @@
 """DreamBooth-LoRA (editing/dreambooth/, editing/cli/personalize.py) on the tiny model at 64 px, few steps."""
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from editing import dreambooth as db
 from editing import lora_library as lib
@@ -163,9 +165,12 @@ def test_cancel_saves_a_checkpoint_and_resume_finishes_the_same_lora(editor, bun
     a, b = load_file(ref.extra["lora_path"]), load_file(done.extra["lora_path"])
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert done.extra["losses"] == pytest.approx(ref.extra["losses"], abs=1e-5)
-    fresh = editor.edit(db.PersonalizeRequest(photos, "toy", name="cut", resume=False, **settings))
+    with pytest.raises(EditError, match="A LoRA named 'cut' already exists"):  # a taken name needs replace=True
+        editor.edit(db.PersonalizeRequest(photos, "toy", name="cut", resume=False, **settings))
+    fresh = editor.edit(db.PersonalizeRequest(photos, "toy", name="cut", resume=False, replace=True, **settings))
     assert fresh.extra["resumed_from"] == 0
-    # the recipe replays to the same LoRA (it carries the photos as training saw them)
+    # the recipe replays to the same LoRA (it carries the photos as training saw them) once its name is free
+    Path(ref.extra["lora_path"]).unlink()
     again = editor.replay(json.loads(json.dumps(ref.recipe)))
     c = load_file(again.extra["lora_path"])
     assert again.extra["lora_path"] == ref.extra["lora_path"] and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
@@ -254,6 +259,16 @@ def test_cli_personalize(tmp_path, lora_dir, capsys, photos):
     assert cli.main(argv[:1] + ["--images", str(tmp_path / "empty"), "--class-noun", "dog", "--model", "tiny"]) == 2
     assert "No photos" in capsys.readouterr().err
     assert cli.main(argv + ["--lora", "x"]) == 2 and "--lora is not used" in capsys.readouterr().err
+    # the name is taken now: refused in one line unless --replace
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: A LoRA named 'cli-dog' already exists: choose another name, or ask to replace it."
+    assert cli.main(argv + ["--replace"]) == 0
+    # tiny photos are refused, saying the minimum
+    (folder / "tiny.png").write_bytes(b"")
+    Image.new("RGB", (7, 7)).save(folder / "tiny.png")
+    assert cli.main(argv + ["--replace"]) == 2 and f"at least {db.MIN_PHOTO_SIDE} px" in capsys.readouterr().err
+    (folder / "tiny.png").unlink()
     # the multi-GPU entry point is the same code path in one process
     from editing import personalize
 
@@ -284,3 +299,46 @@ def test_two_processes_train_one_lora(tmp_path, photos):
     card = json.loads((tmp_path / "out" / "ddp-dog.json").read_text())
     assert card["processes"] == 2 and (tmp_path / "out" / "ddp-dog.safetensors").is_file()
     assert done.stderr.count("wrote ") == 1  # only the main process reports
+
+
+# ---- issue 13: a cancelled run never reaches the library; names are not overwritten -------------------------
+def _seeded_image(editor):
+    from editing.generation import GenerateRequest
+
+    r = editor.edit(GenerateRequest("a toy", width=64, height=64, n_inference_steps=2, seed=5))
+    return np.asarray(r.image)
+
+
+@pytest.mark.parametrize("when", ["train", "save"])
+def test_cancelled_personalize_saves_nothing_and_restores_the_model(editor, bundle, photos, lora_dir, when):
+    before = _seeded_image(editor)
+    cancel = threading.Event()
+
+    def progress(phase, frac, msg):
+        if phase == when and (when == "save" or frac >= 0.5):
+            cancel.set()  # "save": Cancel pressed while the final preview renders, after the last step
+
+    req = db.PersonalizeRequest(photos[:2], "dog", name=f"cancelled-{when}", **FAST)
+    with pytest.raises(EditCancelled, match="Cancelled at step"):
+        editor.edit(req, progress=progress, cancel=cancel)
+    assert not list(lora_dir.glob("*.safetensors")) and not list(lora_dir.glob("*.json"))  # nothing in the library
+    assert [i.name for i in lib.list_loras()] == []
+    work = lora_dir / ".dreambooth" / f"cancelled-{when}"
+    metas = [json.loads(p.read_text()) for p in work.glob("step-*.json")]
+    assert metas and all("resumable" in m["kind"] for m in metas)  # the only weights kept say what they are
+    assert not getattr(bundle.unet, "peft_config", {}) and not getattr(bundle.text_encoder, "peft_config", {})
+    np.testing.assert_array_equal(before, _seeded_image(editor))  # the shared model computes what it did
+
+
+def test_a_taken_name_is_refused_before_training(editor, photos, lora_dir):
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    (lora_dir / "taken.safetensors").write_bytes(b"someone else's")
+    calls = []
+    with pytest.raises(EditError, match="A LoRA named 'taken' already exists: choose another name"):
+        editor.edit(db.PersonalizeRequest(photos[:2], "dog", name="taken", **FAST),
+                    progress=lambda phase, frac, msg: calls.append(phase))
+    assert "train" not in calls and "priors" not in calls
+    assert (lora_dir / "taken.safetensors").read_bytes() == b"someone else's"
+    done = editor.edit(db.PersonalizeRequest(photos[:2], "dog", name="taken", replace=True, **{**FAST, "steps": 2}))
+    assert done.extra["lora_name"] == "taken" and lib.load_lora("taken").unet
+    assert not [p for p in lora_dir.rglob("*.tmp")]  # atomic writes left no temp file

@@ -15,11 +15,13 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from editing.lora_library.files import MAX_LORAS, WEIGHT_LIMIT
 from editing.requests import EditError
 
 log = logging.getLogger(__name__)
 
-LORA_WEIGHT_LIMIT = 4.0  # |weight| of one --lora; beyond this a LoRA only adds artefacts
+# one source for the LoRA limits: the library's (a request from the app is held to the same)
+LORA_WEIGHT_LIMIT, MAX_LORAS = WEIGHT_LIMIT, MAX_LORAS
 
 
 def flag(name: str) -> str:
@@ -96,6 +98,8 @@ def lora_specs(args) -> list[tuple[str, float]]:
             raise EditError(f"--lora {spec!r}: the weight must be a finite number in "
                             f"[-{LORA_WEIGHT_LIMIT:g}, {LORA_WEIGHT_LIMIT:g}].")
         out.append((path, w))
+    if len(out) > MAX_LORAS:
+        raise EditError(f"{len(out)} --lora flags; at most {MAX_LORAS} LoRAs can be active at once.")
     return out
 
 
@@ -144,6 +148,30 @@ def notes(notices: Iterable[str]) -> None:
         sys.stderr.write(f"note: {n}\n")
 
 
+def _pil_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+PIL_ERRORS = _pil_errors()
+
+
+def _pil_message(e: BaseException) -> str:
+    from PIL import Image
+
+    from editing.images import MAX_PIXELS
+
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"the image declares more pixels than the limit of {MAX_PIXELS / 1e6:g} MP (a decompression bomb or "
+                "a huge picture): downscale it first.")
+    return f"not a readable image ({type(e).__name__}): use PNG, JPEG or WebP."
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 def run_command(args, cancelled: str = "cancelled") -> int:
     """Run ``args.fn(args)``: status 2 and one ``error:`` line on bad input, 130 on Ctrl-C."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -152,7 +180,11 @@ def run_command(args, cancelled: str = "cancelled") -> int:
         args.fn(args)
     except EditError as e:
         log.debug("command %s failed", getattr(args, "cmd", None), exc_info=True)
-        sys.stderr.write(f"\nerror: {e}\n")
+        sys.stderr.write(f"\nerror: {_one_line(e)}\n")
+        return 2
+    except PIL_ERRORS as e:  # an image a command opened itself, outside editing.images: still the user's file
+        log.debug("command %s failed", getattr(args, "cmd", None), exc_info=True)
+        sys.stderr.write(f"\nerror: {_pil_message(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{cancelled}\n")

@@ -115,17 +115,11 @@ def write_all(result, args) -> None:
 
 def _sketch_image(path: str):
     """A drawing; a PNG with transparency is a strokes layer (kept as RGBA for compositing over --image)."""
-    from PIL import Image, UnidentifiedImageError
+    from editing.images import load_sketch
 
     if not Path(path).is_file():
         raise EditError(f"Sketch file {path} does not exist.")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise EditError(f"The sketch is not a readable image ({type(e).__name__}).") from None
-    has_alpha = img.mode in ("RGBA", "LA", "P") and img.convert("RGBA").getchannel("A").getextrema()[0] < 255
-    return img.convert("RGBA") if has_alpha else img.convert("RGB")
+    return load_sketch(path)
 
 
 def cmd_sketch(args) -> None:

@@ -74,7 +74,7 @@ def cmd_appearance(args) -> None:
 def _shared(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", default="")
-    p.add_argument("--method", default=GUIDED_METHODS[0], choices=GUIDED_METHODS)
+    p.add_argument("--method", default=GUIDED_METHODS[0], choices=GUIDED_METHODS, type=str.lower)  # DiffEditor too
     add_guided_flags(p, task)
     add_common(p)
 

@@ -29,6 +29,7 @@ SWITCHES = {
     "flip": ("--no-flip", "no horizontal-flip augmentation"),
     "crop": ("--no-crop", "no random-crop augmentation"),
     "resume": ("--no-resume", "ignore earlier checkpoints"),
+    "replace": ("--replace", "overwrite a LoRA of the same name (without it an existing name is refused)"),
 }
 CHECKPOINTING = {"auto": None, "on": True, "off": False}  # --gradient-checkpointing -> request value
 NOT_FLAGS = ("resolution",)  # add_common's --resolution is the training side here

@@ -28,14 +28,14 @@ from editing.dreambooth.identifier import (
     suggest_identifiers,
 )
 from editing.dreambooth.loss import prior_preservation_loss
-from editing.dreambooth.photos import IMAGE_SUFFIXES, MIN_PHOTOS, augment, load_photos, square
+from editing.dreambooth.photos import IMAGE_SUFFIXES, MAX_PHOTOS, MIN_PHOTO_SIDE, MIN_PHOTOS, augment, load_photos, square
 from editing.dreambooth.priors import class_prior_images, encode_text, prior_dir, sample
 from editing.dreambooth.request import PERSONALIZE_FIELDS, PersonalizeRequest, names, output_dir, work_dir
 from editing.dreambooth.task import personalize_from_recipe, run_personalize  # registers "personalize"
 from editing.dreambooth.trainer import TrainOutcome, train_dreambooth_lora
 
 __all__ = [
-    "ADAPTER", "COMMON_WORDS", "IMAGE_SUFFIXES", "MIN_PHOTOS", "PERSONALIZE_FIELDS", "TEXT_TARGETS", "UNET_TARGETS",
+    "ADAPTER", "COMMON_WORDS", "IMAGE_SUFFIXES", "MAX_PHOTOS", "MIN_PHOTO_SIDE", "MIN_PHOTOS", "PERSONALIZE_FIELDS", "TEXT_TARGETS", "UNET_TARGETS",
     "PersonalizeRequest", "TrainOutcome", "augment", "check_identifier", "class_prior_images", "class_prompt",
     "encode_text", "instance_prompt", "load_photos", "names", "output_dir", "personalize_from_recipe",
     "pick_identifier", "prior_dir", "prior_preservation_loss", "run_personalize", "sample", "square",

@@ -1,5 +1,8 @@
 """Resumable training checkpoints: LoRA weights + AdamW moments in one safetensors file (no pickle).
 
+They live in ``<library>/.dreambooth/NAME/step-N.safetensors`` (never listed as LoRAs) and are written
+atomically (temp file + rename), so a crash leaves the previous checkpoint or none, never a torn file.
+
 A checkpoint belongs to one training set-up (its ``fingerprint``: photos, model, identifier, size and
 every setting that changes the result); "train again" with the same set-up resumes from the newest one.
 """
@@ -7,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from editing.images import image_hash
+from editing.images import atomic_write, image_hash
 
 # Settings that do not change the trained weights: a run differing only in these may resume.
-NOT_FINGERPRINTED = ("steps", "resume", "checkpoint_every", "preview_every", "preview_steps", "out_dir", "name")
+NOT_FINGERPRINTED = ("steps", "resume", "checkpoint_every", "preview_every", "preview_steps", "out_dir", "name",
+                     "replace")
 
 
 def fingerprint(req, model_key: str, identifier: str, size: int) -> str:
@@ -36,9 +39,10 @@ def save_checkpoint(folder: Path, step: int, fingerprint: str, lora: dict[str, t
         for k, v in st.items():
             tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     path = folder / f"step-{step:06d}.safetensors"
-    save_file(tensors, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
-    path.with_suffix(".json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, "losses": losses}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {"step": step, "fingerprint": fingerprint, "losses": losses,
+            "kind": "resumable training checkpoint (not a library LoRA): train again with the same settings"}
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
     for old in sorted(folder.glob("step-*.safetensors"))[:-2]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)

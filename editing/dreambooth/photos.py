@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editing.images import load_image
+from editing.images import ImageSizeError, open_image, to_rgb
 from editing.requests import EditError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_PHOTOS = 2  # fewer is allowed, with a warning: one photo over-fits pose and background
+MAX_PHOTOS = 64  # DreamBooth uses 3–10; more only lengthen the load and the encoding
+MIN_PHOTO_SIDE = 32  # a smaller photo, blown up to the training size, teaches blur, not the subject
 
 
 def _expand(photos) -> list:
@@ -38,11 +40,15 @@ def _size_notice(images: list[Image.Image]) -> str | None:
 def load_photos(photos) -> tuple[list[Image.Image], list[str]]:
     """Paths / folders / PIL images -> (RGB images, notices). Unreadable files are skipped and listed."""
     images, skipped = [], []
-    for p in _expand(photos):
-        if p is None:
-            continue
+    items = [p for p in _expand(photos) if p is not None]
+    if len(items) > MAX_PHOTOS:
+        raise EditError(f"{len(items)} photos; at most {MAX_PHOTOS} can be used (3–10 of the subject work best).")
+    for i, p in enumerate(items, 1):
+        label = Path(p).name if isinstance(p, (str, Path)) else str(i)
         try:
-            images.append(load_image(p))
+            images.append(to_rgb(open_image(p, f"photo {label}", min_side=MIN_PHOTO_SIDE)))
+        except ImageSizeError as e:  # readable but refused (too small to teach anything, or too large): say so
+            raise EditError(f"{e} Subject photos of 256 px or more a side work best.") from None
         except EditError:
             skipped.append(Path(p).name if isinstance(p, (str, Path)) else type(p).__name__)
     notices = []

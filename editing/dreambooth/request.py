@@ -8,6 +8,7 @@ from pathlib import Path
 
 from editing.dreambooth.identifier import check_identifier
 from editing.dreambooth.photos import load_photos
+from editing.checks import check_flag
 from editing.requests import EditError, check_number
 
 # name -> (min, max, default, one-line why). The UI builds its sliders from this table.
@@ -25,7 +26,7 @@ PERSONALIZE_FIELDS: dict[str, tuple[float, float, float, str]] = {
     "preview_steps": (2, 200, 25, "DDIM steps of a preview image"),
     "seed": (0, 2**31 - 1, 0, "random seed (augmentation, noise, timesteps, LoRA init)"),
 }
-FLAGS = ("prior_preservation", "train_text_encoder", "flip", "crop", "resume")
+FLAGS = ("prior_preservation", "train_text_encoder", "flip", "crop", "resume", "replace")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class PersonalizeRequest:
     flip: bool = True
     crop: bool = True
     resume: bool = True
+    replace: bool = False  # an existing LoRA of this name is refused (EditError) unless this says replace it
     gradient_checkpointing: bool | None = None  # None = on for GPUs (memory), off on CPU
     steps: int = 400
     rank: int = 8
@@ -69,7 +71,10 @@ class PersonalizeRequest:
         for name in PERSONALIZE_FIELDS:
             object.__setattr__(self, name, check_number(name, getattr(self, name), PERSONALIZE_FIELDS))
         for name in FLAGS:
-            object.__setattr__(self, name, bool(getattr(self, name)))
+            object.__setattr__(self, name, check_flag(name, getattr(self, name)))
+        if self.gradient_checkpointing is not None:
+            object.__setattr__(self, "gradient_checkpointing", check_flag("gradient_checkpointing",
+                                                                          self.gradient_checkpointing))
         if self.prior_preservation and self.prior_images == 0:
             object.__setattr__(self, "prior_preservation", False)
             notices.append("Prior preservation is on but 0 class images were asked for, so it is off.")
@@ -88,6 +93,12 @@ def _check_class_noun(class_noun) -> str:
     if len(noun) > 40 or not re.search(r"[A-Za-z0-9]", noun):
         raise EditError(f"Class noun {noun!r} should be one or two plain words such as 'dog' or 'backpack'.")
     return noun
+
+
+def check_free(path: Path, replace: bool) -> None:
+    """Refuse to train into a LoRA name that is taken (unless ``replace``): another user's LoRA stays theirs."""
+    if path.exists() and not replace:
+        raise EditError(f"A LoRA named {path.stem!r} already exists: choose another name, or ask to replace it.")
 
 
 # ---- where things go --------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 7. ``train``           ``train_step`` per step: augment, encode, x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (DDPM eq. 4),
                        the prior-preservation loss (DreamBooth eq. 2), one optimiser step; progress,
                        checkpoints, previews and cancel (a checkpoint is saved, then ``EditCancelled``);
-8. ``save``            the final preview, the LoRA file, its card and a last checkpoint.
+8. ``save``            the final preview, the LoRA file, its card and a last checkpoint (atomic writes; an
+                       existing name only with ``replace``; a cancelled run never reaches the library).
 
 The shared model is left exactly as it was afterwards (``adapters.remove_adapters``).
 """
@@ -41,9 +42,9 @@ from editing.dreambooth.identifier import class_prompt, instance_prompt
 from editing.dreambooth.loss import prior_preservation_loss
 from editing.dreambooth.photos import augment, square
 from editing.dreambooth.priors import class_prior_images, encode_text, sample
-from editing.dreambooth.request import PersonalizeRequest, names, output_dir, work_dir
+from editing.dreambooth.request import PersonalizeRequest, check_free, names, output_dir, work_dir
 from editing.dreambooth.runs import cancel_requested
-from editing.images import load_image, pil_to_tensor
+from editing.images import atomic_write, load_image, pil_to_tensor
 from editing.requests import EditCancelled, EditError
 from editing.sampling import add_noise
 
@@ -123,6 +124,7 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str, ru
         resume(st)  # 5
         prepare(st)  # 6
         train(st)  # 7
+        stop_if_cancelled(st, req.steps)  # Cancel during the last step: a checkpoint, never the LoRA
         st.acc.wait_for_everyone()
         path, card = save(st)  # 8
         st.acc.wait_for_everyone()
@@ -142,6 +144,7 @@ def plan(st: TrainState) -> None:
     st.size = max(m, round((req.resolution or b.native_resolution) / m) * m)
     st.out_dir = output_dir(req)
     st.out_dir.mkdir(parents=True, exist_ok=True)
+    check_free(st.out_dir / f"{st.name}.safetensors", req.replace)  # before any work: the name is someone's
     st.work = work_dir(req, st.name)
     st.fingerprint = fingerprint(req, st.model_key, st.identifier, st.size)
     st.acc = _accelerator(b)
@@ -239,13 +242,14 @@ def train(st: TrainState) -> None:
             stop_if_cancelled(st, step)
             l_i, l_c = train_step(st, step)
             done = step + 1
-            if cancel_requested(st.run) and done < req.steps:
-                continue  # the top of the loop saves a checkpoint, then stops
+            if cancel_requested(st.run):
+                continue  # the top of the loop (or, after the last step, the caller) saves a checkpoint, then stops
             after_step(st, done, l_i, l_c)
 
 
 def stop_if_cancelled(st: TrainState, step: int) -> None:
-    """Cancel pressed: save a resumable checkpoint at ``step`` (if any step ran), then raise ``EditCancelled``."""
+    """Cancel pressed: save a resumable checkpoint at ``step`` (if any step ran), then raise ``EditCancelled``.
+    Nothing goes into the library: a cancelled run's only file is that checkpoint (``.dreambooth/NAME/``)."""
     if not cancel_requested(st.run):
         return
     ran = step > st.start
@@ -336,7 +340,7 @@ def preview(st: TrainState, step: int) -> None:
     img = sample(b, cond, st.uncond, st.size, req.preview_steps, [req.seed])[0]  # not cancellable: no run
     st.previews.append((step, img))
     (st.work / "previews").mkdir(parents=True, exist_ok=True)
-    img.save(st.work / "previews" / f"step-{step:06d}.png")
+    atomic_write(st.work / "previews" / f"step-{step:06d}.png", lambda tmp: img.save(tmp, format="PNG"))
     st.run.preview(step, img)
     b.unet.train()
 
@@ -347,17 +351,27 @@ def _lora_state(st: TrainState) -> dict[str, torch.Tensor]:
 
 # ---- 8: the result -----------------------------------------------------------------------------------------
 def save(st: TrainState) -> tuple[Path, dict]:
-    """8. The final preview; the LoRA file, its card and a checkpoint to "train longer" from (main process)."""
+    """8. The final preview; the LoRA file, its card and a checkpoint to "train longer" from (main process).
+
+    Each file is written to a temp file and renamed (a crash leaves no torn LoRA); the LoRA's name is taken
+    only if it is still free (another run may have finished first) unless ``req.replace``; Cancel pressed
+    during the final preview still keeps the LoRA out of the library."""
     req = st.req
     with st.run.step("save"), torch.no_grad():
         preview(st, req.steps)
+        stop_if_cancelled(st, req.steps)
         path = st.out_dir / f"{st.name}.safetensors"
         card = _card(st)
         if st.acc.is_main_process:
             sd = _lora_state(st)
-            save_lora_file(path, sd, req.rank)
-            path.with_suffix(".json").write_text(json.dumps(card, indent=1))
             save_checkpoint(st.work, req.steps, st.fingerprint, sd, st.opt, st.losses)  # "train longer" resumes here
+            try:
+                atomic_write(path, lambda tmp: save_lora_file(tmp, sd, req.rank), replace=req.replace)
+            except FileExistsError:
+                raise EditError(f"A LoRA named {st.name!r} appeared while training: choose another name, or ask to "
+                                "replace it (the training is kept as a checkpoint: train again to finish "
+                                "at once).") from None
+            atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(card, indent=1)))
             log.info("saved LoRA %s (prompt “%s”)", path, st.prompt_i)
     return path, card
 

@@ -9,9 +9,13 @@ kohya/A1111 ``lora_unet_*``/``lora_te_*`` keys), then loaded as named peft adapt
 diffusers' ``load_lora_into_unet``, into the CLIP text encoder with peft directly (transformers' own
 adapter integration needs a newer peft than we pin). ``activate`` removes them again on exit, so the
 shared model computes exactly what it did before.
+
+Clients of the app (UI, API) name LoRAs by library name only: ``resolve(..., trusted=False)`` /
+``activate(..., trusted=False)`` / ``Editor(trust_lora_paths=False)`` (files.py says why).
 """
-from editing.lora_library.files import (ENV_DIR, LORA_SUFFIXES, LoraError, LoraInfo, add_to_library,  # noqa: F401
-                                        cache_key, library_dir, list_loras, read_card, resolve, safe_name)
+from editing.lora_library.files import (ENV_DIR, LORA_SUFFIXES, MAX_LORAS, WEIGHT_LIMIT, LoraError,  # noqa: F401
+                                        LoraInfo, add_to_library, cache_key, check_loras, library_dir,
+                                        library_file, list_loras, read_card, resolve, safe_name)
 from editing.lora_library.loading import BASE_BY_CONTEXT_DIM, LoadedLora, check_fits, guess_base, load_lora  # noqa: F401
 from editing.lora_library.stack import (activate, active_loras, clear_prompt_cache, delete_adapter, load,  # noqa: F401
                                         set_active)

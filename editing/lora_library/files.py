@@ -1,7 +1,16 @@
-"""The library folder: LoRA files by name, their cards, reading a file safely, and cache identities."""
+"""The library folder: LoRA files by name, their cards, reading a file safely, and cache identities.
+
+Who may name what (``resolve(..., trusted=)``): the CLI and the operator's own configuration are *trusted*
+and may name any file or folder (pickles only with ``--allow-pickle``). Clients of the app (UI and API) are
+not: they choose LoRAs by library name only (``library_file``), never a server path and never a pickle, even
+when the operator passed ``--allow-pickle`` (that flag is the operator's trust in their own files), and the
+messages they get never say whether some server path exists. A library name is never overwritten unless the
+caller says ``replace=True``; every file written here goes through a temp file and a rename.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -9,11 +18,15 @@ from pathlib import Path
 
 import torch
 
+from editing.images import atomic_write
 from editing.requests import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 ENV_DIR = "DRAGCANVAS_LORA_DIR"
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+MAX_LORAS = 8  # LoRAs active in one request; more only add artefacts (and each costs a load)
+WEIGHT_LIMIT = 4.0  # |weight| of one LoRA; beyond this a LoRA only adds artefacts
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what safe_name makes: no '/', '.', '~' or spaces
 
 
 class LoraError(EditError):
@@ -62,29 +75,91 @@ def list_loras(directory: Path | None = None) -> list[LoraInfo]:
     return [LoraInfo(p.stem, p, read_card(p)) for p in sorted(d.glob("*.safetensors")) if not p.name.startswith(".")]
 
 
-def add_to_library(src: str | Path, name: str | None = None, allow_pickle: bool = False) -> LoraInfo:
-    """Copy a LoRA file (e.g. an upload) into the library after checking it can be read; returns its entry."""
+def add_to_library(src: str | Path, name: str | None = None, allow_pickle: bool = False, *, replace: bool = False,
+                   trusted: bool = True) -> LoraInfo:
+    """Copy a LoRA file (e.g. an upload) into the library after checking it can be read; returns its entry.
+
+    An existing name is never overwritten unless ``replace=True`` (LoraError naming it). ``trusted=False`` (a
+    client's upload): safetensors only, whatever ``allow_pickle`` says. Written atomically (temp + rename)."""
     import shutil
 
     src = Path(src)
+    allow_pickle = allow_pickle and trusted
+    if not trusted and src.suffix.lower() != ".safetensors":
+        raise LoraError(f"{src.name}: only .safetensors LoRA files can be added here (pickle files such as .pt, "
+                        ".bin or .ckpt can run code when read).")
     _check_file(src, allow_pickle)
     state = _read_file(src, allow_pickle)
     if not any("lora" in k for k in state):
         raise LoraError(f"{src.name} holds no LoRA weights (no key contains 'lora').")
     dest = library_dir() / f"{safe_name(name or src.stem)}.safetensors"
+    if dest.exists() and not replace:
+        raise LoraError(f"A LoRA named {dest.stem!r} is already in the library: choose another name, or ask to "
+                        "replace it.")
     if src.suffix.lower() == ".safetensors":
-        shutil.copyfile(src, dest)
+        write = lambda tmp: shutil.copyfile(src, tmp)  # noqa: E731
     else:  # store converted: the library only ever holds safetensors
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, str(dest))
-    if src.with_suffix(".json").is_file():
-        shutil.copyfile(src.with_suffix(".json"), dest.with_suffix(".json"))
+        write = lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))  # noqa: E731
+    try:
+        atomic_write(dest, write, replace=replace)
+    except FileExistsError:
+        raise LoraError(f"A LoRA named {dest.stem!r} is already in the library: choose another name, or ask to "
+                        "replace it.") from None
+    card = src.with_suffix(".json")
+    if card.is_file():
+        atomic_write(dest.with_suffix(".json"), lambda tmp: shutil.copyfile(card, tmp))
+    elif replace:
+        dest.with_suffix(".json").unlink(missing_ok=True)  # the old card described the replaced file
     return LoraInfo(dest.stem, dest, read_card(dest))
 
 
-def resolve(spec: str | Path, allow_pickle: bool = False) -> Path:
-    """A LoRA spec (library name, file, or folder holding one LoRA file) -> the file. Raises LoraError."""
+def library_file(spec) -> Path:
+    """A library name -> its ``.safetensors`` file: the only LoRA a client (UI, API) may name. Paths, pickles and
+    anything but a plain name are refused without looking at the file system outside the library."""
+    text = spec.strip() if isinstance(spec, str) else ""
+    if not text:
+        raise LoraError("Empty LoRA name: pick a LoRA from the library.")
+    if not NAME_RE.match(text):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise LoraError(f"LoRA {shown!r} is not a library name: pick one from the library (letters, digits, '-' "
+                        "and '_'); files on the server cannot be named here.")
+    p = library_dir() / f"{text}.safetensors"
+    if not p.is_file():
+        names = ", ".join(i.name for i in list_loras()) or "none yet"
+        raise LoraError(f"No LoRA named {text!r} in the library (available: {names}).")
+    return p
+
+
+def check_loras(loras) -> list[tuple[str, float]]:
+    """``((spec, weight), …)`` -> the same with float weights; at most ``MAX_LORAS``, finite weights within
+    ±``WEIGHT_LIMIT``. Raises LoraError with one line."""
+    out = []
+    for item in loras or ():
+        try:
+            spec, weight = item
+        except (TypeError, ValueError):
+            raise LoraError(f"A LoRA must be given as (name, weight), got {str(item)[:40]!r}.") from None
+        try:
+            w = float(weight.strip() if isinstance(weight, str) else weight)
+        except (TypeError, ValueError):
+            w = math.nan
+        if isinstance(weight, bool) or not (math.isfinite(w) and abs(w) <= WEIGHT_LIMIT):
+            raise LoraError(f"LoRA {str(spec)[:40]!r}: the weight must be a number from -{WEIGHT_LIMIT:g} to "
+                            f"{WEIGHT_LIMIT:g} (got {str(weight)[:20]!r}).")
+        out.append((spec, w))
+    if len(out) > MAX_LORAS:
+        raise LoraError(f"{len(out)} LoRAs in one request; at most {MAX_LORAS} can be active at once.")
+    return out
+
+
+def resolve(spec: str | Path, allow_pickle: bool = False, *, trusted: bool = True) -> Path:
+    """A LoRA spec (library name, file, or folder holding one LoRA file) -> the file. Raises LoraError.
+
+    ``trusted=False`` (a client of the app): library names only (``library_file``), never a pickle."""
+    if not trusted:
+        return library_file(spec)
     text = str(spec).strip()
     if not text:
         raise LoraError("Empty LoRA name: pick a LoRA from the library or give a .safetensors file.")
@@ -140,13 +215,13 @@ def _read_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from None
 
 
-def cache_key(loras, allow_pickle: bool = False) -> tuple:
+def cache_key(loras, allow_pickle: bool = False, trusted: bool = True) -> tuple:
     """A hashable identity of ((spec, weight), …) for per-image caches computed under these LoRAs: the
     resolved file and its mtime, so a retrained LoRA of the same name is not mistaken for the old one."""
     out = []
     for spec, weight in loras or ():
         try:
-            p = resolve(spec, allow_pickle)
+            p = resolve(spec, allow_pickle, trusted=trusted)
             out.append((str(p.resolve()), p.stat().st_mtime_ns, float(weight)))
         except EditError:
             out.append((str(spec), None, float(weight)))

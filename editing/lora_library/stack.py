@@ -6,7 +6,7 @@ import logging
 import weakref
 from pathlib import Path
 
-from editing.lora_library.files import LoraError, safe_name
+from editing.lora_library.files import LoraError, check_loras, library_file, safe_name
 from editing.lora_library.loading import LoadedLora, check_fits, load_lora
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,22 @@ _counter = iter(range(1, 1 << 62))
 
 
 @contextlib.contextmanager
-def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None = None):
+def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None = None, *, trusted: bool = True):
     """Load ``loras`` ((spec, weight), …) as peft adapters for the duration of the block; remove them after.
 
     Everything is resolved and checked before the model is touched, so a bad LoRA changes nothing.
-    Adapters already active (an outer ``activate``) stay active underneath.
+    Adapters already active (an outer ``activate``) stay active underneath. ``trusted=False`` (a client of the
+    app): library names only and no pickle, whatever ``allow_pickle`` says (files.py, ``library_file``).
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    loras = [(s, float(w)) for s, w in (loras or ())]
+    loras = check_loras(loras)
     if not loras:
         yield []
         return
+    if not trusted:  # resolved to library files here, so nothing below ever sees a client's path
+        loras = [(library_file(spec), w) for spec, w in loras]
+        allow_pickle = False
     unet, te = bundle.unet, bundle.text_encoder
     model_name = model_name or getattr(bundle, "name", "the loaded model")
     loaded = [load_lora(spec, allow_pickle) for spec, _ in loras]
@@ -142,6 +146,6 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
         te.requires_grad_(False)
 
 
-def load(bundle, spec: str | Path, weight: float = 1.0, allow_pickle: bool = False):
+def load(bundle, spec: str | Path, weight: float = 1.0, allow_pickle: bool = False, *, trusted: bool = True):
     """``activate`` for one LoRA: ``with load(bundle, "zwx-dog", 0.8): ...``."""
-    return activate(bundle, [(spec, weight)], allow_pickle=allow_pickle)
+    return activate(bundle, [(spec, weight)], allow_pickle=allow_pickle, trusted=trusted)
