@@ -60,6 +60,18 @@ def canny(image: Image.Image, low_threshold: int = 100, high_threshold: int = 20
     return _white_on_black(cv2.Canny(_gray(image), low_threshold, high_threshold))
 
 
+def dominant_colour(a: np.ndarray) -> np.ndarray:
+    """The most frequent colour of an H×W×3 array, in 8-level bins (the bin's centre, int16).
+
+    One ``bincount`` over 15-bit codes (r<<10 | g<<5 | b of the 5-bit bins): linear in the pixel count,
+    where ``np.unique(axis=0)`` sorts rows and took ~90 s on a 4096² sketch. Ties go to the lowest
+    code, the same colour ``np.unique`` + ``argmax`` picked.
+    """
+    q = a.reshape(-1, 3).astype(np.int32) // 8
+    code = int(np.bincount((q[:, 0] << 10) | (q[:, 1] << 5) | q[:, 2], minlength=1 << 15).argmax())
+    return (np.array([code >> 10, (code >> 5) & 31, code & 31]) * 8 + 4).astype(np.int16)
+
+
 def strokes_mask(image: Image.Image, background: Image.Image | None = None, tolerance: float = 24.0) -> np.ndarray:
     """Where someone drew: pixels that differ from ``background`` (or, with none, from the picture's
     dominant colour — the paper of a blank canvas). RGBA images use their alpha instead."""
@@ -69,8 +81,7 @@ def strokes_mask(image: Image.Image, background: Image.Image | None = None, tole
     if background is not None:
         ref = np.asarray(background.convert("RGB").resize(image.size), dtype=np.int16)
     else:
-        colours, counts = np.unique(a.reshape(-1, 3) // 8, axis=0, return_counts=True)
-        ref = (colours[counts.argmax()] * 8 + 4).astype(np.int16)
+        ref = dominant_colour(a)
     return np.abs(a - ref).max(axis=-1) > tolerance
 
 

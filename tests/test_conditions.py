@@ -83,3 +83,15 @@ def test_depth_runs_when_its_weights_are_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("DRAGCANVAS_DEPTH_MODEL", str(tmp_path / "dpt"))
     d = np.asarray(conditions.preprocess("depth", pattern()))
     assert d.shape == (48, 64, 3) and (d[..., 0] == d[..., 2]).all()  # a grey depth map of the input size
+
+
+def test_dominant_colour_matches_the_sorting_definition_ties_included():
+    """The linear-time dominant colour picks what np.unique + argmax picked (the sketch check's reference)."""
+    from editing.conditions import dominant_colour
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        a = rng.integers(0, 256, (24, 20, 3)).astype(np.int16)
+        a[: trial % 12] = rng.integers(0, 256, 3)  # a dominant band in some trials, ties in others
+        colours, counts = np.unique(a.reshape(-1, 3) // 8, axis=0, return_counts=True)
+        assert (dominant_colour(a) == colours[counts.argmax()] * 8 + 4).all()
