@@ -162,6 +162,12 @@ def test_ui_imports_neither_torch_nor_bench():
     assert not bad, "ui/ talks to editing/ only (no torch kernels, no benchmarks):\n" + "\n".join(bad)
 
 
+def test_only_editing_serve_imports_ray():
+    bad = [v for pkg in ("models", "editing", "ui", "bench") for v in _violations(pkg, {"ray"})
+           if not v.startswith("editing/serve/")]
+    assert not bad, "Ray is optional (requirements-ray.txt): only editing/serve/ imports it:\n" + "\n".join(bad)
+
+
 def test_editing_has_no_import_cycles():
     graph = editing_graph()
     cycles = find_cycles(graph)
