@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from editing.sampling import alpha_at, prediction, to_eps
+
 
 class _Captured(Exception):
     """Raised from a hook to end the UNet forward once every wanted feature is in hand."""
@@ -40,12 +42,19 @@ class FeatureCapture:
         return False
 
 
-def run_for_features(unet, x, t, cond, blocks=(2,), need_output: bool = False):
-    """One UNet pass returning ``(eps or None, {block: features})``; stops early if eps is not needed."""
+def run_for_features(unet, x, t, cond, blocks=(2,), need_output: bool = False, schedule=None):
+    """One UNet pass returning ``(eps or None, {block: features})``; stops early if eps is not needed.
+
+    The output is ε whatever the model predicts (``sampling.to_eps``; prediction type from ``schedule`` or
+    what the loader recorded for the UNet), so DragDiffusion's one-step x̂₀ is right on v-prediction models."""
     dtype = next(unet.parameters()).dtype
     with FeatureCapture(unet, blocks, stop_early=not need_output) as fc:
         try:
             out = unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype)).sample
         except _Captured:
             out = None
+    if out is not None:
+        pred, alphas = prediction(unet, schedule)
+        if pred != "epsilon":
+            out = to_eps(out, x, alpha_at(alphas, t, out), pred)
     return out, fc.features

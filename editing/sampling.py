@@ -17,6 +17,9 @@ writing their own loop (the InvokeAI shape):
     the reverse DDIM step, ``after_step(s)``.
 
 Progress and cancel go only through ``Run.report`` (it raises ``EditCancelled``).
+
+The loops work in ε: a v-prediction model's output (SD-2.x 768-v) is converted once, in ``to_eps``, by
+``NoisePredictor`` / ``unet_eps``, so x̂₀, inversion, guidance and every hook see ε whatever the model predicts.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from editing import cuda_graphs
+from models import families
 
 
 # ---- the schedule and the DDIM math ------------------------------------------------------------------
@@ -37,6 +41,7 @@ class Schedule:
     alphas_cumprod: torch.Tensor  # (1000,)
     final_alpha: float  # ᾱ used "below" t=0 (alphas_cumprod[0] when set_alpha_to_one=False)
     stride: int
+    prediction_type: str = "epsilon"  # what the model predicts: "epsilon" | "v_prediction" (see ``to_eps``)
 
     @classmethod
     def from_scheduler(cls, scheduler, n_steps: int) -> "Schedule":
@@ -46,7 +51,8 @@ class Schedule:
         s.set_timesteps(n_steps)
         final = 1.0 if s.config.set_alpha_to_one else float(s.alphas_cumprod[0])
         stride = s.config.num_train_timesteps // n_steps
-        return cls(tuple(int(t) for t in s.timesteps), s.alphas_cumprod.float(), final, stride)
+        pred = getattr(s.config, "prediction_type", "epsilon") or "epsilon"
+        return cls(tuple(int(t) for t in s.timesteps), s.alphas_cumprod.float(), final, stride, pred)
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha
@@ -91,16 +97,56 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.T
 
 
 # ---- noise prediction ---------------------------------------------------------------------------------
+def to_eps(model_out: torch.Tensor, x_t: torch.Tensor, a_t, prediction_type: str) -> torch.Tensor:
+    """The model's output as the noise ε of x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε.
+
+    - ``epsilon``: the output is ε (returned as is, the same tensor).
+    - ``v_prediction`` (Salimans & Ho 2022, §4): v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀. Substituting
+      x₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t gives ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t (and x̂₀ = √ᾱ_t·x_t − √(1−ᾱ_t)·v).
+    - ``sample``: the output is x̂₀, so ε = (x_t − √ᾱ_t·x̂₀)/√(1−ᾱ_t).
+    ``a_t``: ᾱ_t as a float or a tensor broadcastable to x_t. Linear in the output, so classifier-free
+    guidance gives the same ε whether it combines v or ε.
+    """
+    if prediction_type == "epsilon":
+        return model_out
+    a = a_t if torch.is_tensor(a_t) else torch.tensor(float(a_t), dtype=model_out.dtype, device=model_out.device)
+    if prediction_type == "v_prediction":
+        return a.sqrt() * model_out + (1 - a).sqrt() * x_t.to(model_out.dtype)
+    if prediction_type == "sample":
+        return (x_t.to(model_out.dtype) - a.sqrt() * model_out) / (1 - a).sqrt()
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def prediction(unet, schedule: "Schedule | None" = None) -> tuple[str, torch.Tensor | None]:
+    """``(prediction_type, alphas_cumprod)`` for ``unet``: the schedule's when given, else what the loader
+    recorded for this UNet (``models.families.register_prediction``), else ε."""
+    if schedule is not None:
+        return schedule.prediction_type, schedule.alphas_cumprod
+    known = families.prediction_of(unet)
+    return known if known is not None else ("epsilon", None)
+
+
+def alpha_at(alphas_cumprod: torch.Tensor, t, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t for an int or tensor timestep, shaped to broadcast over ``like`` (B, C, H, W)."""
+    tt = torch.as_tensor(t, device=alphas_cumprod.device).long().flatten()
+    a = alphas_cumprod[tt].to(like.device, like.dtype)
+    return a.view(-1, *([1] * (like.ndim - 1))) if a.numel() > 1 else a.reshape(())
+
+
 def unet_dtype(unet) -> torch.dtype:
     """The UNet's compute dtype (of its own weights: an fp32 LoRA on an fp16 UNet does not count)."""
     return next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
 
 
-def unet_eps(unet, x: torch.Tensor, t: int, cond: torch.Tensor, **unet_kwargs) -> torch.Tensor:
-    """One noise prediction; the latent is cast to the UNet's dtype and the result back to fp32."""
+def unet_eps(unet, x: torch.Tensor, t: int, cond: torch.Tensor, *, schedule: "Schedule | None" = None,
+             **unet_kwargs) -> torch.Tensor:
+    """One noise prediction ε (``to_eps`` of the model's output); the latent is cast to the UNet's dtype and the
+    result back to fp32. ``schedule`` gives the prediction type (default: what the loader recorded)."""
     dtype = unet_dtype(unet)
-    return unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype),
-                **unet_kwargs).sample.float()
+    out = unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype),
+               **unet_kwargs).sample.float()
+    pred, alphas = prediction(unet, schedule)
+    return out if pred == "epsilon" else to_eps(out, x.float(), alpha_at(alphas, t, out), pred)
 
 
 class NoisePredictor:
@@ -109,11 +155,15 @@ class NoisePredictor:
     With ``uncond`` the batch runs as ``[x, x]`` against ``[uncond…, cond…]`` and
     ε = ε_u + s·(ε_c − ε_u) (Ho & Salimans 2022, eq. 6). Calls without extra UNet kwargs are replayed as
     a CUDA graph on the GPU (``graphs=False`` where processors read per-step Python state).
+    It always returns ε: a v-prediction model's output goes through ``to_eps`` (prediction type and ᾱ from
+    ``schedule`` when given, else from what the loader recorded for the UNet; ε models are untouched).
     """
 
     def __init__(self, unet, cond: torch.Tensor, batch: int, *, uncond: torch.Tensor | None = None,
-                 guidance_scale: float = 1.0, device=None, graphs: bool | None = None):
+                 guidance_scale: float = 1.0, device=None, graphs: bool | None = None,
+                 schedule: "Schedule | None" = None):
         self.unet, self.scale, self.cfg = unet, guidance_scale, uncond is not None
+        self.prediction_type, self._alphas = prediction(unet, schedule)
         self.dtype = unet_dtype(unet)
         if self.cfg:
             cond = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
@@ -139,10 +189,12 @@ class NoisePredictor:
             out = self._replay(inp, t)
         else:
             out = self._plain(inp, torch.as_tensor(t, dtype=torch.long, device=self.device))
-        if not self.cfg:
+        if self.cfg:
+            e_u, e_c = out.chunk(2)
+            out = e_u + self.scale * (e_c - e_u)
+        if self.prediction_type == "epsilon":
             return out
-        e_u, e_c = out.chunk(2)
-        return e_u + self.scale * (e_c - e_u)
+        return to_eps(out, x.float(), alpha_at(self._alphas, t, out), self.prediction_type)
 
 
 # ---- the loops --------------------------------------------------------------------------------------------

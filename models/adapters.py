@@ -9,6 +9,8 @@ A *spec* is one of
 - for IP-Adapter also a local ``.safetensors`` file in the IP-Adapter layout (``image_proj.*``,
   ``ip_adapter.*``) with its CLIP image encoder in ``image_encoder/`` next to it or one folder up.
 Pickle weights (``.bin``, ``.pth``, ``.ckpt``, ``.pt``) are refused unless ``allow_pickle=True``.
+A unit made for another model family (an SDXL ControlNet on SD-1.5, an SD-1.5 IP-Adapter on SDXL, ...) is
+refused with a message naming both families (``models/families.py``).
 
 Public API::
 
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import diffusers_private
+from models import diffusers_private, families
 from models.cache import LRU
 from models.errors import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
@@ -46,6 +48,7 @@ from models.safety import PICKLE_SUFFIXES, check_weights_file
 log = logging.getLogger(__name__)
 
 DEFAULT_IP_WEIGHT = "models/ip-adapter_sd15.safetensors"
+DEFAULT_IP_WEIGHTS = {"sd15": DEFAULT_IP_WEIGHT, "sdxl": "sdxl_models/ip-adapter_sdxl.safetensors"}  # in h94/IP-Adapter
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_SEED = 1234
@@ -99,15 +102,32 @@ def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
     else:
         raise AdapterError(f"Unknown {what} {spec!r}: not 'tiny', not an existing folder, and not a Hub id "
                            "of the form owner/name.")
+    if path.is_dir():
+        _check_folder_class(path, cls, what)
     try:
         model = cls.from_pretrained(source, torch_dtype=bundle.dtype, local_files_only=local,
                                     use_safetensors=None if allow_pickle else True)
     except Exception as e:  # noqa: BLE001 - one actionable line for every load failure
         first = (str(e).splitlines() or [""])[0][:160]
-        raise AdapterError(f"Could not load {what} {spec!r} ({type(e).__name__}: {first}). It is missing from "
-                           "the local Hugging Face cache and could not be downloaded: download it once with "
-                           "internet, pass a local folder, or use 'tiny'.") from None
+        if path.is_dir():
+            raise AdapterError(f"Could not load {what} from the folder {spec!r} ({type(e).__name__}: {first}): "
+                               f"it must hold a diffusers {cls.__name__} (config.json + weights).") from None
+        raise AdapterError(f"Could not load {what} {spec!r} ({type(e).__name__}: {first}). Check the Hub id: it is "
+                           "missing from the local Hugging Face cache and could not be downloaded. Download it "
+                           "once with internet, pass a local folder, or use 'tiny'.") from None
     return model.to(bundle.device).eval().requires_grad_(False)
+
+
+def _check_folder_class(path: Path, cls, what: str) -> None:
+    """A folder whose config names another class (a UNet, a VAE, a T2I-Adapter given as a ControlNet, ...)."""
+    import json
+
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        raise AdapterError(f"{what} folder {path} has an unreadable config.json.") from None
+    if name and name != cls.__name__:
+        raise AdapterError(f"{what} folder {path} holds a {name}, not a {cls.__name__}: pass a {what} folder.")
 
 
 def _place(module: torch.nn.Module, bundle) -> torch.nn.Module:
@@ -152,6 +172,7 @@ def controlnet(bundle, spec: str, allow_pickle: bool = False):
 
 
 def _check_fits_unet(cfg, bundle, what: str) -> None:
+    families.check_same(what, families.family_of_unet_config(cfg), bundle.family, bundle.name, AdapterError)
     u = bundle.unet.config
     if tuple(cfg.block_out_channels) != tuple(u.block_out_channels) or cfg.cross_attention_dim != u.cross_attention_dim:
         raise AdapterError(
@@ -172,15 +193,27 @@ def t2i_adapter(bundle, spec: str, allow_pickle: bool = False):
         u = bundle.unet.config
         if spec == "tiny":
             torch.manual_seed(TINY_SEED + 1)
-            ad = T2IAdapter(in_channels=3, channels=list(u.block_out_channels), num_res_blocks=1,
-                            downscale_factor=bundle.vae_scale_factor, adapter_type="full_adapter")
+            if bundle.family.name == "sdxl":  # SDXL adapters: 4 levels over 3 UNet levels, from 1/16 of the pixels
+                ad = T2IAdapter(in_channels=3, channels=[*u.block_out_channels, u.block_out_channels[-1]],
+                                num_res_blocks=1, downscale_factor=2 * bundle.vae_scale_factor,
+                                adapter_type="full_adapter_xl")
+            else:
+                ad = T2IAdapter(in_channels=3, channels=list(u.block_out_channels), num_res_blocks=1,
+                                downscale_factor=bundle.vae_scale_factor, adapter_type="full_adapter")
             return _place(ad, bundle)
         ad = _from_pretrained(T2IAdapter, spec, bundle, allow_pickle, "T2I-Adapter")
+        # An SDXL adapter says so in its type; SD-1.x and SD-2.x adapters share one layout (checked by widths).
+        made_for = "sdxl" if ad.config.adapter_type == "full_adapter_xl" else (
+            bundle.family.name if bundle.family.name != "sdxl" else "sd15")
+        families.check_same(f"T2I-Adapter {spec!r}", made_for, bundle.family, bundle.name, AdapterError)
         chans = tuple(ad.config.channels)
-        if chans != tuple(u.block_out_channels)[: len(chans)] or ad.config.downscale_factor != bundle.vae_scale_factor:
+        xl = bundle.family.name == "sdxl"
+        want_chans = (*u.block_out_channels, u.block_out_channels[-1]) if xl else tuple(u.block_out_channels)
+        want_scale = bundle.vae_scale_factor * (2 if xl else 1)
+        if chans != want_chans[: len(chans)] or ad.config.downscale_factor != want_scale:
             raise AdapterError(
                 f"T2I-Adapter {spec!r} produces features {chans} at 1/{ad.config.downscale_factor} scale, but the "
-                f"loaded model {bundle.name!r} needs {tuple(u.block_out_channels)} at 1/{bundle.vae_scale_factor}: "
+                f"loaded model {bundle.name!r} needs {want_chans} at 1/{want_scale}: "
                 "use an adapter trained for this base model.")
         return ad
 
@@ -256,7 +289,7 @@ def _hidden_size(u, name: str) -> int:
     return (list(reversed(u.block_out_channels)) if name.startswith("up_blocks") else u.block_out_channels)[block]
 
 
-def _ip_files(spec: str, allow_pickle: bool) -> tuple[Path, Path]:
+def _ip_files(spec: str, allow_pickle: bool, family: str = "sd15") -> tuple[Path, Path]:
     """(weights file, image-encoder folder) for a local file or a Hub id."""
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) or path.exists():
@@ -272,7 +305,7 @@ def _ip_files(spec: str, allow_pickle: bool) -> tuple[Path, Path]:
     if repo.count("/") != 1:
         raise AdapterError(f"Unknown IP-Adapter {spec!r}: not 'tiny', not an existing .safetensors file, and not a "
                            "Hub id like h94/IP-Adapter[:models/ip-adapter_sd15.safetensors].")
-    weight = weight or DEFAULT_IP_WEIGHT
+    weight = weight or DEFAULT_IP_WEIGHTS.get(family, DEFAULT_IP_WEIGHT)
     check_weights_file(weight, allow_pickle, "IP-Adapter", AdapterError)  # a name in the Hub repo: judged by suffix
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
@@ -290,7 +323,7 @@ def _ip_files(spec: str, allow_pickle: bool) -> tuple[Path, Path]:
 def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
     from transformers import CLIPVisionModelWithProjection
 
-    file, enc_dir = _ip_files(spec, allow_pickle)
+    file, enc_dir = _ip_files(spec, allow_pickle, bundle.family.name)
     if file.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -312,6 +345,9 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
     except Exception as e:  # noqa: BLE001
         raise AdapterError(f"Could not load the IP-Adapter image encoder from {enc_dir} ({type(e).__name__}).") from None
     cross = sd["image_proj"]["proj.weight"].shape[0] // 4
+    if cross in families.FAMILY_BY_TEXT_WIDTH and bundle.unet.config.cross_attention_dim in families.FAMILY_BY_TEXT_WIDTH:
+        families.check_same(f"IP-Adapter {spec!r}", families.FAMILY_BY_TEXT_WIDTH[cross], bundle.family, bundle.name,
+                            AdapterError)
     if cross != bundle.unet.config.cross_attention_dim:
         raise AdapterError(f"IP-Adapter {spec!r} was made for text width {cross}, but the loaded model "
                            f"{bundle.name!r} has {bundle.unet.config.cross_attention_dim}: use one for this base model.")

@@ -1,12 +1,19 @@
 """Getting weights into memory: resolve a model spec, pick device/dtype, load once per process.
 
 A *spec* is one of
-- a built-in name: ``tiny`` / ``cpu-small`` / ``sd15-random`` (random weights, built in code),
+- a built-in name: ``tiny`` / ``cpu-small`` / ``sd15-random`` / ``tiny-sdxl`` / ``tiny-sd2-v`` / ``sdxl-random``
+  (random weights, built in code),
 - ``auto``: SD-1.5 when it is cached or downloadable, otherwise the best built-in offline model,
-- a local diffusers folder (``model_index.json`` inside),
-- a single-file checkpoint ``*.safetensors`` (configs ship in ``models/configs/sd15``; nothing fetched),
-- a Hugging Face Hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+- a local diffusers folder (``model_index.json`` inside) of an SD-1.x, SD-2.x or SDXL model,
+- a single-file checkpoint ``*.safetensors`` of any of the three (configs ship in ``models/configs/<family>``;
+  the family is read from the checkpoint's keys; nothing fetched),
+- a Hugging Face Hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
+  ``stabilityai/stable-diffusion-xl-base-1.0``.
 Pickle formats (``.ckpt``, ``.bin``, ``.pt``) are refused unless ``allow_pickle=True`` (``models/safety.py``).
+
+Every bundle knows its ``family`` (``models/families.py``): SD-1.x, SD-2.x (ε or v) or SDXL, detected from
+the configs; an unknown architecture is refused with a message naming what was found. SDXL bundles get the
+conditioning pre-hook (``families.install_sdxl_conditioning``) so methods pass one conditioning tensor.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from models import families
 from models.cache import LRU
 from models.errors import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
@@ -29,8 +37,13 @@ from models.safety import PICKLE_SUFFIXES, check_weights_file
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-BUILTINS = {"tiny": "tiny", "cpu-small": "cpu-small", "sd15-random": "sd15"}
-CONFIG_DIR = Path(__file__).parent / "configs" / "sd15"
+BUILTINS = {"tiny": "tiny", "cpu-small": "cpu-small", "sd15-random": "sd15", "tiny-sdxl": "tiny-sdxl",
+            "tiny-sd2-v": "tiny-sd2-v", "sdxl-random": "sdxl"}
+CONFIGS = Path(__file__).parent / "configs"
+CONFIG_DIR = CONFIGS / "sd15"
+# Where a single file's tokenizers come from (the local Hugging Face cache only), per family.
+TOKENIZER_REPOS = {"sd15": DEFAULT_HUB_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
+                   "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 # Bundles kept loaded per process. Two: the model in use plus one more, so switching A -> B -> A (or a
 # benchmark comparing two models) does not reload, while a third model drops the least recent one instead
 # of piling up SD-sized weights (~2 GB each in fp16, ~4 GB in fp32) until the process runs out of memory.
@@ -56,7 +69,26 @@ class ModelBundle:
     device: torch.device
     dtype: torch.dtype
     source: str  # builtin | hub | folder | single-file
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (OpenCLIP-bigG, with projection) encoder
+    tokenizer_2: object = None
+    family: families.Family | None = None  # detected from the configs when not given
     _prompt_cache: LRU = field(default_factory=lambda: LRU(PROMPT_CACHE_SIZE), repr=False)
+
+    def __post_init__(self):
+        if self.family is None:
+            try:
+                self.family = families.detect(self.unet, self.scheduler, self.text_encoders, self.vae)
+            except families.UnknownFamilyError as e:
+                raise ModelLoadError(f"{self.name}: {e}") from None
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """Every weight-carrying component (what device / dtype / offload policies apply to)."""
+        return [self.unet, self.vae, *self.text_encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -76,15 +108,29 @@ class ModelBundle:
         """Forget cached prompt embeddings (a text-encoder LoRA went on or off)."""
         self._prompt_cache.clear()
 
+    def _ids(self, tokenizer, prompt: str) -> torch.Tensor:
+        return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """CLIP text embeddings ``(1, 77, D)``; cached per prompt (the text encoder is frozen)."""
+        """The one conditioning tensor every method passes as ``encoder_hidden_states``; cached per prompt.
+
+        SD-1.x / 2.x: the text encoder's last hidden state ``(1, 77, D)``. SDXL: ``(1, 78, 2048)`` — both
+        encoders' penultimate hidden states concatenated (77 tokens), plus one extra token carrying
+        text_encoder_2's pooled projection (zero-padded); the SDXL pre-hook on the UNet splits it off into
+        ``added_cond_kwargs`` (``families.install_sdxl_conditioning``). As in diffusers' SDXL pipelines
+        (``force_zeros_for_empty_prompt``), the empty prompt (the unconditional branch) is all zeros.
+        """
         def make():
-            ids = self.tokenizer(
-                prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(self.device)
-            return self.text_encoder(ids)[0].to(self.dtype)
+            if not self.family.conditioned_on_size:
+                return self.text_encoder(self._ids(self.tokenizer, prompt))[0].to(self.dtype)
+            if prompt == "":
+                width = self.unet.config.cross_attention_dim
+                return torch.zeros((1, self.tokenizer.model_max_length + 1, width), device=self.device, dtype=self.dtype)
+            h1 = self.text_encoder(self._ids(self.tokenizer, prompt), output_hidden_states=True).hidden_states[-2]
+            out2 = self.text_encoder_2(self._ids(self.tokenizer_2, prompt), output_hidden_states=True)
+            return families.pack_sdxl(torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2.text_embeds).to(self.dtype)
 
         return self._prompt_cache.get_or(prompt, make)[0]
 
@@ -98,24 +144,37 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def _module_dtype(bundle: ModelBundle, m) -> torch.dtype:
+    """The bundle's dtype, except an SDXL VAE that overflows in fp16: that one stays fp32."""
+    if m is bundle.vae and bundle.family.vae_upcast and bundle.dtype == torch.float16:
+        return torch.float32
+    return bundle.dtype
+
+
 def _apply_policy(bundle: ModelBundle, offload: bool) -> ModelBundle:
-    for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+    for m in bundle.modules:
         m.eval().requires_grad_(False)
     bundle.vae.enable_slicing()  # decode batches one image at a time: lower peak memory
     if offload and bundle.device.type == "cuda":
         # Keep weights in RAM and move each model to the GPU only while it runs (low-VRAM GPUs).
         from accelerate import cpu_offload_with_hook
 
-        for m in (bundle.unet, bundle.vae, bundle.text_encoder):
-            m.to(dtype=bundle.dtype)
+        for m in bundle.modules:
+            m.to(dtype=_module_dtype(bundle, m))
         hook = None
-        for m in (bundle.text_encoder, bundle.unet, bundle.vae):
+        for m in (*bundle.text_encoders, bundle.unet, bundle.vae):
             _, hook = cpu_offload_with_hook(m, bundle.device, prev_module_hook=hook)
     else:
-        for m in (bundle.unet, bundle.vae, bundle.text_encoder):
+        for m in bundle.modules:
             m.to(bundle.device)
-            if m.dtype != bundle.dtype:
-                m.to(dtype=bundle.dtype)
+            if m.dtype != _module_dtype(bundle, m):
+                m.to(dtype=_module_dtype(bundle, m))
+    if _module_dtype(bundle, bundle.vae) != bundle.dtype:
+        families.install_vae_upcast(bundle.vae)
+    if bundle.family.conditioned_on_size:
+        families.install_sdxl_conditioning(bundle.unet, bundle.tokenizer.model_max_length, bundle.family.pooled_dim,
+                                           bundle.family.vae_scale_factor)
+    families.register_prediction(bundle.unet, bundle.scheduler)
     return bundle
 
 
@@ -123,11 +182,13 @@ def _from_components(name: str, comps: dict, source: str, device, dtype) -> Mode
     return ModelBundle(
         name=name, unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"],
         tokenizer=comps["tokenizer"], scheduler=comps["scheduler"], device=device, dtype=dtype, source=source,
+        text_encoder_2=comps.get("text_encoder_2"), tokenizer_2=comps.get("tokenizer_2"),
     )
 
 
 def _pipeline_components(pipe) -> dict:
-    return {k: getattr(pipe, k) for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    keys = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    return {k: getattr(pipe, k) for k in keys if getattr(pipe, k, None) is not None}
 
 
 def _ddim(scheduler_config) -> object:
@@ -136,51 +197,110 @@ def _ddim(scheduler_config) -> object:
     return DDIMScheduler.from_config(scheduler_config)
 
 
-def _load_pretrained(spec: str, source: str, device, dtype, allow_pickle: bool, local_only: bool) -> ModelBundle:
-    from diffusers import StableDiffusionPipeline
+def _pipeline_class(spec: str, local_only: bool) -> str:
+    """``StableDiffusionXLPipeline`` when the model index names an SDXL pipeline, else ``StableDiffusionPipeline``."""
+    try:
+        from diffusers import DiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(
-        spec, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        use_safetensors=None if allow_pickle else True, local_files_only=local_only,
+        index = DiffusionPipeline.load_config(spec, local_files_only=local_only)
+        name = str(index.get("_class_name", ""))
+    except Exception:  # noqa: BLE001 - the load below reports a missing/bad model in one line
+        return "StableDiffusionPipeline"
+    return "StableDiffusionXLPipeline" if "XL" in name else "StableDiffusionPipeline"
+
+
+def _load_pretrained(spec: str, source: str, device, dtype, allow_pickle: bool, local_only: bool) -> ModelBundle:
+    import diffusers
+
+    cls = getattr(diffusers, _pipeline_class(spec, local_only))
+    extra = ({"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else
+             {"safety_checker": None, "requires_safety_checker": False})
+    pipe = cls.from_pretrained(
+        spec, torch_dtype=dtype, feature_extractor=None, use_safetensors=None if allow_pickle else True,
+        local_files_only=local_only, **extra,
     )
     comps = _pipeline_components(pipe)
     comps["scheduler"] = _ddim(pipe.scheduler.config)
     return _from_components(spec, comps, source, device, dtype)
 
 
-def _load_single_file(path: Path, device, dtype) -> ModelBundle:
-    """A ``.safetensors`` checkpoint in the original (LDM) layout, with our bundled SD-1.5 configs."""
-    from diffusers import StableDiffusionPipeline
+def single_file_family(path: Path) -> str:
+    """``sd15`` / ``sd2`` / ``sdxl`` (with ``-v`` variants as ``sd2``) from an LDM checkpoint's keys and shapes.
 
-    tok = _cached_sd15_tokenizer()
-    if tok is None:
+    SDXL has a second text encoder (``conditioner.embedders.1``); SD-2.x has an OpenCLIP text encoder
+    (``cond_stage_model.model.``) and 1024-wide cross-attention; SD-1.x has ``cond_stage_model.transformer``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        if any(k.startswith("conditioner.embedders.1.") for k in keys):
+            return "sdxl"
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            return "sd2"
+        k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        if k in keys and f.get_slice(k).get_shape()[1] == 1024:
+            return "sd2"
+    return "sd15"
+
+
+def _single_file_v_prediction(path: Path) -> bool:
+    """SD-2.x 768-v checkpoints carry no flag; diffusers and A1111 read the ``v`` from the file's name or
+    keep ε. We follow the file name (``*-v*`` / ``768-v``): the user can rename the file otherwise."""
+    return "768-v" in path.name.lower() or path.stem.lower().endswith(("-v", "_v"))
+
+
+def _load_single_file(path: Path, device, dtype) -> ModelBundle:
+    """A ``.safetensors`` checkpoint in the original (LDM) layout, with our bundled configs for its family."""
+    import diffusers
+
+    fam = single_file_family(path)
+    subs = ("tokenizer", "tokenizer_2") if fam == "sdxl" else ("tokenizer",)
+    toks = {s: _cached_tokenizer(TOKENIZER_REPOS[fam], s) for s in subs}
+    if any(t is None for t in toks.values()):
         raise ModelLoadError(
-            "A single-file checkpoint needs the CLIP tokenizer files, which are not in the local "
-            f"Hugging Face cache. Run once with internet (any command using {DEFAULT_HUB_MODEL}) or "
+            f"A single-file {fam} checkpoint needs the CLIP tokenizer files, which are not in the local "
+            f"Hugging Face cache. Run once with internet (any command using {TOKENIZER_REPOS[fam]}) or "
             "convert the checkpoint to a diffusers folder."
         )
+    cls = getattr(diffusers, "StableDiffusionXLPipeline" if fam == "sdxl" else "StableDiffusionPipeline")
+    extra = ({"add_watermarker": False} if fam == "sdxl" else
+             {"safety_checker": None, "requires_safety_checker": False})
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = Path(tmp) / "sd15"
-        shutil.copytree(CONFIG_DIR, cfg)
-        shutil.copytree(tok, cfg / "tokenizer")
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(cfg), torch_dtype=dtype, local_files_only=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        cfg = Path(tmp) / fam
+        shutil.copytree(CONFIGS / fam, cfg)
+        for sub, tok in toks.items():
+            shutil.copytree(tok, cfg / sub)
+        if fam == "sd2" and _single_file_v_prediction(path):
+            _set_json(cfg / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
+            _set_json(cfg / "unet" / "config.json", sample_size=96)
+        pipe = cls.from_single_file(str(path), config=str(cfg), torch_dtype=dtype, local_files_only=True,
+                                    feature_extractor=None, **extra)
     comps = _pipeline_components(pipe)
     comps["scheduler"] = _ddim(pipe.scheduler.config)
     return _from_components(path.name, comps, "single-file", device, dtype)
 
 
-def _cached_sd15_tokenizer() -> Path | None:
+def _set_json(path: Path, **values) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _cached_tokenizer(repo: str, sub: str = "tokenizer") -> Path | None:
     try:
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(DEFAULT_HUB_MODEL, allow_patterns=["tokenizer/*"], local_files_only=True)
-        tok = Path(root) / "tokenizer"
+        root = snapshot_download(repo, allow_patterns=[f"{sub}/*"], local_files_only=True)
+        tok = Path(root) / sub
         return tok if (tok / "vocab.json").exists() else None
     except Exception:  # noqa: BLE001 - any cache miss means "not available offline"
         return None
+
+
+def _cached_sd15_tokenizer() -> Path | None:
+    return _cached_tokenizer(DEFAULT_HUB_MODEL)
 
 
 def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:

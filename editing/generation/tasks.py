@@ -1,5 +1,11 @@
 """The sketch (SDEdit) and generate tasks: diffusers pipelines around the loaded components, trajectories
-recorded for drags, recipes."""
+recorded for drags, recipes.
+
+Every family runs its own diffusers pipelines (SD-1.x/2.x: ``StableDiffusion*Pipeline``; SDXL:
+``StableDiffusionXL*Pipeline``) built around the loaded components; the prompt is encoded once by the bundle
+(``encode_prompt``) and handed over as embeddings (SDXL: text states + pooled, split from the packed tensor).
+A v-prediction scheduler config travels into the pipeline's DDIM scheduler, which then converts itself.
+Sampling previews (``editing/previews.py``) are made only when the progress callback takes images."""
 from __future__ import annotations
 
 import contextlib
@@ -15,11 +21,48 @@ from editing.generation.requests import (GENERATE_FIELDS, SKETCH_FIELDS, Adapter
 from editing.images import tensor_to_pil
 from editing.runtime import EditResult, Task, decode_image, register
 from editing.sampling import Schedule
+from models import families
 
 # ---- the shared denoise run ------------------------------------------------------------------------
 def _components(b, scheduler) -> dict:
+    if b.family.conditioned_on_size:
+        return {"vae": b.vae, "text_encoder": b.text_encoder, "text_encoder_2": b.text_encoder_2,
+                "tokenizer": b.tokenizer, "tokenizer_2": b.tokenizer_2, "unet": b.unet, "scheduler": scheduler,
+                "feature_extractor": None, "image_encoder": None, "force_zeros_for_empty_prompt": True,
+                "add_watermarker": False}
     return {"vae": b.vae, "text_encoder": b.text_encoder, "tokenizer": b.tokenizer, "unet": b.unet, "scheduler": scheduler,
                 "safety_checker": None, "feature_extractor": None, "image_encoder": None, "requires_safety_checker": False}
+
+
+# The SD-1.x/2.x pipeline of each kind and its SDXL counterpart.
+_XL_PIPELINES = {
+    "StableDiffusionPipeline": "StableDiffusionXLPipeline",
+    "StableDiffusionImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionControlNetPipeline": "StableDiffusionXLControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
+}
+
+
+def _prompt_kwargs(b, prompt: str, negative: str) -> dict:
+    """The pipeline's embedding arguments from the bundle's (cached) conditioning tensors."""
+    cond, uncond = b.encode_prompt(prompt), b.encode_prompt(negative)
+    if not b.family.conditioned_on_size:
+        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+    (c, pc), (u, pu) = (families.unpack_sdxl(x, b.family.pooled_dim) for x in (cond, uncond))
+    return {"prompt_embeds": c, "pooled_prompt_embeds": pc, "negative_prompt_embeds": u,
+            "negative_pooled_prompt_embeds": pu}
+
+
+@contextlib.contextmanager
+def _vae_dtype_kept(vae):
+    """diffusers' SDXL img2img pipelines upcast a ``force_upcast`` VAE to encode and then cast it to the
+    pipeline's dtype — which would turn the loader's fp32 SDXL VAE into fp16; put its dtype back."""
+    dtype = vae.dtype
+    try:
+        yield
+    finally:
+        if vae.dtype != dtype:
+            vae.to(dtype=dtype)
 
 
 def _pipeline(b, kind: str, controlnets=None):
@@ -27,7 +70,7 @@ def _pipeline(b, kind: str, controlnets=None):
     import diffusers
     from diffusers import DDIMScheduler
 
-    cls = getattr(diffusers, kind)
+    cls = getattr(diffusers, _XL_PIPELINES[kind] if b.family.conditioned_on_size else kind)
     comps = _components(b, DDIMScheduler.from_config(b.scheduler.config))  # fresh: the shared one is never mutated
     if controlnets is not None:
         comps["controlnet"] = controlnets[0] if len(controlnets) == 1 else list(controlnets)
@@ -36,12 +79,25 @@ def _pipeline(b, kind: str, controlnets=None):
     return pipe
 
 
-class _Recorder:
-    """Keeps the latent trajectory (start latent, then one latent per step) and reports progress/cancel."""
+def ddim_x0_from_step(x_t: torch.Tensor, x_prev: torch.Tensor, a_t: float, a_prev: float) -> torch.Tensor:
+    """x̂₀ of a deterministic DDIM step from its two ends (Song et al. 2021, eq. 12 with σ = 0):
+    x_t = √ᾱ_t·x̂₀ + √(1−ᾱ_t)·ε and x_prev = √ᾱ_prev·x̂₀ + √(1−ᾱ_prev)·ε share x̂₀ and ε, so
+    x̂₀ = (√(1−ᾱ_prev)·x_t − √(1−ᾱ_t)·x_prev) / (√ᾱ_t·√(1−ᾱ_prev) − √ᾱ_prev·√(1−ᾱ_t)).
+    Lets a pipeline callback (which sees only latents) preview x̂₀ without another UNet call."""
+    sa, sb = (1 - a_prev) ** 0.5, (1 - a_t) ** 0.5
+    return (sa * x_t - sb * x_prev) / (a_t**0.5 * sa - a_prev**0.5 * sb)
 
-    def __init__(self, run, unet, batch: int, n_steps: int, what: str):
+
+class _Recorder:
+    """Keeps the latent trajectory (start latent, then one latent per step) and reports progress/cancel.
+
+    With ``previews`` (a ``(decoder factory, schedule, first step index)``; only when the progress callback
+    takes images) it also shows x̂₀ every few steps through ``run.preview``; otherwise nothing extra runs."""
+
+    def __init__(self, run, unet, batch: int, n_steps: int, what: str, previews=None):
         self.run, self.batch, self.n, self.what = run, batch, n_steps, what
         self.latents: list[torch.Tensor] = []
+        self.previews = previews
         self._hook = unet.register_forward_pre_hook(self._first_input, with_kwargs=True)
 
     def _first_input(self, module, args, kwargs):
@@ -51,8 +107,22 @@ class _Recorder:
 
     def __call__(self, pipe, i, t, kw):
         self.latents.append(kw["latents"].detach().float().clone())
+        if self.previews is not None:
+            self._preview(i)
         self.run.report((i + 1) / self.n, f"{self.what} step {i + 1}/{self.n}")
         return kw
+
+    def _preview(self, i: int) -> None:
+        from editing.previews import PREVIEWS
+
+        decoder, schedule, first = self.previews
+        every = max(1, round(self.n / PREVIEWS))
+        if (i + 1) % every or i + 1 >= self.n or len(self.latents) < 2:
+            return
+        t = schedule.timesteps[first + i]
+        x0 = ddim_x0_from_step(self.latents[-2][:1], self.latents[-1][:1], schedule.alpha(t),
+                               schedule.alpha(t - schedule.stride))
+        self.run.preview(i + 1, decoder()(x0))
 
     def close(self):
         self._hook.remove()
@@ -133,6 +203,15 @@ def _finish(ctx, req, task: str, latents, images, traj, schedule, start: int | N
     return EditResult(images[0], recipes[0], run.timings, run.nfe, notices, [], images, extra)
 
 
+def _previews(ctx, schedule: Schedule, first: int):
+    """The recorder's preview settings, or ``None`` (no previews, no cost) when nobody watches."""
+    if not ctx.run.wants_previews:
+        return None
+    from editing.previews import preview_decoder
+
+    return (lambda: preview_decoder(ctx), schedule, first)
+
+
 # ---- sketch (SDEdit) -------------------------------------------------------------------------------
 def run_sketch(ctx, req: SketchRequest) -> EditResult:
     """SDEdit (Meng et al. 2022): noise the sketch to t0 = strength, denoise to 0 with the prompt."""
@@ -156,8 +235,7 @@ def run_sketch(ctx, req: SketchRequest) -> EditResult:
     gens = [torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.batch)]
     kwargs = {"image": work, "strength": req.strength, "num_inference_steps": req.n_inference_steps,
               "guidance_scale": req.guidance_scale, "num_images_per_prompt": req.batch, "generator": gens,
-              "prompt_embeds": b.encode_prompt(req.prompt),
-              "negative_prompt_embeds": b.encode_prompt(req.negative_prompt), "output_type": "latent"}
+              **_prompt_kwargs(b, req.prompt, req.negative_prompt), "output_type": "latent"}
     if req.scribble_controlnet:
         cn = models_adapters.controlnet(b, req.scribble_controlnet, ctx.options.allow_pickle)
         run.count_module(cn, "controlnet")
@@ -166,9 +244,10 @@ def run_sketch(ctx, req: SketchRequest) -> EditResult:
                       controlnet_conditioning_scale=req.scribble_scale)
     else:
         pipe = _pipeline(b, "StableDiffusionImg2ImgPipeline")
-    rec = _Recorder(run, b.unet, req.batch, n_run, "SDEdit")
+    rec = _Recorder(run, b.unet, req.batch, n_run, "SDEdit",
+                    _previews(ctx, schedule, req.n_inference_steps - n_run))
     try:
-        with run.step("sketch"), torch.no_grad():
+        with run.step("sketch"), torch.no_grad(), _vae_dtype_kept(b.vae):
             z = pipe(callback_on_step_end=rec, **kwargs).images
     finally:
         rec.close()
@@ -206,8 +285,7 @@ def run_generate(ctx, req: GenerateRequest) -> EditResult:
                          for i in range(req.batch)]).to(b.device, b.dtype)
     kwargs = {"height": h, "width": w, "num_inference_steps": req.n_inference_steps,
               "guidance_scale": req.guidance_scale, "num_images_per_prompt": req.batch, "latents": latents,
-              "prompt_embeds": b.encode_prompt(req.prompt),
-              "negative_prompt_embeds": b.encode_prompt(req.negative_prompt), "output_type": "latent"}
+              **_prompt_kwargs(b, req.prompt, req.negative_prompt), "output_type": "latent"}
     conds: dict[str, Image.Image] = {}
     if req.controlnets:
         nets = []
@@ -235,7 +313,7 @@ def run_generate(ctx, req: GenerateRequest) -> EditResult:
         return ctx.recipe("generate", params, images=req.pictures(),
                              extra={"batch_index": i, "batch_seed": req.seed})
 
-    rec = _Recorder(run, b.unet, req.batch, req.n_inference_steps, "generate")
+    rec = _Recorder(run, b.unet, req.batch, req.n_inference_steps, "generate", _previews(ctx, schedule, 0))
     try:
         with (_extensions(ctx, req.adapters, req.ip_adapter, (w, h), schedule.timesteps, cfg, notices,
                           conds) as extra_kwargs, run.step("generate"), torch.no_grad()):

@@ -1,15 +1,22 @@
-"""Reading a LoRA (diffusers' converters: kohya/A1111 keys too) and checking that it fits the loaded model."""
+"""Reading a LoRA (diffusers' converters: kohya/A1111 keys too) and checking that it fits the loaded model.
+
+Formats read: diffusers / peft (``unet.…``, ``text_encoder.…``, SDXL's ``text_encoder_2.…``), the old
+un-prefixed UNet-only layout, and kohya / A1111 (``lora_unet_…``, ``lora_te_…``; SDXL ``lora_te1_…`` /
+``lora_te2_…``), all through diffusers' converters. Each LoRA gets the family it was made for
+(``lora_family``) when its keys or widths tell; one made for another family than the loaded model, and a stack
+mixing families, are refused with a message naming both."""
 from __future__ import annotations
 
 import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from editing.lora_library.files import LoraError, _read_file, read_card, resolve
+from models import families
 from models.cache import LRU
 
 # Cross-attention width (to_k input) -> the base family a LoRA was trained for.
@@ -27,8 +34,12 @@ class LoadedLora:
     text_encoder: dict[str, torch.Tensor]
     text_encoder_alphas: dict | None
     text_encoder_metadata: dict | None
-    foreign: list[str]  # keys for components we do not have (text_encoder_2, transformer, ...)
+    foreign: list[str]  # keys for components we do not have (transformer, ...)
     card: dict
+    text_encoder_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second text encoder
+    text_encoder_2_alphas: dict | None = None
+    text_encoder_2_metadata: dict | None = None
+    family: str | None = None  # "sd15" | "sd2" | "sdxl" | "sd15/sd2" (4-level layout, width unknown) | None
 
 
 CACHE_SIZE = 8
@@ -59,23 +70,26 @@ def _split_metadata(metadata: dict | None, prefix: str) -> dict | None:
 
 def _convert(path: Path, raw: dict[str, torch.Tensor]) -> LoadedLora:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+    from diffusers.utils import convert_unet_state_dict_to_peft
 
     if not raw or not any("lora" in k.lower() for k in raw):
         raise LoraError(f"{path.name} holds no LoRA weights (no key contains 'lora').")
     metadata = _file_metadata(path)
+    xl_keys = any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in raw)
     try:
-        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(raw))
+        if xl_keys:  # SDXL's loader knows both text encoders (kohya te1/te2 included)
+            from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as Loader
+        else:
+            Loader = StableDiffusionLoraLoaderMixin
+        state, alphas = Loader.lora_state_dict(dict(raw))
     except Exception as e:  # noqa: BLE001
         raise LoraError(f"{path.name} is not a LoRA diffusers can read ({type(e).__name__}: {str(e)[:120]}).") from None
-    unet_sd, te_sd, foreign = {}, {}, []
+    unet_sd, te_sd, te2_sd, foreign = {}, {}, {}, []
     for k, v in state.items():
         if k.startswith("unet."):
             unet_sd[k.removeprefix("unet.")] = v
+        elif k.startswith("text_encoder_2."):
+            te2_sd[k.removeprefix("text_encoder_2.")] = v
         elif k.startswith("text_encoder."):
             te_sd[k.removeprefix("text_encoder.")] = v
         elif "." in k and k.split(".")[0] in ("down_blocks", "mid_block", "up_blocks", "conv_in", "time_embedding"):
@@ -83,17 +97,57 @@ def _convert(path: Path, raw: dict[str, torch.Tensor]) -> LoadedLora:
         else:
             foreign.append(k)
     unet_sd = convert_unet_state_dict_to_peft(unet_sd) if unet_sd else {}
-    te_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd)) if te_sd else {}
-    te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
+    te_sd, te2_sd = _text_encoder_to_peft(te_sd), _text_encoder_to_peft(te2_sd)
 
     def alphas_for(prefix):
         if not alphas:
             return None
         return {k.removeprefix(f"{prefix}."): v for k, v in alphas.items() if k.startswith(f"{prefix}.")} or None
 
-    return LoadedLora(path, unet_sd, alphas_for("unet"), _split_metadata(metadata, "unet"),
+    lora = LoadedLora(path, unet_sd, alphas_for("unet"), _split_metadata(metadata, "unet"),
                       te_sd, alphas_for("text_encoder"), _split_metadata(metadata, "text_encoder"),
-                      foreign, read_card(path))
+                      foreign, read_card(path), te2_sd, alphas_for("text_encoder_2"),
+                      _split_metadata(metadata, "text_encoder_2"))
+    lora.family = lora_family(lora)
+    return lora
+
+
+def _text_encoder_to_peft(sd: dict) -> dict:
+    """A text-encoder LoRA in peft keys (``<module>.lora_A.weight``), whatever diffusers' converter produced.
+
+    diffusers infers the key format from a few tell-tale names (``to_out_lora`` ...); a LoRA on the query
+    projections only has none of them, so the old diffusers format (``to_q_lora.down``) is then named."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    if not sd:
+        return {}
+    try:
+        diff = convert_state_dict_to_diffusers(sd)
+    except ValueError:
+        if not any("_lora." in k for k in sd):
+            raise
+        diff = convert_state_dict_to_diffusers(sd, original_type=StateDictType.DIFFUSERS_OLD)
+    return {k.removeprefix("text_model."): v for k, v in convert_state_dict_to_peft(diff).items()}
+
+
+def lora_family(lora: LoadedLora) -> str | None:
+    """The family a LoRA was made for, when its keys or widths tell (else ``None``).
+
+    A second text encoder means SDXL; so do several transformer layers in one attention block
+    (``transformer_blocks.1``: SDXL has 2 and 10, SD-1.x/2.x one). Attention in ``down_blocks.0`` or
+    ``up_blocks.3`` means the 4-level SD-1.x/2.x layout (SDXL has neither); its text width then tells 1.x (768)
+    from 2.x (1024)."""
+    if lora.text_encoder_2 or any("text_encoder_2" in k or "lora_te2" in k for k in lora.foreign):
+        return "sdxl"
+    width = next((int(v.shape[1]) for k, v in lora.unet.items() if ".attn2.to_k.lora_A" in k), None)
+    by_width = families.FAMILY_BY_TEXT_WIDTH.get(width)
+    keys = list(lora.unet)
+    if any(".transformer_blocks.1." in k for k in keys):
+        return "sdxl"
+    if any(k.startswith(("down_blocks.0.attentions", "up_blocks.3.")) for k in keys):
+        return by_width if by_width in ("sd15", "sd2") else "sd15/sd2"
+    return by_width
 
 
 def _file_metadata(path: Path) -> dict | None:
@@ -111,9 +165,21 @@ def _file_metadata(path: Path) -> dict | None:
         return None
 
 
+def check_stack(loras: list[LoadedLora]) -> None:
+    """Refuse a stack of LoRAs made for different families (naming two of them)."""
+    known = [(lo, lo.family) for lo in loras if lo.family is not None]
+    for lo, fam in known[1:]:
+        first, ffam = known[0]
+        if not (_same_family(fam, ffam) or _same_family(ffam, fam)):
+            raise LoraError(f"The LoRA stack mixes families: {first.path.name} is made for {_FAMILY_LABELS[ffam]} "
+                            f"but {lo.path.name} for {_FAMILY_LABELS[fam]}; use LoRAs made for one base model.")
+
+
 def guess_base(lora: LoadedLora) -> str:
     """Which base model family a LoRA looks made for, from its layer widths and key names."""
     keys = " ".join(lora.foreign[:50])
+    if lora.family in _FAMILY_LABELS:
+        return _FAMILY_LABELS[lora.family]
     if "text_encoder_2" in keys or "lora_te2" in keys:
         return "SDXL"
     if any(k.startswith(("transformer.", "lora_transformer")) for k in lora.foreign):
@@ -129,23 +195,41 @@ def guess_base(lora: LoadedLora) -> str:
     return "another model"
 
 
-def check_fits(lora: LoadedLora, unet, text_encoder, model_name: str = "the loaded model") -> None:
-    """Raise LoraError (saying which base it seems made for) when the LoRA's layers do not fit the model."""
+_FAMILY_LABELS = {**families.LABELS, "sd15/sd2": "Stable Diffusion 1.x/2.x"}
+
+
+def _same_family(made_for: str | None, family: str) -> bool:
+    return made_for is None or made_for == family or (made_for == "sd15/sd2" and family in ("sd15", "sd2"))
+
+
+def check_fits(lora: LoadedLora, unet, text_encoder, model_name: str = "the loaded model", *,
+               family: str | None = None, text_encoder_2=None) -> None:
+    """Raise LoraError (saying which base it seems made for) when the LoRA's layers do not fit the model.
+
+    ``family``: the loaded model's (``bundle.family.name``; default: read from the UNet's config). A LoRA whose
+    family is known and differs is refused naming both before any layer is compared."""
+    family = family or families.family_of_unet_config(unet.config)
+    if not _same_family(lora.family, family):
+        raise LoraError(f"LoRA {lora.path.name} is made for {_FAMILY_LABELS[lora.family]}, but {model_name} is "
+                        f"{families.LABELS[family]}: use a LoRA trained for {families.LABELS[family]}.")
     problems = []
+    if lora.text_encoder_2 and text_encoder_2 is None:
+        problems.append("it has layers for a second text encoder, which this model does not have")
     if not lora.unet and not lora.text_encoder:
         if lora.foreign:
             problems.append(f"its layers ({lora.foreign[0]}, …) belong to no part of a Stable Diffusion 1.x/2.x model")
         else:
             problems.append("it holds no UNet or text-encoder layers")
-    for sd, model, what in ((lora.unet, unet, "UNet"), (lora.text_encoder, text_encoder, "text encoder")):
-        if not sd:
+    for sd, model, what in ((lora.unet, unet, "UNet"), (lora.text_encoder, text_encoder, "text encoder"),
+                            (lora.text_encoder_2, text_encoder_2, "second text encoder")):
+        if not sd or model is None:
             continue
         modules = dict(model.named_modules())
         for k, v in sd.items():
             m = re.match(r"(.+)\.lora_([AB])\.weight$", k)
             if not m:
                 continue
-            mod = modules.get(m.group(1))
+            mod = modules.get(m.group(1), modules.get(f"text_model.{m.group(1)}"))  # CLIP keys lose "text_model."
             mod = getattr(mod, "base_layer", mod)
             if mod is None:
                 problems.append(f"the {what} has no layer {m.group(1)}")
