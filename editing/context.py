@@ -29,6 +29,7 @@ class EngineOptions:
     resolution: int | None = None  # working long side; None = the model's native resolution
     lora_checkpointing: bool = False  # trade identity-LoRA speed for memory
     bank_on_cpu: bool = False  # guided editing: keep the attention memory bank in host memory
+    preview_decoder: str | None = None  # local folder of an AutoencoderTiny (TAESD) for previews; None = own VAE
 
 
 @dataclass

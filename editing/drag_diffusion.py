@@ -1,36 +1,54 @@
-"""DragDiffusion (Shi et al., CVPR 2024): optimise one diffusion latent so handle content moves to targets.
+"""DragDiffusion (Shi et al., CVPR 2024): optimise one diffusion latent so handle content moves to targets;
+with GoodDrag's practices (Zhang et al., ICLR 2025) as options.
 
-The math lives in small pure functions (patch sampling, motion supervision, point tracking, mask
-term); ``optimize_latent`` is the loop of §3.3, ``denoise_with_reference`` the final sampling (the
-shared ``sampling.denoise`` loop) with the original branch as attention reference (§3.4), and
-``run_drag`` the task: identity LoRA (§3.2) → DDIM inversion → optimisation → denoise → decode.
-A generated image's own trajectory replaces the LoRA and the inversion.
+The math lives in small pure functions (patch sampling, drag direction, motion supervision, point tracking,
+mask term, the drag timesteps); ``optimize_latent`` is the loop of §3.3 at one timestep, ``reference_branch``
+the original branch denoised once (its latents and its mutual-attention K/V source, kept in a memory bank),
+``denoise_with_reference`` the final sampling (the shared ``sampling.denoise`` loop) of the edited branch
+reading that bank (§3.4), and ``run_drag`` the task: identity LoRA (§3.2) → DDIM inversion → reference
+branch → optimisation → denoise → decode. A generated image's own trajectory replaces the LoRA and the
+inversion.
+
+GoodDrag (request fields; ``editing.requests.GOODDRAG`` holds the published values): alternating drag and
+denoising — the optimisation is spread over ``drag_timesteps`` timesteps with one denoising step of the
+edited latent between two, each timestep's supervision against the reference branch's latent there — and
+information-preserving motion supervision (``preserve_handle``: the target of each patch is the ORIGINAL
+handle's features, not the current ones), with GoodDrag's step length ``drag_step``, tracking every
+``steps_per_track`` steps and the early stop ``patience``. The defaults are plain DragDiffusion.
+
+Repeat drags: the reference branch depends only on z_t, the prompt, CFG and the LoRAs, never on the points,
+so it is cached (``ctx.caches.task("drag_reference")``) and a repeat runs only the optimisation and the
+edited branch. Both branches always run as separate UNet calls, so the pixels are the same whether or not
+the cache held them (a batch of two is not bit-identical to two batches of one on CPU or GPU).
 
 Positions are ``(x, y)`` floats on the supervision grid (``supervision_grid``: half the working image
-resolution for SD-1.5), as
-produced by ``editing.geometry.points_to_grid``.
+resolution for SD-1.5), as produced by ``editing.geometry.points_to_grid``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
 from editing import cuda_graphs
-from editing.attention import mutual_self_attention
+from editing.attention import attn_processors, self_attn_names
 from editing.context import EditContext
 from editing.features import run_for_features
 from editing.geometry import grid_to_points, points_to_grid, resize_mask
 from editing.images import image_hash, tensor_to_pil
+from editing.guidance.bank import MemoryBank
 from editing.lora import lora_adapter, train_identity_lora
+from editing.previews import sample_previews
 from editing.requests import DragRequest
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
-from editing.sampling import NoisePredictor, Schedule, ddim_step, denoise, invert
+from editing.sampling import Hook, NoisePredictor, Schedule, StepState, Trajectory, ddim_step, denoise, invert
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +84,39 @@ def sample_at(feat: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(feat, grid, mode="bilinear", align_corners=True)[0, :, 0]
 
 
-def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int) -> torch.Tensor:
-    """DragDiffusion eq. 3: Σ_i Σ_{q∈Ω(h_i, r_m)} ‖sg(F_q(ẑ_t)) − F_{q+d_i}(ẑ_t)‖₁, d_i = (g_i − h_i)/‖g_i − h_i‖₂.
+def drag_direction(h: torch.Tensor, g: torch.Tensor, step: float) -> torch.Tensor:
+    """d_i = (g_i − h_i) / ‖g_i − h_i‖₂ · min(β, ‖g_i − h_i‖₂): how far one supervision step pulls handle i.
 
-    Each patch term is the channel-mean L1 times the patch size, as in the official code.
-    Handles that have arrived contribute nothing.
+    DragDiffusion eq. 3 uses the unit direction (β = 1: a handle that is supervised is ≥ ``ARRIVED_CELLS`` away,
+    so the min is 1); GoodDrag's official code uses β = d = 4 cells, never overshooting the target.
+    """
+    dist = torch.linalg.norm(g - h)
+    return (g - h) / dist * min(float(step), float(dist))
+
+
+def motion_supervision_loss(feat: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, r_m: int, *,
+                            step: float = 1.0, feat0: torch.Tensor | None = None,
+                            handles0: torch.Tensor | None = None) -> torch.Tensor:
+    """Motion supervision on the features ``feat`` of the latent being optimised.
+
+    DragDiffusion eq. 3 (``feat0`` None): Σ_i Σ_{q∈Ω(h_i, r_m)} ‖sg(F_q(ẑ_t)) − F_{q+d_i}(ẑ_t)‖₁ — each patch is
+    pulled toward the *current* features at the tracked handle, so whatever the patch has become drifts along.
+
+    GoodDrag's information-preserving motion supervision (``feat0`` = F(z_t), the ORIGINAL image's features at
+    this timestep, ``handles0`` = h_i⁰ the original handles): Σ_i Σ_{q∈Ω(h_i⁰, r_m)} ‖F_q(z_t) − F_{q+(h_i−h_i⁰)+d_i}(ẑ_t)‖₁
+    — the patch ahead of the tracked handle is pulled toward what the handle looked like in the original, so the
+    content keeps its identity however many steps it takes. d_i is ``drag_direction(h_i, g_i, step)``.
+
+    Each patch term is the channel-mean L1 times the patch size, as in the official code. Handles that have
+    arrived contribute nothing.
     """
     offs = _offsets(r_m, feat.device)
     loss = feat.new_zeros(())
-    for h, g in zip(handles, targets):
-        dist = torch.linalg.norm(g - h)
-        if dist < ARRIVED_CELLS:
+    for i, (h, g) in enumerate(zip(handles, targets)):
+        if torch.linalg.norm(g - h) < ARRIVED_CELLS:
             continue
-        d = (g - h) / dist
-        ref = sample_at(feat, h + offs).detach()
+        d = drag_direction(h, g, step)
+        ref = sample_at(feat, h + offs).detach() if feat0 is None else sample_at(feat0, handles0[i] + offs).detach()
         moved = sample_at(feat, h + d + offs)
         loss = loss + offs.shape[0] * F.l1_loss(moved.float(), ref.float())
     return loss
@@ -109,6 +146,13 @@ def all_arrived(handles: torch.Tensor, targets: torch.Tensor) -> bool:
     return bool((torch.linalg.norm(handles - targets, dim=1) < ARRIVED_CELLS).all())
 
 
+def drag_timestep_indices(start: int, n_steps: int, drag_timesteps: int) -> list[int]:
+    """Schedule indices the drag runs at: GoodDrag's alternating drag and denoising (AlDD) spreads it over the
+    first ``drag_timesteps`` timesteps of the edit, t_start, t_start−1, … (a denoising step between two), instead
+    of all at t_start (DragDiffusion: ``drag_timesteps`` = 1). Never past the last step of the schedule."""
+    return list(range(start, min(start + drag_timesteps, n_steps)))
+
+
 @dataclass
 class DragOutcome:
     latent: torch.Tensor  # optimised z_t, (1, 4, h, w) fp32
@@ -116,6 +160,8 @@ class DragOutcome:
     steps: int  # optimisation steps taken
     arrived: bool
     losses: list[float] = field(default_factory=list)
+    unchanged: int = 0  # point-tracking updates in a row that moved no handle (GoodDrag's early stop)
+    stalled: bool = False  # stopped because ``unchanged`` reached the patience
 
 
 def _features(unet, z, t, cond, grid_hw, need_output):
@@ -142,23 +188,42 @@ def optimize_latent(
     lam: float,
     report: Callable[[float, str], None] | None = None,
     use_graphs: bool | None = None,
+    z_ref: torch.Tensor | None = None,
+    handles0: torch.Tensor | None = None,
+    step: float = 1.0,
+    preserve: bool = False,
+    steps_per_track: int = 1,
+    track_first: bool = False,
+    patience: int = 0,
+    unchanged: int = 0,
+    trail: Callable[[torch.Tensor], None] | None = None,
 ) -> DragOutcome:
     """Motion supervision + point tracking on z_t (§3.3); stops as soon as every handle has arrived.
 
     ``keep`` is (1, 1, h, w) on the latent grid, 1 where the image must stay (outside the user's mask).
     Without a mask the UNet pass stops after ``up_blocks[2]``: the last block never runs.
-    ``report(frac, msg)`` is the run's progress (it raises ``EditCancelled`` on Cancel).
+    ``report(frac, msg)`` is the run's progress (it raises ``EditCancelled`` on Cancel); ``trail(handles)``
+    receives the tracked handles (grid cells) after every tracking update.
+
+    One timestep of GoodDrag's alternating drag and denoising: ``z_t`` is the edited latent at ``t``, ``z_ref``
+    the original branch's latent there (the features and the mask term's reference come from it; default
+    ``z_t``, DragDiffusion), ``handles`` the handles tracked so far, ``handles0`` the original ones (default
+    ``handles``). Points are tracked every ``steps_per_track`` steps (and on entry when ``track_first``: the
+    denoising step in between moved the content); ``patience`` > 0 stops after that many updates in a row
+    that moved no handle, counting on from ``unchanged``. ``step`` and ``preserve`` choose the supervision
+    (``motion_supervision_loss``).
     """
     device = z_t.device
     use_amp = device.type == "cuda" and next(unet.parameters()).dtype != torch.float32
     amp_dtype = next(unet.parameters()).dtype
     a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.stride)
     need_output = keep is not None
-    handles0 = handles.clone().to(device)
+    handles0 = (handles if handles0 is None else handles0).clone().to(device)
     handles, targets = handles.clone().to(device), targets.to(device)
+    z_ref = z_t if z_ref is None else z_ref.to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-        eps0, feat0 = _features(unet, z_t, t, cond, grid_hw, need_output)
-        x_prev_ref = ddim_step(z_t, eps0.float(), a_t, a_prev) if need_output else None
+        eps0, feat0 = _features(unet, z_ref, t, cond, grid_hw, need_output)
+        x_prev_ref = ddim_step(z_ref, eps0.float(), a_t, a_prev) if need_output else None
     z = z_t.detach().clone().float().requires_grad_(True)
 
     t_dev = torch.tensor(t, device=device)  # a device tensor: graph capture cannot copy a Python int in
@@ -174,17 +239,27 @@ def optimize_latent(
     opt = torch.optim.Adam([z], lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     losses: list[float] = []
-    step = 0
-    for step in range(max_steps):
+    stalled = False
+    step_i = 0
+    for step_i in range(max_steps):
         if report:
-            report(step / max_steps, f"step {step + 1}/{max_steps}")
+            report(step_i / max_steps, f"step {step_i + 1}/{max_steps}")
         feat, *rest = forward(z)
         eps = rest[0] if rest else None
-        if step > 0:
-            handles = track_points(feat0, feat, handles0, handles, r_p)
+        if (step_i > 0 and step_i % steps_per_track == 0) or (step_i == 0 and track_first):
+            new = track_points(feat0, feat, handles0, handles, r_p)
+            if step_i > 0:  # the entry update follows the denoising step, not the optimisation: not counted
+                unchanged = unchanged + 1 if torch.equal(new, handles) else 0
+            handles = new
+            if trail:
+                trail(handles)
         if all_arrived(handles, targets):
             break
-        loss = motion_supervision_loss(feat, handles, targets, r_m)
+        if patience and unchanged >= patience:
+            stalled = True
+            break
+        loss = motion_supervision_loss(feat, handles, targets, r_m, step=step,
+                                       feat0=feat0 if preserve else None, handles0=handles0)
         if need_output:
             loss = loss + mask_term(ddim_step(z, eps.float(), a_t, a_prev), x_prev_ref, keep, lam)
         opt.zero_grad(set_to_none=True)
@@ -194,27 +269,110 @@ def optimize_latent(
         losses.append(loss.detach().item())
         if report:
             dist = torch.linalg.norm(handles - targets, dim=1).max().item()
-            report((step + 1) / max_steps, f"step {step + 1}: loss {losses[-1]:.3f}, farthest handle {dist:.1f} cells away")
+            report((step_i + 1) / max_steps, f"step {step_i + 1}: loss {losses[-1]:.3f}, farthest handle {dist:.1f} cells away")
     else:
-        step = max_steps
+        step_i = max_steps
     arrived = all_arrived(handles, targets)
-    log.info("drag optimisation: %d steps, arrived=%s", step, arrived)
-    return DragOutcome(z.detach(), handles.detach().cpu(), step, arrived, losses)
+    log.info("drag optimisation at t=%d: %d steps, arrived=%s", t, step_i, arrived)
+    return DragOutcome(z.detach(), handles.detach().cpu(), step_i, arrived, losses, unchanged, stalled)
 
 
-def denoise_with_reference(unet, z_orig: torch.Tensor, z_edit: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
-                           start: int, *, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                           run=None) -> torch.Tensor:
-    """Denoise ``[original, edited]`` together; the edited branch's self-attention in up_blocks[2..3]
-    reads the original branch's keys/values (§3.4). CFG only when ``guidance_scale`` > 1. Returns the
-    edited z₀ (1, 4, h, w)."""
+# ---- the reference branch, kept ------------------------------------------------------------------------
+MUTUAL_LAYERS = ("up_blocks.2", "up_blocks.3")  # DragDiffusion's mutual self-attention: layers 10–15 of 16
+
+
+class ReferenceControl:
+    """What the reference processors do right now: ``record`` the reference branch's self-attention inputs
+    into the bank at timestep ``t``, ``read`` them as the edited branch's key/value source, or stay ``off``."""
+
+    def __init__(self, bank: MemoryBank, state: str = "off"):
+        self.bank, self.state, self.t = bank, state, 0
+
+
+class ReferenceAttnProcessor(AttnProcessor2_0):
+    """Mutual self-attention (MasaCtrl, DragDiffusion §3.4) with the reference branch run once and kept.
+
+    Recording, the layer's input h of the reference branch is stored per timestep (K = W_k·h, V = W_v·h: the
+    same information as its K/V); reading, the edited branch's queries attend to keys/values computed from the
+    stored h — exactly what ``MutualSelfAttnProcessor`` gives when both branches run in one batch, so a repeat
+    drag of the same image needs no reference pass. The batch layout (CFG halves) is the reference's.
+    """
+
+    def __init__(self, name: str, control: ReferenceControl):
+        super().__init__()
+        self.name, self.control = name, control
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        c = self.control
+        if encoder_hidden_states is None and hidden_states.ndim == 3:
+            if c.state == "record":
+                c.bank.put(self.name, c.t, hidden_states)
+            elif c.state == "read":
+                encoder_hidden_states = c.bank.get(self.name, c.t, hidden_states.device).to(hidden_states.dtype)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def reference_attention(unet, control: ReferenceControl):
+    """Install ``ReferenceAttnProcessor`` on the mutual self-attention layers (restored on exit)."""
+    return attn_processors(unet, {n: ReferenceAttnProcessor(n, control) for n in self_attn_names(unet, MUTUAL_LAYERS)})
+
+
+class AtTimestep(Hook):
+    """Tells the reference processors the timestep of each UNet call."""
+
+    def __init__(self, control: ReferenceControl, state: str):
+        self.control, self.state = control, state
+
+    def before_unet(self, s: StepState) -> None:
+        self.control.t, self.control.state = s.t, self.state
+
+
+@dataclass
+class Reference:
+    """The original branch denoised from z_t: its latent at every step (``latents[0]`` = z_t) and the bank of
+    its mutual-layer self-attention inputs per (layer, timestep)."""
+
+    latents: list[torch.Tensor]
+    bank: MemoryBank
+
+
+def reference_branch(unet, z_t: torch.Tensor, cond: torch.Tensor, schedule: Schedule, start: int, *,
+                     uncond: torch.Tensor | None, guidance_scale: float, bank_device, run=None) -> Reference:
+    """Denoise the original z_t from ``timesteps[start]`` (its own plain self-attention: in mutual attention the
+    reference branch reads only itself), recording the bank. CFG only when ``guidance_scale`` > 1."""
     cfg = guidance_scale > 1.0 and uncond is not None
-    x = torch.cat([z_orig, z_edit]).float()
-    with mutual_self_attention(unet):
-        predict = NoisePredictor(unet, cond, 2, uncond=uncond if cfg else None, guidance_scale=guidance_scale,
-                                 device=x.device)
-        x = denoise(predict, x, schedule, start, run=run)
-    return x[1:2]
+    control = ReferenceControl(MemoryBank(bank_device))
+    traj = Trajectory(z_t.float())
+    with reference_attention(unet, control):
+        predict = NoisePredictor(unet, cond, 1, uncond=uncond if cfg else None, guidance_scale=guidance_scale,
+                                 device=z_t.device, graphs=False)
+        denoise(predict, z_t.float(), schedule, start, hooks=[AtTimestep(control, "record"), traj], run=run)
+    return Reference([z.detach().cpu() for z in traj.latents], control.bank)
+
+
+def denoise_with_reference(unet, ref: Reference, z_edit: torch.Tensor, cond: torch.Tensor, schedule: Schedule,
+                           start: int, *, uncond: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                           run=None, hooks=()) -> torch.Tensor:
+    """Denoise the edited latent from ``timesteps[start]``; its self-attention in up_blocks[2..3] reads the
+    reference branch's keys/values from ``ref.bank`` (§3.4). CFG only when ``guidance_scale`` > 1. Returns z₀."""
+    cfg = guidance_scale > 1.0 and uncond is not None
+    control = ReferenceControl(ref.bank)
+    with reference_attention(unet, control):
+        predict = NoisePredictor(unet, cond, 1, uncond=uncond if cfg else None, guidance_scale=guidance_scale,
+                                 device=z_edit.device, graphs=False)
+        return denoise(predict, z_edit.float(), schedule, start, hooks=[AtTimestep(control, "read"), *hooks], run=run)
+
+
+def denoise_one_step(unet, z: torch.Tensor, cond: torch.Tensor, schedule: Schedule, index: int, *,
+                     uncond: torch.Tensor | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """One plain DDIM step of the edited latent from ``timesteps[index]`` (AlDD's denoising between drags;
+    GoodDrag runs it without mutual attention)."""
+    cfg = guidance_scale > 1.0 and uncond is not None
+    predict = NoisePredictor(unet, cond, 1, uncond=uncond if cfg else None, guidance_scale=guidance_scale,
+                             device=z.device, graphs=False)
+    t = schedule.timesteps[index]
+    with torch.no_grad():
+        return ddim_step(z.float(), predict(z.float(), t), schedule.alpha(t), schedule.alpha(t - schedule.stride))
 
 
 # ---- the task ------------------------------------------------------------------------------------------
@@ -265,8 +423,24 @@ def _inverted_latent(ctx: EditContext, req: DragRequest, work_img, prompt, cond,
     return ctx.caches.inversions.get_or(key, make)[0].z_t
 
 
+def _reference(ctx: EditContext, unet, z_t, cond, uncond, schedule, start, guidance, prompt, lora_key) -> Reference:
+    """The reference branch of this z_t, cached: a repeat drag of the same image (same inversion, prompt, LoRAs,
+    CFG) reuses its latents and attention bank and runs only the edited branch. Keyed by z_t's content, so a
+    generated image's trajectory and a photo's inversion share the rule."""
+    z_key = hashlib.sha1(z_t.detach().float().cpu().numpy().tobytes()).hexdigest()
+    key = (z_key, tuple(z_t.shape), prompt, guidance, len(schedule.timesteps), start, lora_key, ctx.lora_key)
+    bank_device = z_t.device if z_t.device.type == "cuda" and not ctx.options.bank_on_cpu else "cpu"
+
+    def make():
+        return reference_branch(unet, z_t, cond, schedule, start, uncond=uncond, guidance_scale=guidance,
+                                bank_device=bank_device, run=ctx.run)
+
+    return ctx.caches.task("drag_reference", 2).get_or(key, make)[0]
+
+
 def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
-    """DragDiffusion edit: (identity LoRA) → DDIM inversion → latent optimisation → denoise → decode."""
+    """DragDiffusion edit: (identity LoRA) → DDIM inversion → reference branch (cached) → latent optimisation
+    (at one timestep, or spread over several with denoising between: GoodDrag) → denoise → decode."""
     b, run = ctx.bundle, ctx.run
     work_img, (image, mask, points), notices = ctx.fit(req.image, req.mask, req.points)
     notices = list(req.notices) + notices
@@ -275,7 +449,7 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
     gen = _reusable_generation(ctx, req, schedule, start, notices)
     prompt = req.prompt or (gen.prompt if gen else "")
     guidance = gen.guidance_scale if gen is not None and req.guidance_scale == 1.0 else req.guidance_scale
-    cond = b.encode_prompt(prompt)
+    cond, uncond = b.encode_prompt(prompt), b.encode_prompt("")
     lora_state, lora_key = (None, None) if gen is not None else identity_lora(ctx, work_img, prompt, req)
     with lora_adapter(b.unet, lora_state, req.lora_rank):
         if gen is not None:
@@ -288,22 +462,47 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
         pts_h = points_to_grid([h for h, _ in points], image.size, grid_hw)
         pts_t = points_to_grid([g for _, g in points], image.size, grid_hw)
         keep = None if mask is None else (1.0 - resize_mask(mask, lat_hw)).to(b.device)
-        with run.step("drag"):
-            out = optimize_latent(b.unet, z_t, schedule.timesteps[start], cond, schedule, pts_h, pts_t, grid_hw,
-                                  keep=keep, lr=req.latent_lr, max_steps=req.max_steps, r_m=req.r_m, r_p=req.r_p,
-                                  lam=req.lam, report=run.report)
-        if not out.arrived:
-            notices.append(f"Stopped after {out.steps} steps before every handle reached its target; "
-                           "raise 'max steps' or run again from this result.")
         with run.step("denoise"):
-            z0 = denoise_with_reference(b.unet, z_t, out.latent, cond, schedule, start, uncond=b.encode_prompt(""),
-                                        guidance_scale=guidance, run=run)
+            ref = _reference(ctx, b.unet, z_t, cond, uncond, schedule, start, guidance, prompt, lora_key)
+        indices = drag_timestep_indices(start, len(schedule.timesteps), req.drag_timesteps)
+        if len(indices) < req.drag_timesteps:
+            notices.append(f"The drag was spread over {len(indices)} timesteps, all the edit has "
+                           f"({req.drag_timesteps} asked): raise the inversion strength for more.")
+        trail = (lambda hs: run.trail(grid_to_points(hs, grid_hw, image.size))) if run.wants_trail else None
+        if trail:
+            trail(pts_h)
+        z, handles, steps, unchanged, out = z_t, pts_h, 0, 0, None
+        with run.step("drag"):
+            for j, index in enumerate(indices):
+                if j > 0:  # AlDD: one denoising step of the edited latent between two drags
+                    z = denoise_one_step(b.unet, z, cond, schedule, index - 1, uncond=uncond, guidance_scale=guidance)
+                span = (j / len(indices), 1 / len(indices))
+                label = f"timestep {j + 1}/{len(indices)}, " if len(indices) > 1 else ""
+                out = optimize_latent(
+                    b.unet, z, schedule.timesteps[index], cond, schedule, handles, pts_t, grid_hw, keep=keep,
+                    lr=req.latent_lr, max_steps=req.max_steps, r_m=req.r_m, r_p=req.r_p, lam=req.lam,
+                    report=lambda f, m: run.report(span[0] + f * span[1], label + m),
+                    z_ref=ref.latents[index - start].to(b.device), handles0=pts_h, step=req.drag_step,
+                    preserve=bool(req.preserve_handle), steps_per_track=req.steps_per_track, track_first=j > 0,
+                    patience=req.patience, unchanged=unchanged, trail=trail)
+                z, handles, unchanged, steps = out.latent, out.handles, out.unchanged, steps + out.steps
+                if out.arrived or out.stalled:
+                    break
+        if not out.arrived:
+            notices.append(f"Stopped after {steps} steps before every handle reached its target"
+                           + (" (the handles stopped moving)" if out.stalled else "")
+                           + "; raise 'max steps' or run again from this result.")
+        with run.step("denoise"):
+            # mutual self-attention from the last drag timestep on, reading the kept reference branch
+            z0 = denoise_with_reference(b.unet, ref, z, cond, schedule, index, uncond=uncond, guidance_scale=guidance,
+                                        run=run, hooks=sample_previews(ctx))
     result = tensor_to_pil(ctx.decode(z0)).resize(image.size, Image.LANCZOS)
     params = req.params()
     params["points"] = [[list(h), list(t)] for h, t in req.points]
     recipe = ctx.recipe("drag", params, images={"image": req.image}, masks={"mask": req.mask},
-                        extra={"steps_run": out.steps, "arrived": out.arrived, "generated": gen.recipe if gen else None})
-    return EditResult(result, recipe, run.timings, run.nfe, notices, grid_to_points(out.handles, grid_hw, image.size))
+                        extra={"steps_run": steps, "arrived": out.arrived, "generated": gen.recipe if gen else None})
+    return EditResult(result, recipe, run.timings, run.nfe, notices, grid_to_points(handles, grid_hw, image.size),
+                      extra={"drag_timesteps": j + 1})
 
 
 def drag_from_recipe(recipe: dict) -> DragRequest:

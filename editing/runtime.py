@@ -59,7 +59,10 @@ class Run:
     """Timing, NFE counting and progress for one request.
 
     ``with run.step("phase"):`` times a phase (CUDA-synchronised) and attributes UNet calls to it;
-    ``run.report(frac, msg)`` reports progress and raises ``EditCancelled`` once Cancel was pressed.
+    ``run.report(frac, msg)`` reports progress and raises ``EditCancelled`` once Cancel was pressed;
+    ``run.preview(step, image)`` and ``run.trail(points)`` pass intermediate images and handle positions on to a
+    progress callback that has ``preview`` / ``trail`` methods (``wants_previews`` / ``wants_trail`` say whether
+    one does, so nobody pays for what nobody shows).
     Extra modules (ControlNet, adapters) can be counted with ``run.count_module(module, "controlnet")``.
     """
 
@@ -112,6 +115,22 @@ class Run:
         if show is not None:
             show(step, image)
 
+    @property
+    def wants_previews(self) -> bool:
+        """Whether ``preview`` reaches anyone: intermediate images are made only then (they cost decodes)."""
+        return getattr(self.progress, "preview", None) is not None
+
+    def trail(self, points) -> None:
+        """Hand the current handle positions, ``[(x, y), ...]`` in the user's image pixels, to the progress callback
+        when it draws them (has a ``trail(points)`` method): the path of a drag's optimisation, step by step."""
+        show = getattr(self.progress, "trail", None)
+        if show is not None:
+            show([(float(x), float(y)) for x, y in points])
+
+    @property
+    def wants_trail(self) -> bool:
+        return getattr(self.progress, "trail", None) is not None
+
     def close(self):
         for h in self._hooks:
             h.remove()
@@ -161,7 +180,8 @@ class Task:
 
 TASKS: dict[str, Task] = {}
 # Modules that register tasks; imported by the Editor on construction.
-TASK_MODULES = ("editing.drag_diffusion", "editing.guidance", "editing.generation", "editing.dreambooth")
+TASK_MODULES = ("editing.drag_diffusion", "editing.guidance", "editing.generation", "editing.dreambooth",
+                "editing.instant_drag", "editing.region_drag")
 
 
 def register(task: Task) -> Task:
