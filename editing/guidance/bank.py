@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from editing.attention import attn_processors, self_attn_names
 from editing.geometry import resize_mask
+from editing.sampling import Hook, StepState
 
 
 class MemoryBank:
@@ -50,6 +51,9 @@ class BankControl:
         self._fg, self._bg = fg, bg  # splice: reference-object mask, base-edit mask (working-image pixels)
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.aspect = 1.0  # h / w of the latent
+        # remap: (handle cells, target cells) on the latent grid, (M, 2) integer (x, y) each, and its (h, w)
+        self.pairs: tuple[np.ndarray, np.ndarray, tuple[int, int]] | None = None
+        self._remap: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tokens(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Token indices (reference object, base background) at a layer with ``n`` tokens."""
@@ -60,6 +64,19 @@ class BankControl:
             bg = resize_mask(self._bg, (h, w)).flatten() < 0.5
             self._tokens[n] = (fg.nonzero().flatten().to(device), bg.nonzero().flatten().to(device))
         return self._tokens[n]
+
+    def remap_tokens(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices (source, destination) at a layer with ``n`` tokens: ``pairs`` mapped onto that layer's
+        grid (a latent cell (x, y) lies in token cell (⌊x·w/W⌋, ⌊y·h/H⌋)), one source per destination."""
+        if n not in self._remap:
+            src, dst, (lh, lw) = self.pairs
+            w = round((n / self.aspect) ** 0.5)
+            h = n // w
+            s = (src[:, 1] * h // lh) * w + src[:, 0] * w // lw
+            d = (dst[:, 1] * h // lh) * w + dst[:, 0] * w // lw
+            d, first = np.unique(d, return_index=True)
+            self._remap[n] = (torch.from_numpy(s[first]).to(device), torch.from_numpy(d).to(device))
+        return self._remap[n]
 
     def context(self, name: str, h: torch.Tensor) -> torch.Tensor | None:
         """The K/V source for a self-attention layer whose queries come from ``h`` (B, N, C)."""
@@ -78,6 +95,11 @@ class BankControl:
             fg, bg = self.tokens(h.shape[1], h.device)
             spliced = torch.cat([mem[:1, bg], mem[1:2, fg]], dim=1)
             return spliced.expand(b, -1, -1)
+        if self.mode == "remap":  # replace, with the handle tokens' K/V also at the target tokens (RegionDrag)
+            src, dst = self.remap_tokens(h.shape[1], h.device)
+            mem = mem[:1].clone()
+            mem[:, dst] = mem[:, src]
+            return mem.expand(b, -1, -1)
         raise ValueError(self.mode)
 
 
@@ -100,10 +122,23 @@ def bank_layers(unet) -> list[str]:
 
 
 @contextlib.contextmanager
-def memory_bank_attention(unet, control: BankControl):
-    """Install bank processors on the decoder's self-attention; the previous processors come back on exit."""
-    procs = {n: BankAttnProcessor(n, control) for n in bank_layers(unet)}
+def memory_bank_attention(unet, control: BankControl, layers: list[str] | None = None):
+    """Install bank processors on the decoder's self-attention (or on ``layers``, self-attention names); the
+    previous processors come back on exit."""
+    procs = {n: BankAttnProcessor(n, control) for n in (bank_layers(unet) if layers is None else layers)}
     with attn_processors(unet, procs):
         yield
 
 
+class InjectBank(Hook):
+    """Sampling hook: the bank processors read the bank at the step's timestep (in the control's mode) while
+    ``active(s)`` holds, and are off otherwise (FastDrag's K/V injection, RegionDrag's K/V paste)."""
+
+    def __init__(self, control: BankControl, active=lambda s: True):
+        self.control, self.active = control, active
+        self.recorded = control.bank.timesteps  # read once: the bank is complete before sampling starts
+
+    def before_unet(self, s: StepState) -> None:
+        self.control.t = s.t
+        on = s.stage == "step" and s.t in self.recorded and self.active(s)
+        self.control.state = "read" if on else "off"
