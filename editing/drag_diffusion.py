@@ -41,6 +41,7 @@ from editing import cuda_graphs
 from editing.attention import attn_processors, self_attn_names
 from editing.context import EditContext
 from editing.features import run_for_features
+from models import families
 from editing.geometry import grid_to_points, points_to_grid, resize_mask
 from editing.images import image_hash, tensor_to_pil
 from editing.guidance.bank import MemoryBank
@@ -165,8 +166,9 @@ class DragOutcome:
 
 
 def _features(unet, z, t, cond, grid_hw, need_output):
-    eps, feats = run_for_features(unet, z, t, cond, (FEATURE_BLOCK,), need_output=need_output)
-    feat = F.interpolate(feats[FEATURE_BLOCK].float(), size=grid_hw, mode="bilinear", align_corners=False)
+    block = families.unet_blocks(unet).drag_block  # SD-1.x/2.x: up_blocks[2] (FEATURE_BLOCK); SDXL: up_blocks[1]
+    eps, feats = run_for_features(unet, z, t, cond, (block,), need_output=need_output)
+    feat = F.interpolate(feats[block].float(), size=grid_hw, mode="bilinear", align_corners=False)
     return eps, feat
 
 
@@ -314,7 +316,7 @@ class ReferenceAttnProcessor(AttnProcessor2_0):
 
 def reference_attention(unet, control: ReferenceControl):
     """Install ``ReferenceAttnProcessor`` on the mutual self-attention layers (restored on exit)."""
-    return attn_processors(unet, {n: ReferenceAttnProcessor(n, control) for n in self_attn_names(unet, MUTUAL_LAYERS)})
+    return attn_processors(unet, {n: ReferenceAttnProcessor(n, control) for n in self_attn_names(unet, families.unet_blocks(unet).mutual_layers)})
 
 
 class AtTimestep(Hook):

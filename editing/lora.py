@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from editing import cuda_graphs
-from editing.sampling import add_noise
+from editing.sampling import add_noise, alpha_at, prediction, to_eps
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,11 @@ class _NoisePredictor(torch.nn.Module):
     def forward(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(zt.device.type, dtype=self.amp_dtype, enabled=self.use_amp, cache_enabled=False):
             x = zt if self.use_amp else zt.to(self.amp_dtype)
-            return self.unet(x, t, encoder_hidden_states=self.cond).sample
+            out = self.unet(x, t, encoder_hidden_states=self.cond).sample
+        pred, alphas = prediction(self.unet)  # a v-prediction model's output as ε (sampling.to_eps)
+        if pred == "epsilon":
+            return out
+        return to_eps(out.float(), zt.float(), alpha_at(alphas.to(zt.device), t, out), pred)
 
 
 def train_identity_lora(

@@ -1,18 +1,28 @@
-"""The Drag tab: upload, paint the area that may change, click handle/target points, run DragDiffusion.
+"""The Drag tab: upload, paint the area that may change, drag handle → target points, see the instant warp
+at once, run a drag method and watch it work.
 
-Read top to bottom: per-session state, instant UI handlers, engine handlers, layout, wiring.
+Read top to bottom: methods, per-session state (the point list with undo/redo), instant UI handlers, engine
+handlers, layout, wiring. The point editor is a ``gr.HTML`` with its own script (ui/js/point_editor.js): the
+browser turns pointer and key input into edits, the server applies each to the session's point list (the only
+copy that counts) and re-renders; the points line acknowledges every edit with the point count.
+
 The Run button calls the same ``/drag`` endpoint that API clients use::
 
     from gradio_client import Client, handle_file
     Client(url).predict(handle_file("in.png"), None, "[[120, 80], [160, 80]]", "a photo of a cat",
-                        max_steps=40, api_name="/drag")
+                        method="instant", api_name="/drag")
     # image, mask image or None (white / opaque = may change), clicks alternating handle, target
-    # (JSON, image pixels), prompt, then any DragRequest.FIELDS_UI value by name.
+    # (JSON, image pixels), prompt, then ``method`` (any METHODS name or engine name, any case) and the
+    # settings by name: DragRequest fields as is, the others as guided_<name>, instant_<name>, region_<name>.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
+import math
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -21,28 +31,124 @@ from PIL import Image
 
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image, load_mask
-from editing.requests import GUIDED_FIELDS, DragRequest, EditError, GuidedDragRequest, pair_points, parse_points
+from editing.instant_drag import INSTANT_FIELDS, InstantDragRequest
+from editing.region_drag import REGION_FIELDS, RegionDragRequest
+from editing.requests import (GOODDRAG, GUIDED_FIELDS, MAX_POINT_PAIRS, DragRequest, EditCancelled, EditError,
+                              GuidedDragRequest, pair_points, parse_points)
 from ui import overlay
+from ui.feedback import LiveProgress
 # notify and shows_errors are also imported from here by ui/personalize_tab.py.
 from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, EngineProgress, GpuHandlers, arm, canvas_image,
                        field_input, guided_input, lora_picker, lora_specs, notify, on_select, request_cancel,
-                       shows_errors, summary, timings, with_loras)
+                       shows_errors, streams_errors, summary, timings, with_loras)
 from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
 
 FIELDS = DragRequest.FIELDS_UI  # name -> (min, max, default, help); the advanced sliders come from here
 LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
-METHODS = {"DragDiffusion": "dragdiffusion", "DiffEditor": "diffeditor", "DragonDiffusion": "dragondiffusion"}
 # Guided-method sliders (their own components: defaults differ from DragDiffusion's), passed as guided_<name>.
 GUIDED_UI = ("guidance_scale", "energy_scale", "w_edit", "w_content", "w_inpaint", "sde_strength")
 LABELS = {"lam": "λ (keep the unmasked area)", "r_m": "r_m (motion patch radius)", "r_p": "r_p (tracking radius)",
           "lora_steps": "LoRA steps", "lora_rank": "LoRA rank", "lora_lr": "LoRA learning rate"}
+EDITOR_JS = (Path(__file__).parent / "js" / "point_editor.js").read_text()
+EDITOR_CSS = """
+.pe { position: relative; display: inline-block; max-width: 100%; line-height: 0; touch-action: none;
+      user-select: none; -webkit-user-select: none; }
+.pe img { display: block; width: 100%; height: auto; margin: 0 !important; cursor: crosshair;
+          image-rendering: pixelated; }
+.pe svg { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
+.pe .pe-arrow { stroke: white; stroke-width: 3px; vector-effect: non-scaling-stroke; }
+.pe .pe-handle { fill: rgb(230, 40, 40); stroke: white; stroke-width: 1.5px; vector-effect: non-scaling-stroke; }
+.pe .pe-target { fill: rgb(40, 100, 240); stroke: white; stroke-width: 1.5px; vector-effect: non-scaling-stroke; }
+.pe .pe-sel { fill: none; stroke: #ffd200; stroke-width: 3px; vector-effect: non-scaling-stroke; }
+.pe-empty { padding: 2em 1em; line-height: 1.4; color: var(--body-text-color-subdued); }
+"""
+
+
+# ---- methods ---------------------------------------------------------------------------------------
+# label -> (engine name, what it costs: one line); the order is the switch's order.
+ALL_METHODS = {  # costs measured on the toy model, 2 busy CPU cores (first drag of a picture / a repeat)
+    "Instant": ("instant", "~3 s / 1.5 s, no training: one warp of the inverted latent, then denoising (FastDrag)"),
+    "Region": ("region", "~3.5 s / 1.5 s, no training: discs of `radius` around the points are copied (RegionDrag)"),
+    "DragDiffusion": ("dragdiffusion", "slowest (20 s idle, minutes busy): an identity LoRA, then latent optimisation"),
+    "GoodDrag": ("gooddrag", "DragDiffusion's cost or more: the drag spread over several timesteps, keeps content"),
+    "DiffEditor": ("diffeditor", "~6–25 s, no training: gradient guidance while sampling"),
+    "DragonDiffusion": ("dragondiffusion", "~6–25 s, no training: gradient guidance, no inpainting term"),
+}
+METHODS = {label: name for label, (name, _) in ALL_METHODS.items()}
+COSTS = {label: ALL_METHODS[label][1] for label in METHODS}
+# The page starts on Instant when it exists: it answers in about a second (toy, 2 CPU cores) and the live preview
+# shows what it starts from. API clients that name no method keep getting DragDiffusion, as before the switch.
+DEFAULT_METHOD = "Instant" if "Instant" in METHODS else "DragDiffusion"
+API_DEFAULT_METHOD = "DragDiffusion"
+_ALIASES = {"fastdrag": "instant", "regiondrag": "region"}
+
+
+def method_name(choice) -> str:
+    """A METHODS label or an engine name, any case ("DiffEditor", "diffeditor", "FastDrag") -> the engine name;
+    none given -> API_DEFAULT_METHOD's."""
+    key = str(choice or API_DEFAULT_METHOD).strip().lower()
+    names = {label.lower(): name for label, name in METHODS.items()} | {n: n for n in METHODS.values()}
+    name = names.get(_ALIASES.get(key, key))
+    if name is None:
+        raise EditError(f"Unknown method {choice!r}: use one of {', '.join(METHODS)}.")
+    return name
+
+
+def method_info() -> str:
+    return " · ".join(f"**{label}**: {COSTS[label]}" for label in METHODS)
 
 
 # ---- per-session state ----------------------------------------------------------------------------
+def apply_edit(points: list[list[float]], edit: dict, size: tuple[int, int]) -> list[list[float]]:
+    """One point-editor edit (ui/js/point_editor.js) -> the new point list (alternating handle, target).
+
+    ``add`` appends a click; ``pair`` adds a dragged handle → target pair (before a handle still waiting for its
+    target, so the alternation holds); ``move`` moves point ``i``; ``delete`` removes point ``i`` with its pair
+    partner (removing one point alone would swap every later handle and target). Coordinates are clamped to the
+    picture. EditError for an edit that names no point or no number."""
+    w, h = size
+
+    def xy(kx: str, ky: str) -> list[float]:
+        try:
+            x, y = float(edit[kx]), float(edit[ky])
+        except (KeyError, TypeError, ValueError):
+            raise EditError(f"The edit needs numbers {kx}, {ky}.") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise EditError(f"The edit's {kx}, {ky} must be finite numbers.")
+        return [round(min(max(x, 0.0), w - 1.0), 1), round(min(max(y, 0.0), h - 1.0), 1)]
+
+    def index() -> int:
+        i = edit.get("i")
+        if not isinstance(i, int) or not 0 <= i < len(points):
+            raise EditError(f"There is no point {i!r} (the picture has {len(points)}).")
+        return i
+
+    op, out = edit.get("op"), [list(p) for p in points]
+    if op in ("add", "pair") and len(out) // 2 >= MAX_POINT_PAIRS:
+        raise EditError(f"At most {MAX_POINT_PAIRS} handle → target pairs: delete one first.")
+    if op == "add":
+        out.append(xy("x", "y"))
+    elif op == "pair":
+        pair = [xy("hx", "hy"), xy("tx", "ty")]
+        at = len(out) - len(out) % 2
+        out[at:at] = pair
+    elif op == "move":
+        out[index()] = xy("x", "y")
+    elif op == "delete":
+        i = index() // 2 * 2
+        del out[i:i + 2]
+    else:
+        raise EditError(f"Unknown point edit {op!r}.")
+    return out
+
+
 class Session(BeforeAfter):
-    """One browser tab's Drag data, kept in gr.State: the working image, its mask and points, the history."""
+    """One browser tab's Drag data, kept in gr.State: the working image, its mask and points, the history of
+    point edits (undo/redo) and of results."""
+
+    UNDO_LIMIT = 100
 
     def __init__(self, prefix: str = ""):
         super().__init__(prefix)
@@ -50,35 +156,87 @@ class Session(BeforeAfter):
         self.fingerprint = None  # overlay.fingerprint(image): tells a new picture from a re-sent one
         self.mask: np.ndarray | None = None  # H×W bool, True = may change; None = everything may
         self.points: list[list[float]] = []  # clicks alternating handle, target
+        self.undo: list[list[list[float]]] = []  # earlier point lists, newest last
+        self.redo: list[list[list[float]]] = []
+        self.ack = 0  # the last point-editor edit (its seq) applied: the browser waits for it
+        self.version = 0  # bumped when the picture, mask or points change: the live preview follows it
+        self.live_version = -1  # the version the live preview shows
 
     def use_image(self, image: Image.Image | None) -> None:
         """Start over on ``image`` (upload, generation, continue-from-result): no mask, no points."""
         self.image, self.mask, self.points = image, None, []
+        self.undo, self.redo = [], []
         self.fingerprint = overlay.fingerprint(image) if image is not None else None
+        self.version += 1
 
     def update_from_canvas(self, image: Image.Image, mask: np.ndarray | None) -> None:
         """The canvas re-sends its picture with every brush stroke: keep the points unless the picture changed."""
         if not overlay.same_picture(overlay.fingerprint(image), self.fingerprint):
             self.use_image(image)
         self.mask = mask
+        self.version += 1
 
-    def preview(self) -> tuple[np.ndarray | None, str]:
-        """(image to click on, one line about the points)."""
+    def set_points(self, points: list[list[float]]) -> None:
+        """A new point list, undoable."""
+        if points == self.points:
+            return
+        self.undo = (self.undo + [self.points])[-self.UNDO_LIMIT:]
+        self.redo = []
+        self.points = points
+        self.version += 1
+
+    def edit(self, edit: dict) -> None:
+        """Apply one point-editor edit (see ``apply_edit``; also ``undo`` / ``redo``)."""
         if self.image is None:
-            return None, "Upload or generate an image to start."
+            raise EditError("Upload or generate an image first, then place points on it.")
+        op = edit.get("op")
+        if op in ("undo", "redo"):
+            source, dest = (self.undo, self.redo) if op == "undo" else (self.redo, self.undo)
+            if source:
+                dest.append(self.points)
+                self.points = source.pop()
+                self.version += 1
+            return
+        self.set_points(apply_edit(self.points, edit, self.image.size))
+
+    def pairs(self) -> list:
+        """The complete handle → target pairs (a handle still waiting for its target is left out)."""
+        return [(tuple(self.points[i]), tuple(self.points[i + 1])) for i in range(0, len(self.points) - 1, 2)]
+
+    def view(self) -> tuple[str, str]:
+        """(point editor HTML, one line about the points that acknowledges the last edit)."""
+        return editor_html(self), self.points_line()
+
+    def points_line(self) -> str:
+        if self.image is None:
+            return "Upload or generate an image to start."
         n = len(self.points)
         if n == 0:
-            text = "Click a **handle** point (red) on this image, then where it should go: its **target** (blue)."
+            text = "Click a **handle** point (red), then its **target** (blue), or drag from handle to target."
         elif n % 2:
             text = f"Handle {n // 2 + 1} placed: now click its **target**."
         else:
-            text = f"{n // 2} handle → target pair(s). Add more, or press **Run drag**."
-        return overlay.render_preview(self.image, self.mask, self.points, self.zoom), text
+            text = f"{n // 2} handle → target pair(s). Drag a point to move it, right-click to delete; or **Run drag**."
+        return f"{text} _({n} point{'s' * (n != 1)}; edit {self.ack} applied)_"
 
     @property
     def zoom(self) -> int:
-        """How much the click preview enlarges the picture (small pictures are hard to click)."""
+        """How much the point editor enlarges the picture (small pictures are hard to point at)."""
         return overlay.preview_zoom(self.image.size) if self.image is not None else 1
+
+
+def editor_html(session: Session) -> str:
+    """The point editor's content: the picture (frozen area dimmed, points and arrows drawn by the server) and
+    an empty SVG layer the script draws the pointer's arrow on; data-* carry what the script needs."""
+    points = html.escape(json.dumps(session.points))
+    if session.image is None:
+        return (f'<div class="pe pe-empty" data-ack="{session.ack}" data-points="{points}">'
+                "Upload or generate an image to start.</div>")
+    w, h = session.image.size
+    url = overlay.png_data_url(overlay.render_preview(session.image, session.mask, session.points, session.zoom))
+    return (f'<div class="pe" data-w="{w}" data-h="{h}" data-ack="{session.ack}" data-points="{points}">'
+            f'<img src="{url}" alt="Points: handle (red) → target (blue)" draggable="false">'
+            f'<svg viewBox="0 0 {w} {h}" preserveAspectRatio="none"></svg></div>')
 
 
 def parse_clicks(text: str | None):
@@ -95,19 +253,38 @@ def parse_clicks(text: str | None):
     return pair_points([tuple(p) for p in clicks])
 
 
-def drag_request(image, mask, points, prompt, settings: dict):
-    """The /drag inputs -> DragRequest (DragDiffusion) or GuidedDragRequest (DiffEditor / DragonDiffusion).
+def _prefixed(settings: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: settings.pop(k) for k in list(settings) if k.startswith(prefix)}
 
-    ``settings``: FIELDS_UI values by name, ``method``, and the guided sliders as ``guided_<name>``."""
+
+def _gooddrag(settings: dict) -> dict:
+    """GoodDrag's published values for every DragDiffusion setting left at its default (a moved slider wins)."""
+    out = dict(settings)
+    for k, v in GOODDRAG.items():
+        if k not in FIELDS or settings.get(k, FIELDS[k][2]) == FIELDS[k][2]:
+            out[k] = v
+    return out
+
+
+def drag_request(image, mask, points, prompt, settings: dict):
+    """The /drag inputs -> the request of the chosen method.
+
+    ``settings``: DragRequest values by name, ``method``, and the other methods' values as ``guided_<name>``,
+    ``instant_<name>``, ``region_<name>``."""
     if not image:
         raise EditError("No image: upload or generate an image first.")
-    choice = settings.pop("method", None) or "DragDiffusion"
-    method = METHODS.get(choice, str(choice).lower())  # API clients may send "diffeditor"
-    guided = {k[len("guided_"):]: settings.pop(k) for k in list(settings) if k.startswith("guided_")}
+    method = method_name(settings.pop("method", None))
+    guided, instant, region = (_prefixed(settings, p) for p in ("guided_", "instant_", "region_"))
     common = dict(image=load_image(image), points=parse_clicks(points), mask=load_mask(mask) if mask else None,
                   prompt=prompt or "")
     if method == "dragdiffusion":
         return DragRequest(**common, **settings)
+    if method == "gooddrag":
+        return DragRequest(**common, **_gooddrag(settings))
+    if method == "instant":
+        return InstantDragRequest(**common, **instant)
+    if method == "region":
+        return RegionDragRequest(**common, **region)
     # The guided methods share only steps and seed with the DragDiffusion sliders.
     shared = {k: settings.get(k, GUIDED_FIELDS[k][2]) for k in ("n_inference_steps", "seed")}
     return GuidedDragRequest(**common, method=method, **shared, **guided)
@@ -122,45 +299,78 @@ def on_canvas_value(value, session: Session):
     if image is None:
         return gr.skip()
     session.update_from_canvas(image, mask)
-    return session.preview()
+    return session.view()
 
 
 def on_canvas_clear(session: Session):
     session.use_image(None)
-    return session.preview()
+    return session.view()
 
 
-def on_point_click(session: Session, evt: gr.SelectData):
-    if session.image is None:
-        gr.Warning("Upload or generate an image first, then click on it.")
-    elif evt.index is not None:
-        x, y = overlay.to_picture(evt.index, session.zoom)
-        session.points.append([x, y])
-    return session.preview()
+def on_edit(session: Session, evt: gr.EventData):
+    """One edit from the point editor's script; the answer re-renders the editor with ``data-ack`` = its seq."""
+    data = evt._data if isinstance(getattr(evt, "_data", None), dict) else {}
+    try:
+        session.edit(data)
+    except EditError as e:
+        gr.Warning(str(e))
+    seq = data.get("seq")
+    if isinstance(seq, int) and seq > session.ack:
+        session.ack = seq
+    return session.view()
 
 
-def undo_point(session: Session):
-    if session.points:
-        session.points.pop()
-    return session.preview()
+def button_edit(op: str):
+    """Undo / Redo / Clear buttons: the same edits as the keys."""
+
+    def handler(session: Session):
+        if session.image is not None:
+            if op == "clear":
+                session.set_points([])
+            else:
+                session.edit({"op": op})
+        return session.view()
+
+    handler.__name__ = f"{op}_points"
+    return handler
 
 
-def clear_points(session: Session):
-    session.points.clear()
-    return session.preview()
+def live_preview(session: Session, enabled: bool):
+    """The instant warp of the current points and mask (editing.drag_warp.preview): what Instant starts from.
+
+    Queued previews of states already shown are skipped, so a burst of edits costs one warp."""
+    if not enabled or session.image is None:
+        session.live_version = -1
+        return None, "Live preview off." if not enabled else "Live preview: upload an image and place points."
+    if session.live_version == session.version:
+        return gr.skip(), gr.skip()
+    from editing.drag_warp import preview
+
+    session.live_version = session.version
+    pairs = session.pairs()
+    t0 = time.perf_counter()
+    try:
+        out = preview(session.image, session.mask, pairs, rigid=bool(INSTANT_FIELDS["rigid"].default))
+    except EditError as e:
+        return overlay.zoom(overlay.as_rgb(session.image), session.zoom), f"Live preview: {e}"
+    ms = 1000 * (time.perf_counter() - t0)
+    n = len(pairs)
+    rgb = overlay.zoom(overlay.as_rgb(out), session.zoom)
+    return rgb, (f"Live preview of {n} pair{'s' * (n != 1)} (the instant warp, {ms:.0f} ms): "
+                 "what Instant starts from." if n else "Live preview: add a handle → target pair.")
 
 
-def prepare_run(session: Session):
-    """Run (or Train LoRA), step 1, instant: arm Cancel and hand the working image, mask and points
+def prepare_run(session: Session, method: str):
+    """Run (or Train LoRA), step 1, instant: arm Cancel and hand the working image, mask, points and method
     to the /drag (/train_lora) endpoint through hidden components."""
     arm(session)
     if session.image is None:
-        return None, None, "[]"
+        return None, None, "[]", method
     image = session.save_png(session.image, "input.png")
     mask = None
     if session.mask is not None:
         mask = session.save_png(Image.fromarray(session.mask.astype(np.uint8) * 255), "mask.png")
-    return image, mask, json.dumps(session.points)
+    return image, mask, json.dumps(session.points), method
 
 
 def continue_from_result(session: Session):
@@ -169,7 +379,7 @@ def continue_from_result(session: Session):
         return gr.skip()
     entry = session.history[-1 if session.selected is None else session.selected]
     session.use_image(load_image(entry["after"]))
-    return entry["after"], *session.preview()
+    return entry["after"], *session.view()
 
 
 def receive_image(path, session: Session):
@@ -177,7 +387,7 @@ def receive_image(path, session: Session):
     if not path:
         return gr.skip()
     session.use_image(load_image(path))
-    return path, *session.preview()
+    return path, *session.view()
 
 
 def load_example(session: Session, evt: gr.SelectData):
@@ -191,10 +401,23 @@ def load_example(session: Session, evt: gr.SelectData):
     image, mask = ex.load()
     session.use_image(image)
     session.mask, session.points = mask, [list(p) for p in ex.points]
-    return ex.canvas_value(), *session.preview(), ex.prompt, ex.method
+    method = ex.method if ex.method in METHODS else DEFAULT_METHOD
+    return ex.canvas_value(), *session.view(), ex.prompt, method
 
 
 # ---- engine handlers (one shared GPU queue) -------------------------------------------------------
+def live_frames(request, snap, factor: int):
+    """(left, right) of the before/after view while a drag runs: the input with the handles' trail so far, and
+    the newest sampling preview (x̂₀) when there is one."""
+    flat = [list(p) for pair in request.points for p in pair]
+    left = overlay.draw_trail(overlay.render_preview(request.image, request.mask, flat, factor), snap.trail, factor)
+    if snap.preview is None:
+        return left, left
+    right = overlay.as_rgb(snap.preview.resize(request.image.size, Image.BILINEAR)
+                           if snap.preview.size != request.image.size else snap.preview)
+    return left, overlay.zoom(right, factor)
+
+
 class EngineHandlers(GpuHandlers):
     """Handlers that run the engine. The Editor (and its models) is held here, never in gr.State."""
 
@@ -204,27 +427,42 @@ class EngineHandlers(GpuHandlers):
         self._generate = gpu(GPU_SECONDS["generate"])(editor.generate)
         self._train = gpu(GPU_SECONDS["lora"])(editor.train_identity_lora)
 
-    @shows_errors
-    def drag(self, image, mask, points, prompt, session: Session, progress=gr.Progress(), **settings):
-        """Drag each handle point to its target. points: "[[hx, hy], [tx, ty], ...]" in image pixels."""
+    @streams_errors(5)
+    def drag(self, image, mask, points, prompt, session: Session, progress=gr.Progress(), **settings):  # noqa: B008
+        """Drag each handle point to its target. points: "[[hx, hy], [tx, ty], ...]" in image pixels.
+
+        Streams while the engine works: the before/after view shows the handles' trail during the optimisation
+        and the sampling previews; the status line the time left in the current phase."""
         loras = settings.pop("loras", None)
         request = drag_request(image, mask, points, prompt, settings)
         notify(request.notices)
-        log.info("drag (%s): %d pair(s), %dx%d, mask=%s", getattr(request, "method", "dragdiffusion"),
-                 len(request.points), *request.image.size, request.mask is not None)
-        result = self._edit(request, progress=EngineProgress(progress), cancel=self.cancel_of(session),
-                            loras=lora_specs(loras))
+        label = getattr(request, "method", None) or getattr(request, "TASK", None) or "drag"
+        log.info("drag (%s): %d pair(s), %dx%d, mask=%s", label, len(request.points), *request.image.size,
+                 request.mask is not None)
+        cancel = self.cancel_of(session)
+        live = LiveProgress(progress)
+        factor = overlay.preview_zoom(request.image.size)
+        call = lambda cb: self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        try:
+            for snap in live.follow(call, cancel=cancel):
+                if cancel is not None and cancel.is_set():
+                    continue  # Cancel's own status line stays
+                frames = live_frames(request, snap, factor) if snap.new_trail or snap.new_preview else gr.skip()
+                yield frames, gr.skip(), gr.skip(), gr.skip(), f"Running {label}: {snap.status}"
+        except EditCancelled as e:
+            raise EditCancelled(f"{e} Your image, mask and points are unchanged.") from None
+        result = live.result
         notify(result.notices)
         details = {"timings_s": timings(result), "unet_calls": result.unet_calls,
                    "final_points": [[round(x, 1), round(y, 1)] for x, y in result.final_points],
-                   "notices": result.notices, "params": result.recipe.get("params"), "mask": request.mask is not None}
+                   "notices": result.notices, "params": result.recipe.get("params"), "mask": request.mask is not None,
+                   "live": {"trail_steps": len(live.snapshot().trail), "previews": live.snapshot().previews_seen}}
         pairs = len(request.points)
-        label = "drag" if isinstance(request, DragRequest) else request.method
         session.add_result(request.image, result, f"{label}, {pairs} pair{'s' * (pairs > 1)}", details)
-        return *session.shown(), session.gallery(), summary(result, request.mask is not None)
+        yield *session.shown(), session.gallery(), summary(result, request.mask is not None)
 
     @shows_errors
-    def generate(self, prompt, seed, n_inference_steps, session: Session, progress=gr.Progress()):
+    def generate(self, prompt, seed, n_inference_steps, session: Session, progress=gr.Progress()):  # noqa: B008
         """Text-to-image; the result becomes the working image and is drag-ready (no inversion, no LoRA)."""
         if seed is None or n_inference_steps is None:
             raise EditError("Seed and steps must be whole numbers.")
@@ -232,11 +470,11 @@ class EngineHandlers(GpuHandlers):
                                 progress=EngineProgress(progress), cancel=self.cancel_of(session))
         session.use_image(result.image)
         session.add_result(None, result, "generated", {"timings_s": timings(result), "recipe": result.recipe})
-        return (result.image, *session.preview(), prompt, *session.shown(), session.gallery(),
-                f"Generated in {result.total_s:.1f} s. It is drag-ready: click points on it and run.")
+        return (result.image, *session.view(), prompt, *session.shown(), session.gallery(),
+                f"Generated in {result.total_s:.1f} s. It is drag-ready: place points on it and run.")
 
     @shows_errors
-    def train_lora(self, image, prompt, session: Session, progress=gr.Progress(), **settings):
+    def train_lora(self, image, prompt, session: Session, progress=gr.Progress(), **settings):  # noqa: B008
         """Fine-tune (and cache) the identity LoRA that a drag of this image and prompt would train first."""
         if not image:
             raise EditError("No image: upload or generate an image first.")
@@ -269,33 +507,54 @@ def _source_column(w: SimpleNamespace) -> None:
         w.gen_btn = gr.Button("Generate")
 
 
+def _table_inputs(table: dict | None, prefix: str) -> dict:
+    """Sliders for a request's field table, keyed ``{prefix}_{name}`` (the /drag keyword names)."""
+    return {f"{prefix}_{name}": field_input(name, spec, spec[2], f"{prefix}-{name}", LABELS.get(name))
+            for name, spec in (table or {}).items()}
+
+
 def _points_column(w: SimpleNamespace, can_cancel: bool, start: dict, links) -> None:
-    """The click preview, prompt, method, Run / Cancel and the settings."""
-    w.preview = gr.Image(label="Points: handle (red) → target (blue); frozen area dimmed",
-                         type="numpy", format="png", interactive=False, elem_id="points")
+    """The point editor and the live preview, prompt, method, Run / Cancel and the settings."""
+    w.editor = gr.HTML(editor_html(Session()), js_on_load=EDITOR_JS, css_template=EDITOR_CSS, elem_id="points",
+                       label="Points: drag from handle (red) to target (blue); frozen area dimmed", show_label=True,
+                       container=True, padding=False)
     w.points_info = gr.Markdown("Upload or generate an image to start.", label="Points", elem_id="points-info")
     with gr.Row():
-        w.undo_btn = gr.Button("Undo last point", size="sm")
-        w.clear_btn = gr.Button("Clear points", size="sm")
+        w.undo_btn = gr.Button("Undo (Ctrl+Z)", size="sm", elem_id="undo")
+        w.redo_btn = gr.Button("Redo (Ctrl+Shift+Z)", size="sm", elem_id="redo")
+        w.clear_btn = gr.Button("Clear points", size="sm", elem_id="clear-points")
+    with gr.Accordion("Live preview: what the instant warp does", open=True, elem_id="live"):
+        w.live_on = gr.Checkbox(value=True, label="Update on every change", elem_id="live-on")
+        w.live = gr.Image(type="numpy", format="png", interactive=False, show_label=False, elem_id="live-preview")
+        w.live_info = gr.Markdown("Live preview: upload an image and place points.", elem_id="live-info")
     w.prompt = gr.Textbox(label="Prompt (optional): what the image shows", elem_id="prompt")
-    w.method = gr.Radio(list(METHODS), value="DragDiffusion", label="Method", elem_id="method",
-                        info="DragDiffusion: trains an identity LoRA, then optimises the latent (best identity). "
-                             "DiffEditor / DragonDiffusion: training-free gradient guidance (no LoRA).")
+    choices = [(f"{label}", label) for label in METHODS]
+    w.method = gr.Radio(choices, value=DEFAULT_METHOD, label="Method", elem_id="method", info=method_info())
     with gr.Row():
         w.run_btn = gr.Button("Run drag", variant="primary", elem_id="run")
         w.cancel_btn = gr.Button("Cancel", variant="stop", visible=can_cancel, elem_id="cancel")
     w.status = gr.Markdown("", label="Status", min_height=48, elem_id="status")
-    with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+    with gr.Accordion("DragDiffusion / GoodDrag settings", open=False, elem_id="advanced"):
         w.fields = {name: field_input(name, spec, start[name], f"field-{name}", LABELS.get(name))
                     for name, spec in FIELDS.items()}
+        if GOODDRAG:
+            gr.Markdown("GoodDrag uses these sliders; the ones left at their default take GoodDrag's values: "
+                        + ", ".join(f"{k} = {v}" for k, v in GOODDRAG.items()))
         w.lora_btn = gr.Button("Train identity LoRA now (optional; Run trains it when needed)", size="sm")
     with gr.Accordion("DiffEditor / DragonDiffusion settings", open=False, elem_id="guided-settings"):
         w.guided_fields = {f"guided_{n}": guided_input(n) for n in GUIDED_UI}
+    w.method_fields = {}
+    for table, prefix, title in ((INSTANT_FIELDS, "instant", "Instant settings"),
+                                 (REGION_FIELDS, "region", "Region settings")):
+        if table:
+            with gr.Accordion(title, open=False, elem_id=f"{prefix}-settings"):
+                w.method_fields |= _table_inputs(table, prefix)
     w.picker = lora_picker(links)
 
 
 def _results_column(w: SimpleNamespace) -> None:
-    w.result = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="result")
+    w.result = gr.ImageSlider(label="Before / after (while running: the handles' trail and sampling previews)",
+                              type="filepath", format="png", elem_id="result")
     w.download = gr.DownloadButton("Download PNG (with recipe)", size="md", elem_id="download")
     w.gallery = gr.Gallery(label="History: select one to compare or continue", format="png", columns=4,
                            fit_columns=False, height=220, allow_preview=False, elem_id="history")
@@ -311,7 +570,8 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     with gr.Tab("Drag", id="drag"):
         w = SimpleNamespace(session=gr.State(Session(), delete_callback=Session.close))
         gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change; "
-                    "the rest stays fixed. **3.** Click a handle point, then its target; repeat for more pairs. "
+                    "the rest stays fixed. **3.** Press on a handle point and drag to its target (or click "
+                    "handle, then target); repeat for more pairs. The live preview shows the instant warp. "
                     "**4.** Run drag.")
         with gr.Row(equal_height=False):
             with gr.Column():
@@ -320,7 +580,9 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
                 _points_column(w, h.can_cancel, start, links)
             with gr.Column():
                 _results_column(w)
-        # Hidden hand-over from the Run button to the /drag endpoint, so both share one code path.
+        # Hidden hand-over from the Run button to the /drag endpoint, so both share one code path. The method
+        # goes as text, so API clients may name it in any case.
+        w.method_name = gr.Textbox(API_DEFAULT_METHOD, visible=False)
         w.handover = [gr.File(visible=False), gr.File(visible=False), gr.Textbox(visible=False)]
     _wire_instant(w, links)
     _wire_engine(w, h)
@@ -328,37 +590,49 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
 
 # ---- wiring --------------------------------------------------------------------------------------
 def _wire_instant(w: SimpleNamespace, links) -> None:
-    """Instant handlers: one small ordered queue, so clicks and canvas updates apply in order."""
+    """Instant handlers: one small ordered queue, so edits and canvas updates apply in order; each is followed
+    by the live preview on its own queue (a burst of edits costs one warp: see ``live_preview``)."""
     instant = dict(concurrency_id="points", concurrency_limit=1, show_progress="hidden", api_visibility="private")
-    shown = [w.preview, w.points_info]
+    live = _live(w)
+    shown = [w.editor, w.points_info]
     # Two listeners, not gr.on([...]): the canvas only uploads brush strokes when it has its own .change listener.
-    w.canvas.upload(on_canvas_value, [w.canvas, w.session], shown, **instant)
-    w.canvas.change(on_canvas_value, [w.canvas, w.session], shown, trigger_mode="always_last", **instant)
-    w.canvas.clear(on_canvas_clear, [w.session], shown, **instant)
-    w.preview.select(on_point_click, [w.session], shown, trigger_mode="multiple", **instant)
-    w.undo_btn.click(undo_point, [w.session], shown, **instant)
-    w.clear_btn.click(clear_points, [w.session], shown, **instant)
+    w.canvas.upload(on_canvas_value, [w.canvas, w.session], shown, **instant).then(**live)
+    w.canvas.change(on_canvas_value, [w.canvas, w.session], shown, trigger_mode="always_last",
+                    **instant).then(**live)
+    w.canvas.clear(on_canvas_clear, [w.session], shown, **instant).then(**live)
+    w.editor.edit(on_edit, [w.session], shown, trigger_mode="multiple", **instant).then(**live)
+    for btn, op in ((w.undo_btn, "undo"), (w.redo_btn, "redo"), (w.clear_btn, "clear")):
+        btn.click(button_edit(op), [w.session], shown, **instant).then(**live)
+    w.live_on.change(**live)
     w.gallery.select(on_select, [w.session], [w.result, w.download, w.details], **instant)
-    w.example_set.select(load_example, [w.session], [w.canvas, *shown, w.prompt, w.method], **instant)
-    w.continue_btn.click(continue_from_result, [w.session], [w.canvas, *shown], **instant)
+    w.example_set.select(load_example, [w.session], [w.canvas, *shown, w.prompt, w.method], **instant).then(**live)
+    w.continue_btn.click(continue_from_result, [w.session], [w.canvas, *shown], **instant).then(**live)
     if links is not None:
-        links.inboxes["drag"].change(receive_image, [links.inboxes["drag"], w.session], [w.canvas, *shown], **instant)
+        links.inboxes["drag"].change(receive_image, [links.inboxes["drag"], w.session], [w.canvas, *shown],
+                                     **instant).then(**live)
     w.cancel_btn.click(request_cancel, [w.session], [w.status], queue=False, api_visibility="private")
 
 
 def _wire_engine(w: SimpleNamespace, h: EngineHandlers) -> None:
     """Engine handlers: one GPU queue (concurrency_id "gpu", limit 1 from queue(default_concurrency_limit=1))."""
     engine = dict(concurrency_id="gpu", show_progress_on=[w.status])
-    hand_over = dict(fn=prepare_run, inputs=[w.session], outputs=w.handover, queue=False, api_visibility="private")
+    hand_over = dict(fn=prepare_run, inputs=[w.session, w.method], outputs=[*w.handover, w.method_name],
+                     queue=False, api_visibility="private")
     image_file, _, _ = w.handover
     w.run_btn.click(**hand_over).then(
         h.drag, [*w.handover, w.prompt, w.session], [w.result, w.download, w.details, w.gallery, w.status],
-        inputs_kwargs=with_loras(w.fields | {"method": w.method} | w.guided_fields, w.picker),
+        inputs_kwargs=with_loras(w.fields | {"method": w.method_name} | w.guided_fields | w.method_fields, w.picker),
         api_name="drag", **engine)
     w.gen_btn.click(arm, [w.session], None, queue=False, api_visibility="private").then(
         h.generate, [w.gen_prompt, w.gen_seed, w.fields["n_inference_steps"], w.session],
-        [w.canvas, w.preview, w.points_info, w.prompt, w.result, w.download, w.details, w.gallery, w.status],
-        api_name="generate", **engine)
+        [w.canvas, w.editor, w.points_info, w.prompt, w.result, w.download, w.details, w.gallery, w.status],
+        api_name="generate", **engine).then(**_live(w))
     w.lora_btn.click(**hand_over).then(
         h.train_lora, [image_file, w.prompt, w.session], [w.status],
         inputs_kwargs=with_loras({k: w.fields[k] for k in LORA_FIELDS}, w.picker), api_name="train_lora", **engine)
+
+
+def _live(w: SimpleNamespace) -> dict:
+    """The live-preview step that follows every change of picture, mask or points."""
+    return dict(fn=live_preview, inputs=[w.session, w.live_on], outputs=[w.live, w.live_info],
+                concurrency_id="live", concurrency_limit=1, show_progress="hidden", api_visibility="private")

@@ -5,6 +5,7 @@ with True = may change (DESIGN.md conventions). No gradio here, so everything is
 """
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 
 import cv2
@@ -140,3 +141,33 @@ def same_picture(a, b) -> bool:
     if a is None or b is None or a[0] != b[0]:
         return False
     return float(np.abs(a[1] - b[1]).mean()) < 2.0
+
+
+TRAIL_RGB = (255, 210, 0)  # yellow: where the handles have been during the optimisation
+
+
+def draw_trail(rgb: np.ndarray, trail: Sequence[Sequence[Sequence[float]]], factor: int = 1) -> np.ndarray:
+    """Draw the handles' paths: ``trail`` is one entry per optimisation step, each the handle positions (x, y)
+    in picture pixels; ``rgb`` is a preview zoomed by ``factor``. Each handle gets a polyline through its
+    positions and a dot where it is now."""
+    out = np.ascontiguousarray(rgb.copy())
+    if not trail:
+        return out
+    r = max(2, marker_radius(out.shape) // 2)
+    n = min(len(step) for step in trail)
+    for k in range(n):
+        path = np.array([to_preview(step[k], factor) for step in trail], np.float64)
+        pts = np.round(path).astype(np.int32).reshape(-1, 1, 2)
+        cv2.polylines(out, [pts], False, (0, 0, 0), max(1, r // 2) + 2, cv2.LINE_AA)
+        cv2.polylines(out, [pts], False, TRAIL_RGB, max(1, r // 2), cv2.LINE_AA)
+        cv2.circle(out, tuple(int(v) for v in pts[-1, 0]), r, TRAIL_RGB, -1, cv2.LINE_AA)
+    return out
+
+
+def png_data_url(rgb: np.ndarray) -> str:
+    """An H×W×3 RGB array as a ``data:image/png;base64,…`` URL (what the point editor's <img> shows)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fast: the editor re-renders on every edit
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()

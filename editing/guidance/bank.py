@@ -15,6 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from editing.attention import attn_processors, self_attn_names
 from editing.geometry import resize_mask
 from editing.sampling import Hook, StepState
+from models import families
 
 
 class MemoryBank:
@@ -118,7 +119,7 @@ class BankAttnProcessor(AttnProcessor2_0):
 
 def bank_layers(unet) -> list[str]:
     """Every decoder self-attention layer (``up_blocks[1..3]`` attn1 in SD-1.5)."""
-    return self_attn_names(unet, ("up_blocks",))
+    return self_attn_names(unet, families.unet_blocks(unet).bank_layers)
 
 
 @contextlib.contextmanager
