@@ -1,6 +1,5 @@
 """The Gradio app in-process with the tiny model, driven through gradio_client (the public API)."""
 import json
-import socket
 
 import numpy as np
 import pytest
@@ -14,20 +13,13 @@ FAST = dict(lora_steps=2, n_inference_steps=4, max_steps=3)  # inversion_strengt
 POINTS = "[[20, 30], [40, 30]]"  # handle, target
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(editor):
-    from ui import build_demo
+def app_url(editor, tmp_path_factory):
+    """The app as app.py serves it (checked numbers, outputs folder, bounded queue)."""
+    from tests.test_hostile import served_app
 
-    demo = build_demo(editor).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with served_app(editor, tmp_path_factory.mktemp("ui-client-outputs"), "--max-queued-per-session", "0") as (url, *_):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +147,7 @@ def test_move_paste_appearance_endpoints(client, image_path, object_mask):
 
 @pytest.mark.parametrize("api, args, expected", [
     ("/move", lambda i, m: (i, None, 5, 0, 1.0, "", "DiffEditor"), "paint the object"),
-    ("/move", lambda i, m: (i, m, 5, 0, 0.0, "", "DiffEditor"), "less than minimum value 0.2"),
+    ("/move", lambda i, m: (i, m, 5, 0, 0.0, "", "DiffEditor"), r"Scale=0 is outside \[0.2, "),
     ("/move", lambda i, m: (i, m, 500, 0, 1.0, "", "DiffEditor"), "leave the image"),
     ("/move", lambda i, m: (i, m, 5, 0, 1.0, "", "Magic"), "Magic"),
     ("/paste", lambda i, m: (i, i, None, 5, 0, 1.0, "", "DiffEditor"), "needs a mask"),

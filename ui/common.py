@@ -1,24 +1,39 @@
-"""What every tab shares: per-session history, the error wrapper, progress, Cancel, and widgets built
-from the engine's field tables (``name -> (min, max, default, why)``).
+"""What every tab shares: per-session history (kept in the outputs folder), the error wrapper that also stops a
+run whose client cancelled or left, progress, Cancel, and widgets built from the engine's field tables
+(``name -> (min, max, default, why)``).
 
 No default of a request field is written in ui/: sliders and fallbacks read them from those tables
 (editing.requests, editing.generation), so the engine and the UI cannot disagree.
+
+Serving settings (outputs folder, recipes without the input, time budget per request) are set once by app.py
+with ``configure``; a tab built on its own (tests) keeps its results in a temp folder only.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
+import hashlib
+import itertools
+import json
 import logging
 import math
+import os
 import random
+import re
+import secrets
 import shutil
 import tempfile
 import threading
+import time
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
+from editing.checks import check_number
 from editing.generation import GENERATE_FIELDS
 from editing.images import save_png_with_recipe
 from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS, EditCancelled, EditError
@@ -31,54 +46,231 @@ GPU_SECONDS = {"drag": 180, "generate": 60, "lora": 120, "sketch": 120, "text_to
 # The mask canvases (Drag, Move, Paste, Appearance): one fixed translucent magenta brush, no layers.
 MASK_CANVAS = dict(type="numpy", image_mode="RGBA", format="png", sources=("upload", "clipboard"), transforms=(),
                    layers=False, brush=gr.Brush(colors=[("#ff2bd6", 0.5)], color_mode="fixed"))
+HISTORY_HEADER = "x-dragcanvas-history"  # API clients' history key (browsers keep theirs in localStorage)
+HISTORY_KEY = re.compile(r"[A-Za-z0-9_-]{22,128}")  # at least 128 random bits, as made by new_history_key
+
+
+# ---- serving settings (app.py) ----------------------------------------------------------------------
+@dataclass
+class Serving:
+    outputs: Path | None = None  # every result + recipe lands here (dated subfolders); None: temp folder only
+    input_in_recipe: bool = True  # False: recipes leave out the pictures sent in (they can be fetched by URL)
+    time_budget_s: float = 0.0  # a run still going after this many seconds is stopped (0 = no limit)
+    temp_root: Path | None = None  # parent of every session folder (app.py removes it on exit)
+
+
+SERVING = Serving()
+
+
+def configure(**settings) -> Serving:
+    """Set serving options (``Serving`` fields) for every tab; returns the settings."""
+    for k, v in settings.items():
+        if not hasattr(SERVING, k):
+            raise TypeError(f"unknown serving setting {k!r}")
+        setattr(SERVING, k, Path(v) if k in ("outputs", "temp_root") and v is not None else v)
+    return SERVING
+
+
+# ---- result files: unique names, atomic writes, the outputs folder ----------------------------------------
+_SEQUENCE = itertools.count(1)  # never repeats in a process; the time stamp and token keep restarts apart
+_SEQUENCE_LOCK = threading.Lock()
+
+
+def unique_name(kind: str) -> str:
+    """``20261201-120501-000042-<token>-kind.png``: ordered, never reused, and not guessable from another name
+    (the cache serves files by URL to anyone who knows it)."""
+    with _SEQUENCE_LOCK:
+        n = next(_SEQUENCE)
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{n:06d}-{secrets.token_urlsafe(9)}-{kind}.png"
+
+
+def write_png_atomically(image: Image.Image, path: Path, recipe: dict | None) -> Path:
+    """The PNG (with its recipe) appears whole or not at all (``save_png_with_recipe`` writes a temp file next to
+    ``path`` and renames it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_png_with_recipe(image, path, recipe)
+
+
+def shared_recipe(recipe: dict | None) -> dict | None:
+    """The recipe as written to files: without the pictures that were sent in when the server says so
+    (``--no-input-in-recipe``); replay then needs those pictures again."""
+    if recipe is None or SERVING.input_in_recipe:
+        return recipe
+    kept = {k: v for k, v in recipe.items() if not k.endswith("_png")}
+    kept["inputs_left_out"] = sorted(k for k in recipe if k.endswith("_png"))
+    return kept
+
+
+def _user_file(user: str) -> Path:
+    """The history index of one history key (its hash: the key itself is never written)."""
+    return SERVING.outputs / ".history" / f"{hashlib.sha256(user.encode()).hexdigest()[:40]}.jsonl"
+
+
+def new_history_key() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def valid_history_key(key) -> str | None:
+    return key if isinstance(key, str) and HISTORY_KEY.fullmatch(key) else None
 
 
 # ---- per-session history ----------------------------------------------------------------------------
 class History:
-    """One browser tab's results, kept in gr.State: files in a temp folder, newest last, one selected.
-    Models live in the engine, never here."""
+    """One browser tab's results, kept in gr.State, newest last, one selected. Every picture is written to the
+    outputs folder the moment it exists (``SERVING.outputs``) and copied to this session's temp folder, which the
+    page shows; models live in the engine, never here.
 
-    LIMIT = 24  # results kept per tab
+    ``key`` names the gallery (set by ``wire_history``); ``user`` is the browser's (or API client's) history key:
+    with both, entries are listed in ``outputs/.history/`` and come back after a page reload or a restart."""
+
+    LIMIT = 24  # results kept per tab (older ones stay in the outputs folder)
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix
         self.history: list[dict] = []
         self.selected: int | None = None  # history index picked in the gallery
         self.cancel = threading.Event()  # set by Cancel; the engine polls it
+        self.key = ""
+        self.user: str | None = None
+        self.count = 0  # results ever added (captions number from it, so they never repeat)
         self._dir: Path | None = None
 
     def __deepcopy__(self, memo):  # gr.State deep-copies its initial value for every new tab
-        return type(self)(self.prefix)
+        copy = type(self)(self.prefix)
+        copy.key = self.key
+        return copy
 
     @property
     def dir(self) -> Path:
         if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix=f"dragcanvas-{self.prefix}-" if self.prefix else "dragcanvas-"))
+            root = SERVING.temp_root
+            if root is not None:
+                root.mkdir(parents=True, exist_ok=True)
+            name = f"dragcanvas-{self.prefix}-" if self.prefix else "dragcanvas-"
+            self._dir = Path(tempfile.mkdtemp(prefix=name, dir=root))
         return self._dir
 
     def close(self) -> None:
-        """Called by gr.State when the tab is gone: delete this session's files."""
+        """Called by gr.State when the tab is gone: delete this session's files (the outputs folder keeps them)."""
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def save_png(self, image: Image.Image, name: str, recipe: dict | None = None) -> str:
-        return str(save_png_with_recipe(image, self.dir / name, recipe))
+        """A working file of this session (input, mask): temp folder only, not a result."""
+        return str(write_png_atomically(image, self.dir / name, shared_recipe(recipe)))
+
+    def keep(self, image: Image.Image, kind: str, recipe: dict | None = None) -> str:
+        """A result: written (atomically, uniquely named) to the outputs folder, then shown from the temp folder."""
+        name = unique_name(kind)
+        recipe = shared_recipe(recipe)
+        shown = self.dir / name
+        if SERVING.outputs is None:
+            return str(write_png_atomically(image, shown, recipe))
+        kept = write_png_atomically(image, SERVING.outputs / _stored(name), recipe)
+        _copy(kept, shown)
+        return str(shown)
+
+    def _remember(self, entry: dict, files: dict) -> None:
+        """Append the entry to this user's history index (one JSON line, written in one call)."""
+        if SERVING.outputs is None or not self.user or not self.key:
+            return
+        line = json.dumps({"key": self.key, "files": {k: _stored(Path(v).name) for k, v in files.items()},
+                           "caption": entry["caption"], "details": entry.get("details")}, default=str)
+        path = _user_file(self.user)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def bind(self, user: str | None) -> bool:
+        """Attach the history key (first time only) and bring back this gallery's saved entries.
+        True when entries were restored."""
+        user = valid_history_key(user)
+        if user is None or self.user is not None:
+            return False
+        self.user = user
+        if SERVING.outputs is None or not self.key or self.history:
+            return False
+        saved = []
+        try:
+            lines = _user_file(user).read_text().splitlines()
+        except OSError:
+            return False
+        for line in lines:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash: skip it
+                continue
+            if isinstance(item, dict) and item.get("key") == self.key:
+                saved.append(item)
+        for item in saved[-self.LIMIT:]:
+            files = {}
+            for role, rel in (item.get("files") or {}).items():
+                src = SERVING.outputs / rel
+                if ".." in Path(rel).parts or not src.is_file():
+                    break
+                dest = self.dir / Path(rel).name
+                if not dest.exists():
+                    _copy(src, dest)
+                files[role] = str(dest)
+            else:
+                self._restore_entry(files, item.get("caption", ""), item.get("details"))
+        self.count = max(self.count, len(saved))
+        if self.history:
+            self.selected = len(self.history) - 1
+        return bool(self.history)
+
+    def _restore_entry(self, files: dict, caption: str, details) -> None:
+        raise NotImplementedError
 
     def _keep_newest(self) -> None:
-        del self.history[:-self.LIMIT]
+        """Keep LIMIT entries; the shown copies of older ones are deleted (the outputs folder keeps them)."""
+        dropped, self.history = self.history[:-self.LIMIT], self.history[-self.LIMIT:]
+        still = {p for e in self.history for p in self._files(e).values()}
+        for e in dropped:
+            for p in self._files(e).values():
+                if p not in still:
+                    Path(p).unlink(missing_ok=True)
         self.selected = len(self.history) - 1
+
+    def _files(self, entry: dict) -> dict:
+        raise NotImplementedError
+
+
+def _stored(name: str) -> str:
+    """A result's place in the outputs folder, relative to it: the dated subfolder of its name's time stamp."""
+    return f"{name[:4]}-{name[4:6]}-{name[6:8]}/{name}"
+
+
+def _copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system
+        shutil.copyfile(src, dest)
 
 
 class BeforeAfter(History):
     """Edits of a picture (Drag, Move, Paste, Appearance): each entry keeps its input for the before/after view."""
 
     def add_result(self, before: Image.Image | None, result, caption: str, details: dict) -> None:
-        n = len(self.history) + 1
-        after = self.save_png(result.image, f"dragcanvas-{n:03d}.png", result.recipe)
-        before_path = self.save_png(before, f"before-{n:03d}.png") if before is not None else after
-        self.history.append({"before": before_path, "after": after, "recipe": result.recipe,
-                             "caption": f"{n}: {caption}", "details": details})
+        self.count += 1
+        after = self.keep(result.image, "after", result.recipe)
+        before_path = self.keep(before, "before") if before is not None else after
+        entry = {"before": before_path, "after": after, "recipe": result.recipe,
+                 "caption": f"{self.count}: {caption}", "details": details}
+        self.history.append(entry)
+        self._remember(entry, {"before": before_path, "after": after})
         self._keep_newest()
+
+    def _restore_entry(self, files: dict, caption: str, details) -> None:
+        if "after" in files:
+            self.history.append({"before": files.get("before", files["after"]), "after": files["after"],
+                                 "recipe": None, "caption": caption, "details": details})
+
+    def _files(self, entry: dict) -> dict:
+        return {"before": entry["before"], "after": entry["after"]}
 
     def gallery(self) -> list[tuple[str, str]]:
         return [(e["after"], e["caption"]) for e in self.history]
@@ -102,12 +294,21 @@ class Results(History):
     def add(self, result, caption: str, details: dict) -> None:
         recipes = result.extra.get("recipes") or [result.recipe] * len(result.all_images)
         for i, img in enumerate(result.all_images):
-            n = len(self.history) + 1
+            self.count += 1
             recipe = recipes[min(i, len(recipes) - 1)]
-            path = self.save_png(img, f"{self.prefix}-{n:03d}.png", recipe)
+            path = self.keep(img, self.prefix, recipe)
             seed = recipe.get("params", {}).get("seed")
-            self.history.append({"path": path, "caption": f"{n}: {caption}, seed {seed}", "details": details})
+            entry = {"path": path, "caption": f"{self.count}: {caption}, seed {seed}", "details": details}
+            self.history.append(entry)
+            self._remember(entry, {"path": path})
         self._keep_newest()
+
+    def _restore_entry(self, files: dict, caption: str, details) -> None:
+        if "path" in files:
+            self.history.append({"path": files["path"], "caption": caption, "details": details})
+
+    def _files(self, entry: dict) -> dict:
+        return {"path": entry["path"]}
 
     def gallery(self) -> list[tuple[str, str]]:
         return [(e["path"], e["caption"]) for e in self.history]
@@ -121,14 +322,54 @@ class Results(History):
         """(download path, details) of the selected image."""
         if not self.history:
             return None, None
-        e = self.history[-1 if self.selected is None else self.selected]
+        e = self.history[-1 if self.selected is None else min(self.selected, len(self.history) - 1)]
         return e["path"], e["details"]
 
 
 def on_select(history: History, evt: gr.SelectData):
     """A gallery pick: show that entry (its ``shown()``)."""
-    history.selected = evt.index if isinstance(evt.index, int) else None
+    history.selected = evt.index if isinstance(evt.index, int) and 0 <= evt.index < len(history.history) else None
     return history.shown()
+
+
+def wire_history(demo: gr.Blocks, secret: str | None = None) -> int:
+    """Make every tab's history survive a page reload and a server restart; returns how many histories.
+
+    Each history is the gr.State its gallery's ``select`` event reads (``on_select``); the first such gallery
+    names it (``History.key``). The browser keeps one random history key in localStorage (a gr.BrowserState,
+    encrypted with ``secret``, which must stay the same across restarts); on page load it is bound to the
+    session's histories, which read their saved entries back from the outputs folder. Another browser has
+    another key, so it never sees these results. API clients send their key in the ``x-dragcanvas-history``
+    header instead (see ``_RunGuard``)."""
+    histories: dict[int, tuple[gr.State, list]] = {}
+    for fn in demo.fns.values():
+        if fn.fn is not on_select or not fn.inputs:
+            continue
+        state = fn.inputs[0]
+        galleries = [demo.blocks[t[0]] for t in fn.targets if t[0] in demo.blocks]
+        if not isinstance(getattr(state, "value", None), History) or not galleries:
+            continue
+        histories.setdefault(state._id, (state, []))[1].extend(galleries)
+    if not histories:
+        return 0
+    with demo:
+        browser = gr.BrowserState(None, storage_key="dragcanvas-history", secret=secret)
+        for state, galleries in histories.values():
+            if not state.value.key:
+                state.value.key = galleries[0].elem_id or f"gallery-{galleries[0]._id}"
+            demo.load(_restorer(len(galleries)), [browser, state], [browser, *galleries], queue=False,
+                      show_progress="hidden", api_visibility="private")
+    return len(histories)
+
+
+def _restorer(n_galleries: int):
+    def restore_history(key, history: History):
+        """Page load: this browser's history key (a new one the first time), and the galleries it brings back."""
+        key = valid_history_key(key) or new_history_key()
+        history.bind(key)
+        return key, *([history.gallery()] * n_galleries)
+
+    return restore_history
 
 
 # ---- widgets shared by the generating tabs ------------------------------------------------------------
@@ -160,38 +401,198 @@ def _to_ui_error(fn, e: Exception):
                    "details are in the server log.") from None
 
 
+_RUN_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("dragcanvas_run_stop",
+                                                                                   default=None)
+WATCH_S = 0.2  # how often a running handler looks for a cancelled or vanished client
+
+
+class RunCancel:
+    """What the engine polls (``is_set``) for one run: the tab's Cancel button, or the run's own stop (its client
+    cancelled through the API, closed the page, or the run went over the time budget)."""
+
+    def __init__(self, button: threading.Event | None, run: threading.Event | None):
+        self.button, self.run = button, run
+
+    def is_set(self) -> bool:
+        return bool((self.button is not None and self.button.is_set()) or (self.run is not None and self.run.is_set()))
+
+    def set(self) -> None:
+        """Stop this run (a handler whose consumer went away), not the tab's later runs."""
+        (self.run if self.run is not None else self.button).set()
+
+
+class _RunGuard:
+    """One handler call: watches, from a small thread, whether Gradio still wants its result.
+
+    Gradio 6 cancels a job (``job.cancel()`` in gradio_client, the page's own cancels) by cancelling the asyncio
+    task of the event (``/cancel`` -> ``utils.cancel_tasks``), and marks the event not alive when its client's
+    event stream disconnects (``Queue.clean_events``); neither reaches a handler running in a worker thread,
+    which would compute on for minutes while holding the engine. The guard sees either within ``WATCH_S`` and
+    sets the run's stop event (``RunCancel.run`` through ``GpuHandlers.cancel_of``) and the ``cancel`` event of
+    every session object the handler got (tabs that pass ``session.cancel`` to the engine themselves); the
+    engine raises at its next step and releases its lock. The session objects get a fresh ``cancel`` Event, so
+    the same client's next request is not cancelled by this one's stop. The same stop ends a run over
+    ``SERVING.time_budget_s``. It also binds the API client's history key (header) to the session's histories."""
+
+    def __init__(self, args, kwargs):
+        self.stop = threading.Event()
+        self.reason: str | None = None
+        self.done = threading.Event()
+        self.owners = [o for o in _session_objects(args, kwargs)]
+        self.task, self.event = _gradio_job()
+        self.started = time.monotonic()
+        self._token = None
+        self._bind_history_key()
+
+    def _bind_history_key(self) -> None:
+        request = gr.context.LocalContext.request.get(None)
+        headers = getattr(request, "headers", None) or {}
+        try:
+            key = headers.get(HISTORY_HEADER)
+        except Exception:  # noqa: BLE001 - an odd request object: no key
+            key = None
+        if key:
+            for o in self.owners:
+                if isinstance(o, History):
+                    o.bind(key)
+
+    def start(self) -> _RunGuard:
+        if self.task is not None or self.event is not None or SERVING.time_budget_s > 0:
+            threading.Thread(target=self._watch, name="dragcanvas-run-guard", daemon=True).start()
+        return self
+
+    def finish(self) -> None:
+        self.done.set()
+
+    def __enter__(self):  # the run's stop event is what GpuHandlers.cancel_of hands the engine
+        self._token = _RUN_STOP.set(self.stop)
+        return self
+
+    def __exit__(self, *exc):
+        _RUN_STOP.reset(self._token)
+        return False
+
+    def client_gone(self) -> bool:
+        if self.event is not None and not getattr(self.event, "alive", True):
+            return True
+        task = self.task
+        return task is not None and (task.done() or task.cancelling() > 0)
+
+    def _watch(self) -> None:
+        while not self.done.wait(WATCH_S):
+            if self.client_gone():
+                self.trip("cancelled")
+                return
+            budget = SERVING.time_budget_s
+            if budget > 0 and time.monotonic() - self.started > budget:
+                self.trip("budget")
+                return
+
+    def trip(self, reason: str) -> None:
+        if self.stop.is_set():
+            return
+        self.reason = reason
+        self.stop.set()
+        for o in self.owners:
+            old, o.cancel = o.cancel, threading.Event()
+            old.set()
+        log.info("run stopped at its next step: %s", "over the time budget" if reason == "budget" else
+                 "the client cancelled or went away")
+
+    def cancelled(self, e: EditCancelled, n_outputs: int | None):
+        """What a handler returns when the engine stopped: the budget is an error; a cancel leaves outputs as is."""
+        if self.reason == "budget":
+            raise gr.Error(f"Stopped: this request ran longer than the server's limit of "
+                           f"{SERVING.time_budget_s:g} s per request. Try fewer steps or a smaller image.")
+        if self.reason is None:  # Cancel pressed in the page: the page is still there to read it
+            gr.Warning(f"{e} Your image, mask and points are unchanged." if n_outputs is None else str(e))
+        return gr.skip() if n_outputs is None else tuple(gr.skip() for _ in range(n_outputs))
+
+
+def _session_objects(args, kwargs) -> list:
+    """The per-session objects (gr.State values) among a handler's arguments: those with a ``cancel`` Event."""
+    found, seen = [], set()
+    for v in (*args, *kwargs.values()):
+        for o in (v.values() if isinstance(v, dict) else (v,)):
+            if isinstance(getattr(o, "cancel", None), threading.Event) and id(o) not in seen:
+                seen.add(id(o))
+                found.append(o)
+    return found
+
+
+def _gradio_job():
+    """(asyncio task, queue event) of the Gradio job running this handler, or (None, None) outside a queued job."""
+    ctx = gr.context.LocalContext
+    blocks, event_id = ctx.blocks.get(None), ctx.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return None, None
+    event = getattr(queue, "event_ids_to_events", {}).get(event_id)
+    suffix = f"<gradio-sep>{event_id}"
+    for _ in range(3):  # the loop thread may change the set while this thread reads it
+        try:
+            tasks = list(getattr(queue, "_asyncio_tasks", ()))
+            break
+        except RuntimeError:
+            continue
+    else:
+        tasks = []
+    task = next((t for t in tasks if t.get_name().endswith(suffix)), None)
+    return task, event
+
+
 def shows_errors(fn):
     """EditError -> gr.Error with its one-line message; Cancel -> a warning; other errors are logged.
 
-    Inputs are never cleared by a failed run, and the app keeps serving.
+    Inputs are never cleared by a failed run, and the app keeps serving. A run whose client cancels or leaves
+    stops at its next step (``_RunGuard``).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        guard = _RunGuard(args, kwargs).start()
         try:
-            return fn(*args, **kwargs)
+            with guard:
+                return fn(*args, **kwargs)
         except EditCancelled as e:
-            gr.Warning(f"{e} Your image, mask and points are unchanged.")
-            return gr.skip()
+            return guard.cancelled(e, None)
         except Exception as e:
             _to_ui_error(fn, e)
+        finally:
+            guard.finish()
 
     return wrapper
 
 
 def streams_errors(n_outputs: int):
-    """``shows_errors`` for generator handlers with ``n_outputs`` outputs (Cancel leaves all of them as they are)."""
+    """``shows_errors`` for generator handlers with ``n_outputs`` outputs (Cancel leaves all of them as they are).
+    Gradio closing the generator (a cancel between two updates) stops the run too."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            guard = _RunGuard(args, kwargs).start()
+            finished = False
             try:
-                yield from fn(*args, **kwargs)
-            except EditCancelled as e:
-                gr.Warning(str(e))
-                yield tuple(gr.skip() for _ in range(n_outputs))
-            except Exception as e:
-                _to_ui_error(fn, e)
+                stream = fn(*args, **kwargs)
+                while not finished:
+                    with guard:  # each step may run in another worker thread: the stop is set per step
+                        try:
+                            item = next(stream)
+                        except StopIteration:
+                            finished = True
+                            return
+                        except EditCancelled as e:
+                            finished = True
+                            item = guard.cancelled(e, n_outputs)
+                        except Exception as e:
+                            finished = True
+                            _to_ui_error(fn, e)
+                    yield item
+            finally:
+                if not finished:  # closed by Gradio (cancel, disconnect) before the end
+                    guard.trip("cancelled")
+                guard.finish()
 
         return wrapper
 
@@ -217,7 +618,10 @@ class GpuHandlers:
         self.can_cancel = not zero_gpu()  # a ZeroGPU worker is another process: no Event reaches it
 
     def cancel_of(self, history: History):
-        return history.cancel if self.can_cancel else None
+        """The ``cancel=`` for the engine: this tab's Cancel button or this run's own stop (see ``_RunGuard``)."""
+        if not self.can_cancel:
+            return None
+        return RunCancel(history.cancel, _RUN_STOP.get())
 
 
 def notify(notices) -> None:
@@ -301,13 +705,141 @@ def sender(links, tab_id: str):
 
 
 # ---- widgets from the field tables ------------------------------------------------------------------------
+# Gradio's own Number/Slider preprocess compares and rounds whatever an API client sent: text fails with the
+# generic "upstream Gradio app has raised an exception", NaN passes or dies in int(). These widgets check the
+# raw value first and answer in one line naming the field, its range and what was sent.
+def checked_number(name: str, value, spec: tuple, precision: int | None = None):
+    """``value`` checked against ``spec = (min, max, default, why)`` by the engine's own check
+    (``editing.checks.check_number``: text holding a number is read; 'abc', NaN, ±inf, booleans, fractions for
+    whole numbers and values out of range are one line naming the field, its range and what was sent), as
+    gr.Error. Whole numbers when the default is an int or ``precision == 0``; ``None`` bounds: unbounded."""
+    lo, hi, default, why = spec
+    whole = precision == 0 or (isinstance(default, int) and not isinstance(default, bool))
+    why = why or "see this endpoint on the app's API page"
+    if lo is None or hi is None:  # no range of its own: only a finite number (the request checks its range)
+        v = value.strip() if isinstance(value, str) else value
+        try:
+            ok = not isinstance(v, bool) and math.isfinite(float(v)) and (not whole or float(v) == int(float(v)))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            kind = "a finite whole number" if whole else "a finite number"
+            raise gr.Error(f"{name} must be {kind}, got {_shown(value)}; {why}.")
+        v = float(v)
+        return int(v) if whole else (v if precision is None else round(v, precision))
+    try:
+        v = check_number(name, value, {name: (lo, hi, 0 if whole else 0.0, why)})
+    except EditError as e:
+        raise gr.Error(str(e)) from None
+    return v if precision in (None, 0) or whole else round(v, precision)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _checked_preprocess(component, payload):
+    """``preprocess`` of a checked gr.Number / gr.Slider (bound to the instance by ``checked``)."""
+    name, spec = component.dragcanvas_check
+    if payload is None and isinstance(component, gr.Number) and spec[2] is None:
+        return None  # an empty number box: the handler's own default
+    return checked_number(name, payload, spec, getattr(component, "precision", None))
+
+
+def checked(component, name: str | None = None, spec: tuple | None = None):
+    """Make a built gr.Number / gr.Slider check what API clients send (in place; returns it). ``name`` and
+    ``spec`` default to the widget's label and minimum/maximum. (An instance attribute, not a subclass: Gradio's
+    component metaclass writes a .pyi stub next to the module of every subclass.)"""
+    if getattr(component, "dragcanvas_check", None) is None:
+        component.dragcanvas_check = (name or component.label or component.elem_id or "value",
+                                      spec or (component.minimum, component.maximum, None, component.info or ""))
+        component.preprocess = types.MethodType(_checked_preprocess, component)
+    return component
+
+
+def check_all_numbers(demo: gr.Blocks) -> int:
+    """Every gr.Number / gr.Slider of the app checks its API value (those not built by ``field_input`` get their
+    label and own bounds); returns how many were changed."""
+    n = 0
+    for block in list(demo.blocks.values()):
+        if isinstance(block, (gr.Number, gr.Slider)) and getattr(block, "dragcanvas_check", None) is None:
+            checked(block)
+            n += 1
+    return n
+
+
+def _expects(component) -> str:
+    if isinstance(component, (gr.File, gr.Image, gr.Gallery)):
+        return "a file (upload it first, e.g. with gradio_client.handle_file)"
+    if isinstance(component, gr.Radio):
+        return f"one of {', '.join(repr(c[1] if isinstance(c, tuple) else c) for c in component.choices)}"
+    if isinstance(component, gr.Dropdown):
+        return "a list of names"
+    if isinstance(component, gr.Textbox):
+        return "text"
+    return f"a value for {type(component).__name__}"
+
+
+def _guarded_preprocess(component, payload):
+    """``preprocess`` of any input: Gradio's own, but a value it cannot read (False for a file, a number for a
+    choice list) is one line naming the field instead of the generic "upstream Gradio app has raised an
+    exception"."""
+    try:
+        return component.dragcanvas_preprocess(payload)
+    except gr.Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever Gradio's reader raised, the client sent something unreadable
+        name = component.label or component.elem_id or type(component).__name__
+        raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(payload)} ({type(e).__name__}).") from None
+
+
+def _checked_model(model, component):
+    """``model`` (the component's pydantic data model, e.g. FileData) whose ``model_validate`` answers a value of
+    the wrong shape (``False`` for a file) in one line: Gradio validates it before ``preprocess``."""
+    import pydantic
+
+    def model_validate(cls, obj, *args, **kwargs):
+        try:
+            return super(checked_cls, cls).model_validate(obj, *args, **kwargs)
+        except pydantic.ValidationError:
+            name = component.label or component.elem_id or type(component).__name__
+            raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(obj)}.") from None
+
+    # same name and module: the API page and its JSON schema still say FileData
+    checked_cls = type(model.__name__, (model,), {"model_validate": classmethod(model_validate),
+                                                  "__module__": model.__module__})
+    return checked_cls
+
+
+def check_inputs(demo: gr.Blocks) -> int:
+    """Every input of the app answers bad API values in one line: numbers are checked (``check_all_numbers``),
+    and any other component's reader failing becomes a message naming the field. Returns how many inputs."""
+    check_all_numbers(demo)
+    inputs = {id(c): c for fn in demo.fns.values() for c in fn.inputs}
+    n = 0
+    for c in inputs.values():
+        if getattr(c, "stateful", False) or isinstance(c, gr.BrowserState) or hasattr(c, "dragcanvas_preprocess"):
+            continue
+        c.dragcanvas_preprocess = c.preprocess
+        c.preprocess = types.MethodType(_guarded_preprocess, c)
+        model = getattr(c, "data_model", None)
+        if isinstance(model, type) and hasattr(model, "model_validate"):
+            c.data_model = _checked_model(model, c)
+        n += 1
+    return n
+
+
 def field_input(name: str, spec: tuple, value, elem_id: str, label: str | None = None) -> gr.components.Component:
-    """A slider (or a number box for wide integer ranges, e.g. seeds) for a ``(min, max, default, why)`` entry."""
+    """A slider (or a number box for wide integer ranges, e.g. seeds) for a ``(min, max, default, why)`` entry;
+    it checks what API clients send (``checked``)."""
     lo, hi, default, why = spec
     label = label or name.replace("_", " ").capitalize()
     if isinstance(default, int) and hi - lo > 10_000:  # seeds: a slider would be useless
-        return gr.Number(value=value, minimum=lo, maximum=hi, precision=0, label=label, info=why, elem_id=elem_id)
-    return gr.Slider(lo, hi, value=value, step=slider_step(spec), label=label, info=why, elem_id=elem_id)
+        box = gr.Number(value=value, minimum=lo, maximum=hi, precision=0, label=label, info=why, elem_id=elem_id)
+        return checked(box, name, tuple(spec))
+    slider = gr.Slider(lo, hi, value=value, step=slider_step(spec), label=label, info=why, elem_id=elem_id)
+    return checked(slider, name, tuple(spec))
 
 
 def slider_step(spec: tuple) -> float:
@@ -320,9 +852,11 @@ def slider_step(spec: tuple) -> float:
 
 
 def guided_input(name: str, task: str = "drag") -> gr.components.Component:
-    """A slider for a guided-method field, starting at ``task``'s published default (GUIDED_DEFAULTS)."""
+    """A slider for a guided-method field, starting at ``task``'s published default (GUIDED_DEFAULTS); the API
+    sends it as ``guided_<name>``."""
     lo, hi, default, why = GUIDED_FIELDS[name]
     value = GUIDED_DEFAULTS[task].get(name, default)
-    step = 1 if isinstance(default, int) else 0.05
-    return gr.Slider(lo, hi, value=value, step=step, label=name.replace("_", " ").capitalize(), info=why,
-                     elem_id=f"guided-{name}")
+    step = 1 if isinstance(default, int) or isinstance(value, int) else 0.05
+    slider = gr.Slider(lo, hi, value=value, step=step, label=name.replace("_", " ").capitalize(), info=why,
+                       elem_id=f"guided-{name}")
+    return checked(slider, f"guided_{name}", (lo, hi, value, why))

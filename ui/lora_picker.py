@@ -1,9 +1,13 @@
 """The LoRA picker every tab shows: a multi-select of the library's LoRAs, with optional weights.
 
-Its value is a list of strings: a library name (``zwx-dog``), a path to a ``.safetensors`` file, each
-optionally followed by ``@WEIGHT`` (``zwx-dog@0.7``; weight 1 when omitted) — the same syntax as the
-CLI's ``--lora``. Tabs turn it into engine specs with ``to_specs(value) -> [(path_or_name, weight)]``
-and pass them as ``Editor.edit(..., loras=...)``.
+Its value is a list of strings: a library name (``zwx-dog``), optionally followed by ``@WEIGHT``
+(``zwx-dog@0.7``; weight 1 when omitted) — the syntax of the CLI's ``--lora``. Tabs turn it into engine
+specs with ``to_specs(value) -> [(name, weight)]`` and pass them as ``Editor.edit(..., loras=...)``.
+
+Clients of the app (the page and API callers alike) name LoRAs by library name only: a server path is
+refused here, before anything looks at the file system, and again by the engine (app.py builds the Editor
+with ``trust_lora_paths=False``), so ``--allow-pickle`` never reaches a file a client sent or named. Only
+the CLI and the operator's own configuration may name files.
 
 All pickers listen to one hidden *library signal* (``library_signal(links)``): whatever changes the
 library (training in the Personalize tab, a LoRA upload) writes a new value to it, and every picker
@@ -12,14 +16,18 @@ re-reads its choices, so a new LoRA appears in every tab at once. Pickers also r
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import gradio as gr
 
 from editing.requests import EditError
 
-PICKER_INFO = ("Pick LoRAs from the library. For a weight other than 1 type NAME@WEIGHT (e.g. zwx-dog@0.7); "
-               "a path to a .safetensors file also works.")
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # = editing.lora_library.files.NAME_RE (what safe_name makes)
+
+PICKER_INFO = ("Pick LoRAs from the library. For a weight other than 1 type NAME@WEIGHT (e.g. zwx-dog@0.7). "
+               "Add your own LoRA files in the Personalize tab's library.")
+MAX_ENTRIES = 8  # = editing.lora_library.MAX_LORAS; checked here too so a long list is refused before parsing
 
 
 def choices() -> list[tuple[str, str]]:
@@ -30,7 +38,7 @@ def choices() -> list[tuple[str, str]]:
 
 
 def parse_entry(entry: str) -> tuple[str, float]:
-    """``NAME_OR_PATH[@WEIGHT]`` -> (name or path, weight). Raises EditError on a bad weight."""
+    """``NAME[@WEIGHT]`` -> (library name, weight). Raises EditError on a bad weight or anything but a name."""
     text = str(entry).strip()
     spec, weight = text, 1.0
     if "@" in text:
@@ -43,21 +51,40 @@ def parse_entry(entry: str) -> tuple[str, float]:
         raise EditError(f"LoRA {text!r} has no name before '@'.")
     if not (math.isfinite(weight) and abs(weight) <= 4):
         raise EditError(f"LoRA {text!r}: the weight must be a finite number in [-4, 4].")
-    return spec, weight
+    return library_name(spec), weight
+
+
+def library_name(spec) -> str:
+    """``spec`` if it is a plain library name (letters, digits, '-', '_'), else EditError; the file system is not
+    looked at, so the message never says whether some server path exists."""
+    text = spec.strip() if isinstance(spec, str) else ""
+    if not NAME.fullmatch(text):
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise EditError(f"LoRA {shown!r} is not a library name: pick one from the library (letters, digits, "
+                        "'-' and '_'); files on the server cannot be named here.")
+    return text
 
 
 def to_specs(value) -> list[tuple[str, float]]:
-    """The picker's value -> [(library name or path, weight)] for ``Editor.edit(loras=...)``."""
+    """The picker's value -> [(library name, weight)] for ``Editor.edit(loras=...)``. Raises EditError."""
     if not value:
         return []
     if isinstance(value, str):
         value = [v for v in value.replace("\n", ",").split(",")]
+    if not isinstance(value, (list, tuple)):
+        raise EditError(f"LoRAs must be a list of library names, got {type(value).__name__}.")
+    entries = [e for e in value if not (isinstance(e, str) and not e.strip())]
+    if len(entries) > MAX_ENTRIES:
+        raise EditError(f"{len(entries)} LoRAs in one request; at most {MAX_ENTRIES} can be active at once.")
     specs = []
-    for entry in value:
-        if isinstance(entry, (list, tuple)) and len(entry) == 2:  # already (spec, weight)
-            specs.append((str(entry[0]), float(entry[1])))
-        elif str(entry).strip():
+    for entry in entries:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2:  # already (name, weight)
+            name, weight = entry
+            specs.append(parse_entry(f"{name}@{weight}" if not isinstance(weight, bool) else f"{name}@x"))
+        elif isinstance(entry, str):
             specs.append(parse_entry(entry))
+        else:
+            raise EditError(f"LoRA {str(entry)[:40]!r} is not a library name: pick one from the library.")
     return specs
 
 
@@ -94,3 +121,20 @@ def build_picker(editor, links) -> gr.Dropdown:
     if root is not None and hasattr(root, "load"):
         root.load(refreshed, None, picker, **quiet)
     return picker
+
+
+def add_upload(path, replace: bool = False) -> str:
+    """Put a client's uploaded LoRA file in the library under its file name; returns the one-line status.
+
+    A client's file: safetensors only, whatever ``--allow-pickle`` says (``trusted=False``), and an existing
+    name is kept unless the client ticked "replace" (``replace=True``); both refusals are one-line EditErrors."""
+    from pathlib import Path
+
+    from editing.lora_library import add_to_library, list_loras
+
+    if not path:
+        raise EditError("No file: choose a LoRA .safetensors file to add.")
+    stem = Path(str(path)).stem
+    before = {i.name for i in list_loras()}
+    info = add_to_library(path, name=stem, replace=bool(replace), trusted=False)
+    return f"{'Replaced' if info.name in before else 'Added'} **{info.name}** in the library."
