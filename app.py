@@ -64,7 +64,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=1800,
                    help="stop a run after this many seconds (0 = no limit; default: 1800)")
     p.add_argument("--max-file-size", default="50mb", help="largest upload (default: 50mb)")
+    p.add_argument("--backend", default="local", metavar="local|ray[:ADDRESS]",
+                   help="where edits run: this process (default), or a `python -m editing.serve` deployment on the "
+                        "Ray cluster at ADDRESS (default: the one on this machine); --model etc. are then the deployment's")
     return p.parse_args(argv)
+
+
+def remote_editor(backend: str):
+    """``--backend ray[:ADDRESS]`` -> a RemoteEditor, or exit with one line (nothing half-started)."""
+    kind, _, address = backend.partition(":")
+    if kind != "ray":
+        raise SystemExit(f"--backend: expected local, ray or ray:HOST:PORT, got {backend!r}")
+    try:
+        from editing.serve.client import RemoteEditor
+    except ImportError:
+        raise SystemExit("--backend ray needs Ray Serve: pip install -r requirements-ray.txt") from None
+    from editing.requests import EditError
+
+    try:
+        return RemoteEditor(address or "auto")
+    except EditError as e:
+        raise SystemExit(f"--backend {backend}: {e}") from None
 
 
 # ---- temp folders ----------------------------------------------------------------------------------------
@@ -178,6 +198,8 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     from ui import build_demo
     from ui.common import check_inputs, configure, wire_history
 
+    if editor is None and getattr(args, "backend", "local") != "local":
+        editor = remote_editor(args.backend)
     outputs = Path(args.outputs).expanduser().resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     root = Path(os.environ["GRADIO_TEMP_DIR"]).parent if os.environ.get("GRADIO_TEMP_DIR", "").startswith(
@@ -195,7 +217,7 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     demo = build_demo(editor, settings)
     check_inputs(demo)
     wire_history(demo, browser_secret(outputs))
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=getattr(editor, "concurrency", 1))  # a Ray pool runs several at once
     bound_queue(demo, args.max_queue, args.max_queued_per_session)
     return demo
 

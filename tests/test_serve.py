@@ -4,6 +4,7 @@ Same pixels as in process, cache-affine routing, cancel across the process bound
 mid-edit, and the clear messages for a bad address, a missing deployment and too many replicas.
 """
 import threading
+from pathlib import Path
 import time
 
 import numpy as np
@@ -56,6 +57,19 @@ def test_bad_address_is_one_clear_line_and_starts_nothing():
     assert not ray.is_initialized()
     with pytest.raises(EditError, match="Bad Ray address"):
         RemoteEditor("localhost:port")
+
+
+def test_app_backend_flag_exits_with_one_line_before_building_anything():
+    import app
+
+    if ray.is_initialized():
+        pytest.skip("this process already joined a cluster")
+    for backend, says in (("gpu-farm", "expected local, ray or ray:HOST:PORT"),
+                          ("ray:127.0.0.1:1", "No Ray cluster answers at 127.0.0.1:1")):
+        with pytest.raises(SystemExit) as e:
+            app.build(app.parse_args(["--backend", backend, "--outputs", "/nonexistent-never-made"]))
+        assert says in str(e.value) and "\n" not in str(e.value)
+    assert not ray.is_initialized() and not Path("/nonexistent-never-made").exists()
 
 
 @pytest.fixture(scope="module")
