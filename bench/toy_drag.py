@@ -98,6 +98,7 @@ def evaluate(jobs: Sequence[Job], model: str) -> list[dict]:
             from editing.engine import Editor
 
             editor = Editor(model)
+            editor.load()  # loading the model is not part of any edit's time
         if editor is not None and job.method != last:
             editor.clear_caches()  # a method's times never include another method's cached inversion or bank
         last = job.method
