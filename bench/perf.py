@@ -54,6 +54,10 @@ CONFIGS: dict[str, Config] = {
                         about="SD-1.5 block layout with small widths, 256² on CPU, DragRequest defaults"),
     "sd15-full": Config("sd15-random", 512, "cuda", torch.float16,
                         about="full SD-1.5 UNet/VAE/CLIP (random weights), 512², fp16 on CUDA, DragRequest defaults"),
+    # Never built in tests: the 2.6 B-parameter UNet alone is ~14 GB while it is built in fp32.
+    "sdxl-full": Config("sdxl-random", 1024, "cuda", torch.float16,
+                        about="full SDXL-base UNet/VAE/two CLIPs (random weights), 1024², fp16 on CUDA (fp32 VAE), "
+                              "DragRequest defaults"),
     "tiny-test": Config("tiny", 64, "cpu", torch.float32, hidden=True,
                         request=dict(lora_steps=2, n_inference_steps=4, inversion_strength=0.5, max_steps=2),
                         about="tiny model, 64², a few steps: checks the benchmark itself (tests)"),

@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def encode_text(bundle, prompts: Sequence[str]) -> torch.Tensor:
-    """CLIP embeddings (B, 77, D), computed now (never the bundle's cache: the text encoder may carry a LoRA)."""
+    """CLIP embeddings (B, 77, D), computed now (never the bundle's cache: the text encoder may carry a LoRA).
+
+    SDXL: ``bundle.encode_prompt``'s packed form (B, 78, D) — both encoders' states plus the pooled token that
+    the UNet's pre-hook turns into ``added_cond_kwargs`` with the size/crop time ids. Its cache is right here:
+    SDXL text encoders are never trained (``trainer.plan``) and library LoRAs are off while personalizing."""
+    if getattr(bundle, "text_encoder_2", None) is not None:
+        return torch.cat([bundle.encode_prompt(p) for p in prompts]).to(bundle.dtype)
     tok = bundle.tokenizer
     ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids.to(bundle.device)

@@ -9,6 +9,7 @@
 5. ``resume``          the newest compatible checkpoint, if any;
 6. ``prepare``         accelerate (mixed precision, several processes), gradient checkpointing;
 7. ``train``           ``train_step`` per step: augment, encode, x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (DDPM eq. 4),
+                       the target ε (or v = √ᾱ_t·ε − √(1−ᾱ_t)·z₀ on a v-prediction model, ``training_target``),
                        the prior-preservation loss (DreamBooth eq. 2), one optimiser step; progress,
                        checkpoints, previews and cancel (a checkpoint is saved, then ``EditCancelled``);
 8. ``save``            the final preview, the LoRA file, its card and a last checkpoint (atomic writes; an
@@ -39,7 +40,7 @@ from editing.dreambooth.checkpoints import (
     save_checkpoint,
 )
 from editing.dreambooth.identifier import class_prompt, instance_prompt
-from editing.dreambooth.loss import prior_preservation_loss
+from editing.dreambooth.loss import prior_preservation_loss, training_target
 from editing.dreambooth.photos import augment, square
 from editing.dreambooth.priors import class_prior_images, encode_text, sample
 from editing.dreambooth.request import PersonalizeRequest, check_free, names, output_dir, work_dir
@@ -137,6 +138,11 @@ def train_dreambooth_lora(bundle, req: PersonalizeRequest, *, model_key: str, ru
 def plan(st: TrainState) -> None:
     """1. Identifier, prompts, training size, where things go, the accelerator."""
     b, req = st.bundle, st.req
+    if req.train_text_encoder and getattr(b, "text_encoder_2", None) is not None:
+        # The trained forward feeds one encoder's states to the UNet; SDXL's packed two-encoder form is not
+        # trained through here.
+        raise EditError("Training the text encoders is not available on SDXL models: turn off "
+                        "“train text encoder” (the UNet LoRA learns the subject).")
     st.identifier, st.name, more = names(b.tokenizer, req)
     st.notices += more
     st.prompt_i, st.prompt_c = instance_prompt(st.identifier, req.class_noun), class_prompt(req.class_noun)
@@ -264,11 +270,12 @@ def train_step(st: TrainState, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     req, acc = st.req, st.acc
     gen = torch.Generator("cpu").manual_seed(hash((st.rank_seed, step)) & 0x7FFF_FFFF)
     x = _pixels(st, gen)  # (B or 2B, 3, S, S)
-    zt, noise, t = _noised(st, x, gen)
+    zt, noise, t, z0 = _noised(st, x, gen)
     pred = _predict(st, zt, t)
+    target = training_target(noise, z0, st.a_table[t].view(-1, 1, 1, 1).float(), _prediction_type(st.bundle))
     b = req.batch
     p_i, p_c = (pred[:b], pred[b:]) if st.priors else (pred, None)
-    n_i, n_c = (noise[:b], noise[b:]) if st.priors else (noise, None)
+    n_i, n_c = (target[:b], target[b:]) if st.priors else (target, None)
     loss, l_i, l_c = prior_preservation_loss(p_i, n_i, p_c, n_c, req.prior_weight)
     st.opt.zero_grad(set_to_none=True)
     acc.backward(loss)
@@ -291,7 +298,7 @@ def _pixels(st: TrainState, gen: torch.Generator) -> torch.Tensor:
 
 
 def _noised(st: TrainState, x: torch.Tensor, gen: torch.Generator):
-    """z₀ ~ q(z|x) (a fresh VAE sample), ε, uniform t, x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε -> (x_t, ε, t)."""
+    """z₀ ~ q(z|x) (a fresh VAE sample), ε, uniform t, x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε -> (x_t, ε, t, z₀)."""
     vae, device = st.bundle.vae, st.bundle.device
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
@@ -299,11 +306,20 @@ def _noised(st: TrainState, x: torch.Tensor, gen: torch.Generator):
               .to(device)) * vae.config.scaling_factor  # (B, 4, S/8, S/8)
     noise = torch.randn(z0.shape, generator=gen).to(device)
     t = torch.randint(0, len(st.a_table), (z0.shape[0],), generator=gen).to(device)
-    return add_noise(z0, noise, st.a_table[t].view(-1, 1, 1, 1).float()), noise, t
+    return add_noise(z0, noise, st.a_table[t].view(-1, 1, 1, 1).float()), noise, t, z0
+
+
+def _prediction_type(bundle) -> str:
+    """What the base UNet outputs (``epsilon`` | ``v_prediction``): its family's, else its scheduler's."""
+    family = getattr(bundle, "family", None)
+    if family is not None:
+        return family.prediction_type
+    return getattr(bundle.scheduler.config, "prediction_type", "epsilon") or "epsilon"
 
 
 def _predict(st: TrainState, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε̂(x_t, t, c): "a [V] [class]" for the photos, "a [class]" for the class images (mixed precision)."""
+    """The UNet's output (ε̂, or v̂ on a v-prediction model) at (x_t, t, c): "a [V] [class]" for the photos,
+    "a [class]" for the class images (mixed precision). SDXL's ``c`` is the packed form (``encode_text``)."""
     b = st.req.batch
     with st.acc.autocast():
         if st.fwd_te is not None:
@@ -385,5 +401,6 @@ def _card(st: TrainState) -> dict:
         "prior_weight": req.prior_weight, "train_text_encoder": req.train_text_encoder, "resolution": st.size,
         "photos": len(req.photos), "final_loss": float(np.mean(st.losses[-10:])) if st.losses else None,
         "cross_attention_dim": int(st.bundle.unet.config.cross_attention_dim), "processes": st.acc.num_processes,
+        "base_family": getattr(getattr(st.bundle, "family", None), "name", None),  # sd15 | sd2 | sdxl
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -19,24 +19,27 @@ from editing.guidance.bank import BankControl, MemoryBank, memory_bank_attention
 from editing.guidance.image_prompt import ImagePrompt
 from editing.guidance.schedule import GuidedSchedule
 from editing.sampling import Hook, Inversion, NoisePredictor, Schedule, StepState, ddim_sigma, denoise, invert
+from models import families
 
-FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs carry the guidance features
+FEATURE_BLOCKS = (1, 2)  # SD-1.x/2.x up_blocks whose outputs carry the guidance features (families.unet_blocks)
 REGION_WEIGHT = {"move": 8e-2, "drag": 4e-2, "appearance": 4e-2, "paste": 4e-2}  # gradient scale per task
 ENERGY_UNIT = 1e3  # the published UIs multiply "energy scale" by 1000
 
 
 # ---- features and gradients --------------------------------------------------------------------------------
 def guidance_features(unet, x: torch.Tensor, t: int, cond: torch.Tensor, grid_hw, **unet_kwargs) -> list[torch.Tensor]:
-    """``up_blocks[1]`` and ``[2]`` outputs for a batch, bilinearly resized to ``grid_hw`` (fp32).
-    The forward stops right after ``up_blocks[2]``."""
+    """The guidance up-blocks' outputs for a batch, bilinearly resized to ``grid_hw`` (fp32): the two up-blocks
+    ending at 1/2 and full latent resolution — ``up_blocks[1]``, ``[2]`` on SD-1.x/2.x (``FEATURE_BLOCKS``),
+    ``[0]``, ``[1]`` on SDXL (``models.families.unet_blocks``). The forward stops right after the last one."""
     dtype = next(unet.parameters()).dtype
-    with FeatureCapture(unet, FEATURE_BLOCKS, stop_early=True) as fc:
+    blocks = families.unet_blocks(unet).guidance_blocks
+    with FeatureCapture(unet, blocks, stop_early=True) as fc:
         try:
             unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype), **unet_kwargs)
         except _Captured:
             pass
     return [F.interpolate(fc.features[b].float(), size=grid_hw, mode="bilinear", align_corners=False)
-            for b in FEATURE_BLOCKS]
+            for b in blocks]
 
 
 def energy_gradients(unet, x, ref_t, t, ctx, grid_hw, energies, **unet_kwargs):

@@ -7,7 +7,7 @@ import weakref
 from pathlib import Path
 
 from editing.lora_library.files import LoraError, check_loras, library_file, safe_name
-from editing.lora_library.loading import LoadedLora, check_fits, load_lora
+from editing.lora_library.loading import LoadedLora, check_fits, check_stack, load_lora
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +30,26 @@ def clear_prompt_cache(bundle) -> None:
         bundle._prompt_cache.clear()
 
 
-def _load_text_encoder_adapter(text_encoder, lora: LoadedLora, name: str) -> None:
+def _load_text_encoder_adapter(text_encoder, lora: LoadedLora, name: str, part: str = "text_encoder") -> None:
+    """Inject ``lora``'s layers for ``part`` (``text_encoder``, or SDXL's ``text_encoder_2``) as adapter ``name``."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     from models.diffusers_private import lora_config_from_state_dict
 
-    sd = lora.text_encoder
+    sd = getattr(lora, part)
+    # LoRA keys name CLIP modules without "text_model." (diffusers' converters drop it); a model whose modules
+    # keep it (CLIPTextModelWithProjection: SDXL's second encoder) would otherwise load nothing, silently.
+    modules = dict(text_encoder.named_modules())
+    sd = {(f"text_model.{k}" if k.split(".lora_")[0] not in modules and f"text_model.{k.split('.lora_')[0]}" in modules
+           else k): v for k, v in sd.items()}
     ranks = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
-    config = lora_config_from_state_dict(sd, lora.text_encoder_alphas, lora.text_encoder_metadata, ranks, is_unet=False)
+    config = lora_config_from_state_dict(sd, getattr(lora, f"{part}_alphas"), getattr(lora, f"{part}_metadata"), ranks,
+                                         is_unet=False)
     inject_adapter_in_model(config, text_encoder, adapter_name=name)
-    set_peft_model_state_dict(text_encoder, sd, adapter_name=name)
+    result = set_peft_model_state_dict(text_encoder, sd, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        log.warning("LoRA %s: %d %s key(s) matched no layer (e.g. %s)", lora.path.name, len(result.unexpected_keys),
+                    part, result.unexpected_keys[0])
     dtype = next(p for n, p in text_encoder.named_parameters() if ".lora_" not in n).dtype
     text_encoder.to(dtype=dtype)
 
@@ -97,13 +107,17 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
         loras = [(library_file(spec), w) for spec, w in loras]
         allow_pickle = False
     unet, te = bundle.unet, bundle.text_encoder
+    te2 = getattr(bundle, "text_encoder_2", None)  # SDXL's second text encoder
+    family = getattr(getattr(bundle, "family", None), "name", None)
     model_name = model_name or getattr(bundle, "name", "the loaded model")
     loaded = [load_lora(spec, allow_pickle) for spec, _ in loras]
+    check_stack(loaded)  # a mixed-family stack names two of its families, before any single LoRA's fit
     for lo in loaded:
-        check_fits(lo, unet, te, model_name)
+        check_fits(lo, unet, te, model_name, family=family, text_encoder_2=te2)
     outer = active_loras(unet)
     outer_te = active_loras(te)
-    added_unet, added_te, names = [], [], []
+    outer_te2 = active_loras(te2) if te2 is not None else []
+    added_unet, added_te, added_te2, names = [], [], [], []
     try:
         for lo, (_, w) in zip(loaded, loras):
             name = f"lib{next(_counter)}_{safe_name(lo.path.stem)}"
@@ -123,11 +137,18 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
             if lo.text_encoder:
                 _load_text_encoder_adapter(te, lo, name)
                 added_te.append((name, w))
+            if lo.text_encoder_2:  # check_fits refused it when the model has no second encoder
+                _load_text_encoder_adapter(te2, lo, name, "text_encoder_2")
+                added_te2.append((name, w))
         set_active(unet, outer + added_unet)
         _ACTIVE[unet] = outer + added_unet
         if added_te:
             set_active(te, outer_te + added_te)
             _ACTIVE[te] = outer_te + added_te
+        if added_te2:
+            set_active(te2, outer_te2 + added_te2)
+            _ACTIVE[te2] = outer_te2 + added_te2
+        if added_te or added_te2:
             clear_prompt_cache(bundle)
         log.info("LoRAs active: %s", ", ".join(f"{n}@{w:g}" for n, w in names))
         yield names
@@ -136,14 +157,22 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
             delete_adapter(unet, name)
         for name, _ in added_te:
             delete_adapter(te, name)
+        for name, _ in added_te2:
+            delete_adapter(te2, name)
         set_active(unet, outer)
         _ACTIVE[unet] = outer
         if added_te:
             set_active(te, outer_te)
             _ACTIVE[te] = outer_te
+        if added_te2:
+            set_active(te2, outer_te2)
+            _ACTIVE[te2] = outer_te2
+        if added_te or added_te2:
             clear_prompt_cache(bundle)
         unet.requires_grad_(False)
         te.requires_grad_(False)
+        if te2 is not None:
+            te2.requires_grad_(False)
 
 
 def load(bundle, spec: str | Path, weight: float = 1.0, allow_pickle: bool = False, *, trusted: bool = True):
