@@ -106,6 +106,11 @@ class EditContext:
                 mask = np.asarray(Image.fromarray(mask).resize(new, Image.NEAREST))
             image = image.resize(new, Image.LANCZOS)
         work = self.working_size(image.size)
+        if max(work) >= 2 * max(image.size):  # far below what the model was trained at: say why it looks soft
+            family = getattr(self.bundle, "family", None)
+            notices.append(f"The image is {image.width}×{image.height}, far below the model's "
+                           f"{max(work)} px{f' ({family.name})' if family else ''}: it is edited upscaled to "
+                           f"{work[0]}×{work[1]} and returned at your size, so fine detail may soften.")
         return resize_image(image, work), (image, mask, points), notices
 
     # ---- cached stages --------------------------------------------------------------------------

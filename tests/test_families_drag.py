@@ -59,3 +59,13 @@ def test_drag_method_runs_on_the_family(editor, method):
     r = editor.replay(a.recipe)
     assert np.array_equal(np.asarray(a.image), np.asarray(r.image))
     assert np.asarray(a.image).std() > 0  # decoded, not blank
+
+
+def test_an_image_far_below_the_native_size_is_upscaled_with_a_notice(editor):
+    from editing.engine import Editor
+
+    native = Editor(editor.model_spec)  # no resolution override: the family's own native size
+    native._bundle = editor.bundle
+    r = native.edit(REQUESTS["instant"](scene(64, 64, seed=3)))
+    assert r.image.size == (64, 64)
+    assert any("far below the model's" in n and editor.bundle.family.name in n for n in r.notices)
