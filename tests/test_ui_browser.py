@@ -28,6 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(demo, attempts: int = 3) -> str:
+    """``demo.launch`` on a free local port; its URL. Gradio gives up on a server that does not answer its first
+    HEAD within 3 s ("localhost is not accessible"), which a loaded 2-core machine can take: then start again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                    quiet=True)
+            return url
+        except ValueError as e:
+            if "localhost is not accessible" not in str(e) or attempt == attempts:
+                raise
+            demo.close()
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists():
@@ -43,8 +57,7 @@ def app_url(editor, browser):
     from ui import build_demo
 
     demo = build_demo(editor, settings=FAST).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
+    yield launch(demo)
     demo.close()
 
 
@@ -171,6 +184,7 @@ def test_cancel_stops_a_run_and_keeps_inputs(page, image_path):
     upload(page, image_path)
     click_point(page, 0.3, 0.5, "now click its")
     click_point(page, 0.6, 0.5, "1 handle → target pair")
+    page.locator("#method").get_by_role("radio", name="DragDiffusion", exact=True).check()  # it trains a LoRA
     page.click("#advanced")  # open the accordion, then ask for a long identity-LoRA training
     steps = page.locator("#field-lora_steps input[type=number]")
     steps.wait_for(state="visible")
@@ -194,21 +208,23 @@ def open_tab(page, name: str):
     page.get_by_role("tab", name=name).click()
 
 
-def upload_canvas(page, selector: str, path: str, shows: str | None = None, tab: str | None = None, attempts: int = 3):
-    """Upload into an ImageEditor. With ``shows`` (a preview that displays the upload), wait for it and, if
-    the upload was dropped (the busy-machine case of ``upload``), start over on a fresh page and ``tab``."""
+def upload_canvas(page, selector: str, path: str, shows: str | None = None, tab: str | None = None, attempts: int = 3,
+                  ack: tuple[str, str] | None = None):
+    """Upload into an ImageEditor and wait until the server has it: ``ack`` = (status line, regular expression)
+    that the server writes once it holds the picture (see ``wait_ack``), and/or ``shows``, a preview that displays
+    it. If the upload was dropped (the busy-machine case of ``upload``), start over on a fresh page and ``tab``
+    (only safe as the first input of a test)."""
     for attempt in range(1, attempts + 1):
         page.locator(f"{selector} input[type=file]").set_input_files(path)
         page.locator(f"{selector} canvas").first.wait_for(state="visible")
-        if shows is None:
-            page.wait_for_timeout(1000)
-            return
         try:
-            page.wait_for_selector(f"{shows} img", timeout=30_000)
-            page.wait_for_timeout(500)
+            if shows is not None:
+                page.wait_for_selector(f"{shows} img", timeout=30_000)
+            if ack is not None:
+                wait_ack(page, *ack, timeout=30_000)
             return
         except PlaywrightTimeout:
-            if attempt == attempts:
+            if attempt == attempts or tab is None:
                 raise
             open_app(page, page.url)
             open_tab(page, tab)
@@ -225,6 +241,20 @@ def paint(page, selector: str, fx: float = 0.3, fy: float = 0.5, length: int = 6
     page.mouse.up()
 
 
+def paint_until(page, selector: str, info: str, pattern: str, fx: float = 0.3, fy: float = 0.5, length: int = 60,
+                attempts: int = 3):
+    """Paint a stroke (``paint``) and wait for the server's acknowledgement (``wait_ack(page, info, pattern)``).
+    A stroke made while the editor is still setting up an upload on a busy machine can be lost without any
+    event; then stroke again (the input is repeated, never a wait for time)."""
+    for attempt in range(1, attempts + 1):
+        paint(page, selector, fx, fy, length)
+        try:
+            return wait_ack(page, info, pattern, timeout=30_000)
+        except PlaywrightTimeout:
+            if attempt == attempts:
+                raise
+
+
 def wait_status_done(page, prefix: str) -> str:
     page.wait_for_function(f"() => document.querySelector('#{prefix}-status').innerText.includes('Done')",
                            timeout=RUN_TIMEOUT_MS)
@@ -238,10 +268,32 @@ def click_preview(page, selector: str, fx: float, fy: float):
     img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
 
 
+def wait_ack(page, selector: str, pattern: str, timeout: int = 60_000):
+    """Wait until the status line ``selector`` (what the server has, e.g. "mask: 1234 px painted") matches the
+    regular expression ``pattern``: the input reached the server. Never a wait for time."""
+    page.wait_for_function("([s, p]) => new RegExp(p).test(document.querySelector(s)?.innerText ?? '')",
+                           arg=[selector, pattern], timeout=timeout)
+    return page.inner_text(selector)
+
+
+def click_example(page, selector: str, index: int = 0):
+    """Click row ``index`` of a tab's examples table (ui/examples.py)."""
+    table = page.locator(selector)
+    table.wait_for(state="visible")
+    rows = table.locator("tbody tr")
+    if rows.count() == 0:  # a gallery-style dataset: one button per sample
+        rows = table.locator("button.gallery-item, .gallery-item")
+    rows.nth(index).click()
+
+
+PAINTED = r"mask: [1-9]\d* px painted"  # a status line's "mask: 1234 px painted"
+
+
 def test_move_tab_paint_place_run(page, image_path):
     open_tab(page, "Move & Resize")
-    upload_canvas(page, "#move-canvas", image_path, shows="#move-preview", tab="Move & Resize")
-    paint(page, "#move-canvas", 0.15, 0.45, 40)
+    upload_canvas(page, "#move-canvas", image_path, shows="#move-preview", tab="Move & Resize",
+                  ack=("#move-info", "Picture 96×64"))
+    paint_until(page, "#move-canvas", "#move-info", PAINTED, 0.15, 0.45, 40)
     click_preview(page, "#move-preview", 0.7, 0.5)  # place the object's centre here
     page.wait_for_function("() => Number(document.querySelector('#move-dx input[type=number]').value) > 10")
     page.click("#move-run")
@@ -251,9 +303,18 @@ def test_move_tab_paint_place_run(page, image_path):
 
 def test_paste_tab_live_preview_and_run(page, image_path):
     open_tab(page, "Paste")
-    page.locator("#paste-base input[type=file]").set_input_files(image_path)
-    upload_canvas(page, "#paste-ref", image_path)
-    paint(page, "#paste-ref", 0.15, 0.45, 40)
+    for attempt in range(3):  # the first upload after page load can be dropped: start over
+        page.locator("#paste-base input[type=file]").set_input_files(image_path)
+        try:
+            wait_ack(page, "#paste-info", "Photo 96×64", timeout=30_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            open_app(page, page.url)
+            open_tab(page, "Paste")
+    upload_canvas(page, "#paste-ref", image_path, ack=("#paste-info", "Reference 96×64"))
+    paint_until(page, "#paste-ref", "#paste-info", rf"Reference 96×64, {PAINTED}", 0.15, 0.45, 40)
     click_preview(page, "#paste-preview", 0.75, 0.3)
     page.wait_for_function("() => Number(document.querySelector('#paste-dx input[type=number]').value) > 10")
     page.click("#paste-run")
@@ -262,13 +323,12 @@ def test_paste_tab_live_preview_and_run(page, image_path):
 
 def test_appearance_tab_needs_both_masks_then_runs(page, image_path):
     open_tab(page, "Appearance")
-    upload_canvas(page, "#look-base", image_path)
-    paint(page, "#look-base", 0.15, 0.45, 40)
-    upload_canvas(page, "#look-ref", image_path)
+    upload_canvas(page, "#look-base", image_path, tab="Appearance", ack=("#look-info", "Photo 96×64"))
+    paint_until(page, "#look-base", "#look-info", rf"Photo 96×64, {PAINTED}", 0.15, 0.45, 40)
+    upload_canvas(page, "#look-ref", image_path, ack=("#look-info", "Reference 96×64"))
     page.click("#look-run")  # no mask on the reference yet
     expect_message(page, "needs a mask")
-    paint(page, "#look-ref", 0.5, 0.3, 40)
-    page.wait_for_timeout(1000)
+    paint_until(page, "#look-ref", "#look-info", rf"Photo 96×64, {PAINTED} · Reference 96×64, {PAINTED}", 0.5, 0.3, 40)
     page.click("#look-run")
     assert "Done" in wait_status_done(page, "look")
 

@@ -87,7 +87,7 @@ def test_generate_endpoint_with_units(client, files):
 
 @pytest.mark.parametrize("call, match", [
     (lambda c, f: sketch(c, f["blank"]), "The sketch is blank"),
-    (lambda c, f: sketch(c, f["drawing"], batch=99), "greater than maximum value 8"),  # the slider's own check
+    (lambda c, f: sketch(c, f["drawing"], batch=99), r"batch=99 is outside \[1, 8\]"),  # ui.common.checked
     (lambda c, f: generate(c, [{"kind": "controlnet", "image": 0, "start": 0.8, "end": 0.2}], [f["edges"]]),
      "must be before its end"),
     (lambda c, f: generate(c, [{"kind": "controlnet", "image": 3}], [f["edges"]]), "not an index"),
@@ -108,12 +108,14 @@ def test_nan_and_inf_reaching_the_handlers_are_explained(ed, files):
     from ui.generate_tab import GenerateHandlers
     from ui.sketch_tab import Results, SketchHandlers
 
+    # The handlers stream (status lines while the engine works, then the result): run them to their end.
     with pytest.raises(gr.Error, match="guidance_scale must be a finite number"):
-        GenerateHandlers(ed).generate("x", "", "[]", [], Results(), guidance_scale=float("nan"), **FAST)
+        list(GenerateHandlers(ed).generate("x", "", "[]", [], Results(), guidance_scale=float("nan"), **FAST))
     with pytest.raises(gr.Error, match="strength must be a finite number"):
-        SketchHandlers(ed).sketch(files["drawing"], None, "x", "", "", Results(), strength=float("inf"), **FAST)
-    gallery, *_ = GenerateHandlers(ed).generate("x", "", "[]", [], Results(), width=64, height=64, **FAST)
-    assert len(gallery) == 1
+        list(SketchHandlers(ed).sketch(files["drawing"], None, "x", "", "", Results(), strength=float("inf"), **FAST))
+    *_, (gallery, _, _, status) = GenerateHandlers(ed).generate("x", "", "[]", [], Results(), width=64, height=64,
+                                                                **FAST)
+    assert len(gallery) == 1 and "Done in" in status
 
 
 # ---- browser -------------------------------------------------------------------------------------
@@ -149,7 +151,8 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
             for i in range(1, 13):
                 page.mouse.move(cx - 60 + 10 * i, cy - 20 + 4 * (i % 3))
             page.mouse.up()
-            page.wait_for_timeout(1500)  # let the canvas send its strokes
+            page.wait_for_function(  # the server has the strokes (its acknowledgement line), never a wait for time
+                "() => /Sketch: [1-9]\\d* px of strokes/.test(document.querySelector('#sketch-info').innerText)")
             page.fill("#sketch-prompt textarea", "a red ball")
             page.click("#sketch-run")
             page.wait_for_function("() => document.querySelector('#sketch-status').innerText.includes('Done')",
@@ -158,15 +161,14 @@ def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
             page.click("#sketch-to-drag")  # the result opens in the Drag tab, drag-ready
             page.wait_for_selector("#points img", timeout=60_000)
 
-            # Generate tab: one ControlNet unit with an uploaded condition image, through the accordion.
-            # A fresh page: after a tab click, gradio 6.31 shows the next tab button under the clicked one's label.
-            with page.expect_response(lambda r: "/heartbeat/" in r.url):
-                page.goto(app_url)
+            # Generate tab (same page: the tab bar tells the truth, tests/test_ui_tabs.py): one ControlNet unit
+            # with an uploaded condition image, through the accordion.
             page.get_by_role("tab", name="Generate", exact=True).click()
             page.click("#gen-controlnet-0 button")
             page.locator("#gen-controlnet-0-on input").check()
             page.locator("#gen-controlnet-0 input[type=file]").first.set_input_files(condition_path)
-            page.wait_for_timeout(1500)
+            # The upload is on the server once the image shows from the server's file URL.
+            page.wait_for_selector("#gen-controlnet-0 img[src*='/file=']", timeout=60_000)
             page.fill("#gen-prompt textarea", "a cat")
             page.click("#gen-run")
             page.wait_for_function("() => document.querySelector('#gen-status').innerText.includes('Done')",

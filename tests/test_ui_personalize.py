@@ -20,6 +20,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(demo, attempts: int = 3) -> str:
+    """``demo.launch`` on a free local port; its URL. Gradio gives up on a server that does not answer its first
+    HEAD within 3 s ("localhost is not accessible"), which a loaded 2-core machine can take: then start again."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                                    quiet=True)
+            return url
+        except ValueError as e:
+            if "localhost is not accessible" not in str(e) or attempt == attempts:
+                raise
+            demo.close()
+
+
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ui-loras")
@@ -33,8 +47,7 @@ def app_url(editor, lora_dir):
     from ui import build_demo
 
     demo = build_demo(editor, settings={"personalize": FAST}).queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
+    yield launch(demo)
     demo.close()
 
 

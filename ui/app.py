@@ -35,6 +35,21 @@ def _builder(spec: str):
     return getattr(module, fn)
 
 
+def check_tabs(tabs: gr.Tabs) -> None:
+    """Refuse a direct child of the tab bar that is not a ``gr.Tab``.
+
+    Gradio 6.31's frontend indexes the tab buttons by the Tabs' children, so a stray child (a gr.State
+    or a hidden component built between two tabs) shifts them: after a visit, the button of the next tab
+    shows the visited tab's label and opens the wrong tab. Gradio warns about visible strays but lets
+    States through (gradio#13383), and they break the bar just the same. Build shared components inside a
+    Tab (or before ``gr.Tabs``)."""
+    strays = [f"gr.{type(c).__name__}(elem_id={getattr(c, 'elem_id', None)!r})"
+              for c in tabs.children if not isinstance(c, gr.Tab)]
+    if strays:
+        raise RuntimeError(f"gr.Tabs has non-Tab children {', '.join(strays)}: they shift the tab bar's labels; "
+                           "create them inside a gr.Tab or before gr.Tabs.")
+
+
 def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
     """The whole app for one shared ``editing.engine.Editor``. ``settings`` overrides slider start values
     (e.g. fast settings for tests and CPU demos). Queue and launch are the caller's (see app.py)."""
@@ -49,4 +64,5 @@ def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
                 build = _builder(spec)
                 if build is not None:
                     build(editor, settings, links)
+        check_tabs(tabs)
     return demo

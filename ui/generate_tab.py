@@ -35,9 +35,11 @@ from editing.generation import (
 )
 from editing.images import load_image
 from editing.requests import EditError
-from ui.common import (GPU_SECONDS, EngineProgress, GpuHandlers, Results, details_of, field_input, lora_picker,
+from ui import examples
+from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, field_input, lora_picker,
                        lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
-                       sender, shows_errors, status_line)
+                       sender, shows_errors, status_line, streams_errors)
+from ui.feedback import LiveProgress
 from ui.zerogpu import gpu
 
 N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS
@@ -187,31 +189,53 @@ def preview_condition(image, preprocessor, low, high):
     return conditions.preprocess(preprocessor, load_image(image), options)
 
 
+def load_example(evt: gr.SelectData):
+    """A ready prompt and seed (ui/examples.py) for the toy model."""
+    ex = examples.picked("generate", evt.index)
+    if ex is None:
+        return gr.skip(), gr.skip(), gr.skip()
+    return ex.values["prompt"], ex.values["seed"], False
+
+
+def live_gallery(results: Results, snap):
+    """The results gallery while a run samples: the kept results plus the newest x̂₀ preview, when the engine
+    sends previews (``Run.preview``; ui/feedback.py); else unchanged."""
+    if not snap.new_preview or snap.preview is None:
+        return gr.skip()
+    return [*results.gallery(), (snap.preview, f"preview at step {snap.preview_step} (not kept)")]
+
+
 # ---- engine handler ----------------------------------------------------------------------------------
 class GenerateHandlers(GpuHandlers):
     def __init__(self, editor):
         super().__init__(editor)
         self._edit = gpu(GPU_SECONDS["text_to_image"])(editor.edit)
 
-    @shows_errors
+    @streams_errors(4)
     def generate(self, prompt, negative_prompt, units, files, results: Results, progress=gr.Progress(),  # noqa: B008
                  loras=None, **settings):
         """Text-to-image with units (see the module docstring); returns gallery, download, details, status."""
         cns, ads, ip = parse_units(units, files)
         req = GenerateRequest(prompt or "", negative_prompt or "", controlnets=cns, adapters=ads, ip_adapter=ip,
                               **settings)
-        result = self._edit(req, progress=EngineProgress(progress), cancel=self.cancel_of(results),
-                            loras=lora_specs(loras))
+        cancel = self.cancel_of(results)
+        live = LiveProgress(progress)
+        call = lambda cb: self._edit(req, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        for snap in live.follow(call, cancel=cancel):
+            if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
+                yield (live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")
+        result = live.result
         notify(result.notices)
         kinds = [f"{len(cns)} ControlNet" if cns else "", "T2I-Adapter" if ads else "", "IP-Adapter" if ip else ""]
         results.add(result, ", ".join(["generated", *filter(None, kinds)]), details_of(result))
-        return results.gallery(), *results.shown(), status_line(result, "image")
+        yield results.gallery(), *results.shown(), status_line(result, "image")
 
 
 # ---- layout and wiring -----------------------------------------------------------------------------
 def _settings_column(w: SimpleNamespace, editor, can_cancel: bool, start: dict, links) -> None:
     """Prompts, seed, size/steps/guidance/batch, the unit accordions, the LoRA picker, Run / Cancel."""
     w.prompt = gr.Textbox(label="Prompt", elem_id="gen-prompt", placeholder="a photo of a cat on a sofa")
+    w.examples = examples.example_table("generate", "gen-examples", "prompt and seed")
     w.negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
     with gr.Row():
         lo, hi, _, _ = GENERATE_FIELDS["seed"]
@@ -267,6 +291,7 @@ def _wire(w: SimpleNamespace, h: GenerateHandlers, links) -> None:
 
     instant = {"show_progress": "hidden", "api_visibility": "private"}
     w.gallery.select(on_select, [w.results], [w.download, w.details], **instant)
+    w.examples.select(load_example, None, [w.prompt, w.seed, w.randomize], **instant)
     w.cancel_btn.click(request_cancel, [w.results], [w.status], queue=False, api_visibility="private")
     if links is not None:
         for button, tab in ((w.to_drag, "drag"), (w.to_sketch, "sketch")):

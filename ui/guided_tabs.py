@@ -10,6 +10,7 @@ The three tabs share one history (before/after, download with the recipe, contin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from types import SimpleNamespace
@@ -22,10 +23,10 @@ from PIL import Image
 from editing.geometry import mask_centre, place_object
 from editing.images import load_image, load_mask
 from editing.requests import GUIDED_FIELDS, AppearanceRequest, EditError, MoveRequest, PasteRequest
-from ui import overlay
-from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, EngineProgress, GpuHandlers, arm, canvas_image,
-                       lora_picker, lora_specs, notify, on_select, request_cancel, shows_errors, summary, timings,
-                       with_loras)
+from ui import examples, overlay
+from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, GpuHandlers, arm, canvas_image, lora_picker,
+                       lora_specs, notify, on_select, request_cancel, streams_errors, summary, timings, with_loras)
+from ui.feedback import LiveProgress
 from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,29 @@ def _placement(dx, dy, scale) -> tuple[float, float, float]:
     return *_offset(dx, dy), _num(scale, "scale", PLACEMENT["scale"])
 
 
+def received(what: str, image, mask) -> str:
+    """What the server has of one canvas, e.g. "Photo 64×64, mask: 113 px painted": the line a person (and a
+    browser test) reads to know a picture or brush stroke has arrived before pressing Run."""
+    if image is None:
+        return f"{what}: none yet"
+    w, h = image.size if hasattr(image, "size") and not isinstance(image, np.ndarray) else np.asarray(image).shape[1::-1]
+    n = 0 if mask is None else int(np.count_nonzero(mask))
+    return f"{what} {w}×{h}, mask: {n} px painted" if n else f"{what} {w}×{h}, no mask painted"
+
+
 def move_preview(value, dx, dy, scale):
     image, mask = canvas_image(value)
     if image is None:
         return None, "Upload a picture, then paint the object to move."
+    ack = received("Picture", image, mask)
     if mask is None:
-        return overlay.zoomed(overlay.as_rgb(image)), "Paint the object to move with the brush."
+        return overlay.zoomed(overlay.as_rgb(image)), f"{ack}. Paint the object to move with the brush."
     try:
         dx, dy, scale = _placement(dx, dy, scale)
     except EditError as e:
-        return gr.skip(), str(e)
+        return gr.skip(), f"{ack}. {e}"
     return (placement_preview(image, image, mask, dx, dy, max(scale, 0.05), old=mask),
-            "Object shown where it will go (outline: its old place). Click the preview to place its centre.")
+            f"{ack}. Object shown where it will go (outline: its old place). Click the preview to place its centre.")
 
 
 def move_click(value, evt: gr.SelectData):
@@ -95,17 +107,23 @@ def move_click(value, evt: gr.SelectData):
 
 def paste_preview(base, ref_value, dx, dy, scale):
     ref, mask = canvas_image(ref_value)
+    ack = f"{received('Photo', base, None).split(',')[0]} · {received('Reference', ref, mask)}"
     if base is None or ref is None:
-        return None, "Upload the photo and the reference image, then paint the object on the reference."
+        return None, f"{ack}. Upload the photo and the reference image, then paint the object on the reference."
     base = Image.fromarray(base) if isinstance(base, np.ndarray) else base
     if mask is None:
-        return overlay.zoomed(overlay.as_rgb(base)), "Paint the object to paste on the reference image."
+        return overlay.zoomed(overlay.as_rgb(base)), f"{ack}. Paint the object to paste on the reference image."
     try:
         dx, dy, scale = _placement(dx, dy, scale)
     except EditError as e:
-        return gr.skip(), str(e)
+        return gr.skip(), f"{ack}. {e}"
     return (placement_preview(base, ref.resize(base.size), mask, dx, dy, max(scale, 0.05)),
-            "The object is shown where it will be pasted. Click the preview to place its centre.")
+            f"{ack}. The object is shown where it will be pasted. Click the preview to place its centre.")
+
+
+def appearance_received(base_value, ref_value) -> str:
+    """The Appearance tab's acknowledgement line: both canvases as the server has them."""
+    return f"{received('Photo', *canvas_image(base_value))} · {received('Reference', *canvas_image(ref_value))}"
 
 
 def paste_click(base, ref_value, evt: gr.SelectData):
@@ -117,6 +135,36 @@ def paste_click(base, ref_value, evt: gr.SelectData):
     x, y = overlay.to_picture(evt.index, overlay.preview_zoom((w, h)))
     cx, cy = mask_centre(m)
     return round(x - cx), round(y - cy)
+
+
+# ---- examples (ui/examples.py) ---------------------------------------------------------------------------
+def load_move_example(evt: gr.SelectData):
+    """Picture with the object painted, placement, prompt and method of a Move & Resize example."""
+    ex = examples.picked("move", evt.index)
+    if ex is None:
+        return (gr.skip(),) * 6
+    v = ex.values
+    return examples.canvas_value(v["image"], v["mask"]), v["dx"], v["dy"], v["scale"], v["prompt"], v["method"]
+
+
+def load_paste_example(evt: gr.SelectData):
+    """Photo, reference with the object painted, placement, prompt and method of a Paste example."""
+    ex = examples.picked("paste", evt.index)
+    if ex is None:
+        return (gr.skip(),) * 7
+    v = ex.values
+    return (np.asarray(v["image"]), examples.canvas_value(v["reference"], v["reference_mask"]), v["dx"], v["dy"],
+            v["scale"], v["prompt"], v["method"])
+
+
+def load_appearance_example(evt: gr.SelectData):
+    """Photo and reference, each with its object painted, prompt and method of an Appearance example."""
+    ex = examples.picked("appearance", evt.index)
+    if ex is None:
+        return (gr.skip(),) * 4
+    v = ex.values
+    return (examples.canvas_value(v["image"], v["mask"]), examples.canvas_value(v["reference"], v["reference_mask"]),
+            v["prompt"], v["method"])
 
 
 # ---- hand-over: canvases -> files for the API endpoints ------------------------------------------------
@@ -153,14 +201,28 @@ class GuidedHandlers(GpuHandlers):
         self._edit = gpu(GPU_SECONDS["drag"])(editor.edit)
 
     def _run(self, request, session: BeforeAfter, progress, caption: str, loras=None):
+        """Run ``request``, streaming while the engine works: the status line says the phase and the time left in
+        it, and the before/after view shows the newest sampling preview (x̂₀) against the input whenever the
+        engine sends one (``ui.feedback``); then the result."""
         notify(request.notices)
-        result = self._edit(request, progress=EngineProgress(progress), cancel=self.cancel_of(session),
-                            loras=lora_specs(loras))
+        cancel = self.cancel_of(session)
+        live = LiveProgress(progress)
+        before = overlay.as_rgb(request.image)
+        call = lambda cb: self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        for snap in live.follow(call, cancel=cancel):
+            if cancel is not None and cancel.is_set():
+                continue  # Cancel's own status line stays
+            view = gr.skip()
+            if snap.new_preview and snap.preview is not None:
+                view = (before, overlay.as_rgb(snap.preview.resize(request.image.size)))
+            yield view, gr.skip(), gr.skip(), gr.skip(), f"Running {caption}: {snap.status}"
+        result = live.result
         notify(result.notices)
         details = {"timings_s": timings(result), "unet_calls": result.unet_calls,
-                   "notices": result.notices, "params": result.recipe.get("params"), **result.extra}
+                   "notices": result.notices, "params": result.recipe.get("params"), **result.extra,
+                   "live": {"previews": live.snapshot().previews_seen}}
         session.add_result(request.image, result, caption, details)
-        return *session.shown(), session.gallery(), summary(result, True)
+        yield *session.shown(), session.gallery(), summary(result, True)
 
     @staticmethod
     def _kw(method, steps, seed):
@@ -169,7 +231,7 @@ class GuidedHandlers(GpuHandlers):
         return dict(method=METHODS.get(method, method or "diffeditor"),
                     n_inference_steps=int(_num(steps, "Steps", STEPS[2])), seed=int(_num(seed, "Seed", SEED[2])))
 
-    @shows_errors
+    @streams_errors(5)
     def move(self, image, mask, dx, dy, scale, prompt, method, session: BeforeAfter, progress=gr.Progress(),
              steps=STEPS[2], seed=SEED[2], loras=None):
         """Move (dx, dy px) and resize (scale) the object under ``mask``; the hole is filled."""
@@ -181,9 +243,9 @@ class GuidedHandlers(GpuHandlers):
                           scale=_num(scale, "Scale", PLACEMENT["scale"]), prompt=prompt or "",
                           **self._kw(method, steps, seed))
         caption = f"move ({req.offset[0]:+.0f}, {req.offset[1]:+.0f}) ×{req.scale:g}"
-        return self._run(req, session, progress, caption, loras)
+        yield from self._run(req, session, progress, caption, loras)
 
-    @shows_errors
+    @streams_errors(5)
     def paste(self, image, reference, reference_mask, dx, dy, scale, prompt, method, session: BeforeAfter,
               progress=gr.Progress(), steps=STEPS[2], seed=SEED[2], loras=None):
         """Paste the object under ``reference_mask`` from ``reference`` into ``image``, moved by (dx, dy), scaled."""
@@ -197,9 +259,9 @@ class GuidedHandlers(GpuHandlers):
                            reference_mask=load_mask(reference_mask), offset=_offset(dx, dy),
                            scale=_num(scale, "Scale", PLACEMENT["scale"]), prompt=prompt or "",
                            **self._kw(method, steps, seed))
-        return self._run(req, session, progress, "paste", loras)
+        yield from self._run(req, session, progress, "paste", loras)
 
-    @shows_errors
+    @streams_errors(5)
     def appearance(self, image, mask, reference, reference_mask, prompt, method, session: BeforeAfter,
                    progress=gr.Progress(), steps=STEPS[2], seed=SEED[2], loras=None):
         """Give the object under ``mask`` the look of the object under ``reference_mask``."""
@@ -212,7 +274,7 @@ class GuidedHandlers(GpuHandlers):
         req = AppearanceRequest(image=load_image(image), mask=load_mask(mask), reference=load_image(reference),
                                 reference_mask=load_mask(reference_mask), prompt=prompt or "",
                                 **self._kw(method, steps, seed))
-        return self._run(req, session, progress, "appearance", loras)
+        yield from self._run(req, session, progress, "appearance", loras)
 
 
 # ---- layout ---------------------------------------------------------------------------------------------
@@ -269,18 +331,33 @@ def _wire_run(t: SimpleNamespace, prepare, canvases: list, handler, params: list
         inbox.change(lambda p: p, [inbox], [canvases[0]], **t.instant)
 
 
+@contextlib.contextmanager
+def _tab(t: SimpleNamespace, label: str, tab_id: str):
+    """A ``gr.Tab`` whose body starts with the history shared by the three tabs (created in the first one).
+
+    The shared gr.State must live inside a Tab: any other direct child of ``gr.Tabs`` (even an invisible
+    State) shifts Gradio 6.31's tab bar, so after a visit the next tab's button shows the visited tab's
+    label. ``ui.app.check_tabs`` refuses such a child."""
+    with gr.Tab(label, id=tab_id):
+        if t.shared.session is None:
+            t.shared.session = gr.State(BeforeAfter(), delete_callback=BeforeAfter.close)
+        t.session = t.shared.session
+        yield
+
+
 def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
-    with gr.Tab("Move & Resize", id="move"):
+    with _tab(t, "Move & Resize", "move"):
         gr.Markdown("**1.** Upload a picture and paint the object. **2.** Click the preview where its centre should go "
                     "(or use the sliders) and pick a size. **3.** Run: the object moves and the hole is filled.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 canvas = gr.ImageEditor(label="Picture: paint the object", elem_id="move-canvas", **MASK_CANVAS)
                 dx, dy, scale = _placement_sliders("move")
+                table = examples.example_table("move", "move-examples", "picture, object, placement and prompt")
             with gr.Column():
                 preview = gr.Image(label="Where the object will go", type="numpy", format="png", interactive=False,
                                    elem_id="move-preview")
-                info = gr.Markdown("Upload a picture, then paint the object to move.")
+                info = gr.Markdown("Upload a picture, then paint the object to move.", elem_id="move-info")
                 t.controls = _controls("move", settings)
                 t.picker = lora_picker(t.links)
             with gr.Column():
@@ -290,21 +367,25 @@ def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     for ev in (canvas.upload, canvas.change, dx.change, dy.change, scale.change):
         ev(move_preview, [canvas, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
     preview.select(move_click, [canvas], [dx, dy], **t.instant)
+    table.select(load_move_example, None, [canvas, dx, dy, scale, t.controls.prompt, t.controls.method],
+                 **t.instant)
     _wire_run(t, prepare_move, [canvas], h.move, [dx, dy, scale], "move")
 
 
 def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
-    with gr.Tab("Paste", id="paste"):
+    with _tab(t, "Paste", "paste"):
         gr.Markdown("**1.** Upload the photo, and a reference picture on which you paint the object. **2.** Click the "
                     "preview where the object should go; pick its size. **3.** Run: it is pasted and blended in.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 base = gr.Image(label="Photo to paste into", type="numpy", format="png", elem_id="paste-base")
                 ref = gr.ImageEditor(label="Reference: paint the object", elem_id="paste-ref", **MASK_CANVAS)
+                table = examples.example_table("paste", "paste-examples", "photo, reference, object, placement and "
+                                                                          "prompt")
             with gr.Column():
                 preview = gr.Image(label="Live preview: click to place", type="numpy", format="png",
                                    interactive=False, elem_id="paste-preview")
-                info = gr.Markdown("Upload the photo and the reference image.")
+                info = gr.Markdown("Upload the photo and the reference image.", elem_id="paste-info")
                 dx, dy, scale = _placement_sliders("paste")
                 t.controls = _controls("paste", settings)
                 t.picker = lora_picker(t.links)
@@ -314,11 +395,13 @@ def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     for ev in (base.change, ref.upload, ref.change, dx.change, dy.change, scale.change):
         ev(paste_preview, [base, ref, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
     preview.select(paste_click, [base, ref], [dx, dy], **t.instant)
+    table.select(load_paste_example, None, [base, ref, dx, dy, scale, t.controls.prompt, t.controls.method],
+                 **t.instant)
     _wire_run(t, prepare_paste, [base, ref], h.paste, [dx, dy, scale], "paste")
 
 
 def _appearance_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
-    with gr.Tab("Appearance", id="appearance"):
+    with _tab(t, "Appearance", "appearance"):
         gr.Markdown("**1.** Paint the object whose look should change. **2.** Upload a reference and paint the object "
                     "whose look to take. **3.** Run.")
         with gr.Row(equal_height=False):
@@ -326,12 +409,18 @@ def _appearance_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> No
                 base = gr.ImageEditor(label="Photo: paint the object", elem_id="look-base", **MASK_CANVAS)
                 ref = gr.ImageEditor(label="Reference: paint the object with the look", elem_id="look-ref",
                                      **MASK_CANVAS)
+                table = examples.example_table("appearance", "look-examples", "photo, reference, both objects and "
+                                                                              "prompt")
             with gr.Column():
+                info = gr.Markdown(appearance_received(None, None), elem_id="look-info")
                 t.controls = _controls("look", settings)
                 t.picker = lora_picker(t.links)
             with gr.Column():
                 t.out = _results("look")
         t.files = [gr.File(visible=False) for _ in range(4)]
+    for ev in (base.upload, base.change, ref.upload, ref.change):
+        ev(appearance_received, [base, ref], [info], trigger_mode="always_last", **t.instant)
+    table.select(load_appearance_example, None, [base, ref, t.controls.prompt, t.controls.method], **t.instant)
     _wire_run(t, prepare_appearance, [base, ref], h.appearance, [], "appearance")
 
 
@@ -341,10 +430,10 @@ def build_guided_tabs(editor, settings: dict | None = None, links=None) -> None:
     h = GuidedHandlers(editor)
     instant = dict(concurrency_id="guided-preview", concurrency_limit=1, show_progress="hidden",
                    api_visibility="private")
-    session = gr.State(BeforeAfter(), delete_callback=BeforeAfter.close)
-    tabs = [SimpleNamespace(session=session, links=links, instant=instant) for _ in range(3)]
+    shared = SimpleNamespace(session=None)
+    tabs = [SimpleNamespace(shared=shared, links=links, instant=instant) for _ in range(3)]
     for t, build in zip(tabs, (_move_tab, _paste_tab, _appearance_tab)):
         build(t, h, settings)
     # The shared history: picking an entry in any gallery shows it in that tab.
     for t in tabs:
-        t.out.gallery.select(on_select, [session], [t.out.result, t.out.download, t.out.details], **instant)
+        t.out.gallery.select(on_select, [shared.session], [t.out.result, t.out.download, t.out.details], **instant)

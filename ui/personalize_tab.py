@@ -24,7 +24,7 @@ import gradio as gr
 
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
 from editing.requests import EditError
-from ui import lora_picker
+from ui import examples, lora_picker
 from ui.common import notify, shows_errors, streams_errors
 from ui.zerogpu import gpu, zero_gpu
 
@@ -169,6 +169,26 @@ class PersonalizeHandlers:
         return f"Added **{info.name}** to the library.", lora_picker.bump(), library_rows()
 
 
+def photos_received(files) -> str:
+    """What the server has of the photos, e.g. "4 photos received: a.png, b.png, …" (the line a person, and a
+    browser test, reads to know the upload finished before pressing Train)."""
+    paths = _paths(files)
+    if not paths:
+        return "No photos yet."
+    names_ = ", ".join(Path(p).name for p in paths[:4]) + (" …" if len(paths) > 4 else "")
+    return f"{len(paths)} photo{'s' * (len(paths) != 1)} received: {names_}"
+
+
+def load_example(evt: gr.SelectData):
+    """Ready photos of a toy subject, its class noun and short-training settings (ui/examples.py)."""
+    ex = examples.picked("personalize", evt.index)
+    if ex is None:
+        return (gr.skip(),) * 5
+    v = ex.values
+    photos = [examples.saved(p, f"personalize-{evt.index + 1}-photo-{i + 1}") for i, p in enumerate(v["photos"])]
+    return photos, v["class_noun"], v["steps"], v["prior_images"], v["preview_every"]
+
+
 def request_cancel(session: TrainSession) -> str:
     session.cancel.set()
     return "Cancelling: training stops at its next step and saves a checkpoint; Train again resumes from it."
@@ -204,6 +224,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
             with gr.Column():
                 photos = gr.File(label="Photos of the subject (3–10; other files are skipped)", file_count="multiple",
                                  elem_id="pz-photos")
+                photos_info = gr.Markdown(photos_received(None), elem_id="pz-photos-info")
                 class_noun = gr.Textbox(label="Class noun: what the subject is", placeholder="dog",
                                         elem_id="pz-class")
                 with gr.Row():
@@ -222,6 +243,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
                     train_btn = gr.Button("Train", variant="primary", elem_id="pz-train")
                     cancel_btn = gr.Button("Cancel", variant="stop", visible=h.can_cancel, elem_id="pz-cancel")
                 status = gr.Markdown("", min_height=48, elem_id="pz-status")
+                table = examples.example_table("personalize", "pz-examples", "photos, class noun and a short training")
             with gr.Column():
                 previews = gr.Gallery(label="Previews: “a [V] class” while training", format="png", columns=4,
                                       height=260, allow_preview=True, elem_id="pz-previews")
@@ -240,6 +262,11 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
         h.personalize, [photos, class_noun, identifier, name, prior, text_encoder, session],
         [previews, lora_file, card, status, signal, library], inputs_kwargs=fields, api_name="personalize", **engine)
     cancel_btn.click(request_cancel, [session], [status], queue=False, api_visibility="private")
+    quiet = {"show_progress": "hidden", "api_visibility": "private"}
+    for ev in (photos.upload, photos.change):
+        ev(photos_received, [photos], [photos_info], trigger_mode="always_last", queue=False, **quiet)
+    table.select(load_example, None, [photos, class_noun, fields["steps"], fields["prior_images"],
+                                      fields["preview_every"]], queue=False, **quiet)
     suggest_btn.click(h.suggest, [class_noun], [identifier], api_name="suggest_identifier", concurrency_id="gpu")
     upload.upload(h.add_lora, [upload], [upload_status, signal, library], api_name="add_lora")
     signal.change(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)

@@ -22,9 +22,11 @@ from PIL import Image
 from editing.generation import SKETCH_FIELDS, SketchRequest
 from editing.images import load_image
 from editing.requests import EditError
-from ui.common import (GPU_SECONDS, EngineProgress, GpuHandlers, Results, details_of, field_input, lora_picker,
+from ui import examples
+from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, field_input, lora_picker,
                        lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
-                       sender, shows_errors, status_line)
+                       sender, status_line, streams_errors)
+from ui.feedback import LiveProgress
 from ui.zerogpu import gpu
 
 BRUSH_COLOURS = ["#000000", "#e03030", "#f0a020", "#f5e040", "#30a040", "#3070e0", "#8040c0", "#8b5a2b",
@@ -77,6 +79,27 @@ def split_canvas(value) -> tuple[Image.Image | None, Image.Image | None]:
     return strokes, photo
 
 
+def sketch_received(value) -> str:
+    """What the server has of the canvas, e.g. "Sketch: 430 px of strokes on a blank 64×64 canvas" (the line a
+    person, and a browser test, reads to know the strokes arrived before pressing Generate)."""
+    sketch, photo = split_canvas(value)
+    if sketch is None:
+        return "Sketch: nothing drawn yet."
+    w, h = sketch.size
+    if sketch.mode != "RGBA":
+        return f"Sketch: an uploaded {w}×{h} drawing."
+    n = int(np.count_nonzero(np.asarray(sketch)[..., 3]))
+    return f"Sketch: {n} px of strokes on {'the photo' if photo is not None else 'a blank canvas'}, {w}×{h}."
+
+
+def load_example(evt: gr.SelectData):
+    """A ready sketch (ui/examples.py): crayon strokes on a blank canvas and the prompt."""
+    ex = examples.picked("sketch", evt.index)
+    if ex is None:
+        return gr.skip(), gr.skip()
+    return examples.strokes_value(ex.values["sketch"]), ex.values["prompt"]
+
+
 def prepare_sketch(value, results: Results, randomize: bool, seed):
     """Run, step 1, instant: arm Cancel, write the sketch (and photo) for the /sketch endpoint, pick the seed."""
     results.cancel.clear()
@@ -102,13 +125,21 @@ def _open_sketch(path) -> Image.Image:
     return rgba if rgba.getchannel("A").getextrema()[0] < 255 else img.convert("RGB")
 
 
+def live_gallery(results: Results, snap):
+    """The results gallery while a run samples: the kept results plus the newest x̂₀ preview, when the engine
+    sends previews (``Run.preview``; ui/feedback.py); else unchanged."""
+    if not snap.new_preview or snap.preview is None:
+        return gr.skip()
+    return [*results.gallery(), (snap.preview, f"preview at step {snap.preview_step} (not kept)")]
+
+
 # ---- engine handler ----------------------------------------------------------------------------------
 class SketchHandlers(GpuHandlers):
     def __init__(self, editor):
         super().__init__(editor)
         self._edit = gpu(GPU_SECONDS["sketch"])(editor.edit)
 
-    @shows_errors
+    @streams_errors(4)
     def sketch(self, sketch, photo, prompt, negative_prompt, scribble_controlnet, results: Results,
                progress=gr.Progress(), loras=None, **settings):  # noqa: B008 - gradio injects it
         """Sketch (+ optional photo under it) -> image(s) with SDEdit; returns gallery, download, details, status."""
@@ -118,11 +149,16 @@ class SketchHandlers(GpuHandlers):
                             negative_prompt=negative_prompt or "",
                             scribble_controlnet=(scribble_controlnet or "").strip() or None, **settings)
         notify(req.notices)
-        result = self._edit(req, progress=EngineProgress(progress), cancel=self.cancel_of(results),
-                            loras=lora_specs(loras))
+        cancel = self.cancel_of(results)
+        live = LiveProgress(progress)
+        call = lambda cb: self._edit(req, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        for snap in live.follow(call, cancel=cancel):
+            if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
+                yield (live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")
+        result = live.result
         notify(result.notices[len(req.notices):])
         results.add(result, f"sketch, strength {req.strength:g}", details_of(result))
-        return results.gallery(), *results.shown(), status_line(result, "image")
+        yield results.gallery(), *results.shown(), status_line(result, "image")
 
 
 # ---- layout and wiring -----------------------------------------------------------------------------
@@ -178,6 +214,8 @@ def build_sketch_tab(editor, settings: dict | None = None, links=None) -> None:
                 w.prompt = gr.Textbox(label="Prompt: what the sketch shows", elem_id="sketch-prompt",
                                       placeholder="a red house on a green hill under a blue sky")
                 w.negative = gr.Textbox(label="Negative prompt", placeholder="blurry, low quality")
+                w.info = gr.Markdown(sketch_received(None), elem_id="sketch-info")
+                w.examples = examples.example_table("sketch", "sketch-examples", "strokes and prompt")
             with gr.Column():
                 _settings_column(w, h.can_cancel, start, links)
             with gr.Column():
@@ -190,6 +228,10 @@ def build_sketch_tab(editor, settings: dict | None = None, links=None) -> None:
 def _wire(w: SimpleNamespace, h: SketchHandlers, links) -> None:
     instant = dict(show_progress="hidden", api_visibility="private")  # noqa: C408
     w.gallery.select(on_select, [w.results], [w.download, w.details], **instant)
+    for ev in (w.canvas.upload, w.canvas.change):
+        ev(sketch_received, [w.canvas], [w.info], trigger_mode="always_last", concurrency_id="sketch-info",
+           concurrency_limit=1, **instant)
+    w.examples.select(load_example, None, [w.canvas, w.prompt], **instant)
     w.cancel_btn.click(lambda r: request_cancel(r), [w.results], [w.status], queue=False, api_visibility="private")
     w.again.click(lambda r: receive_image(r.current()), [w.results], [w.canvas], **instant)
     if links is not None:
