@@ -164,3 +164,17 @@ def test_sample_previews_on_the_shared_loop_every_k_steps(bundle):
     assert [step for step, _ in watch.previews] == [3, 6] and hook.shown == 2
     f = bundle.vae_scale_factor
     assert all(im.size == (8 * f, 8 * f) for _, im in watch.previews)
+
+
+def test_guided_previews_appear_while_sampling_and_do_not_change_the_result(editor):
+    from editing.requests import GuidedDragRequest
+
+    req = GuidedDragRequest(image=scene(seed=32), points=PAIR, mask=_mask(), n_inference_steps=12)
+    editor.clear_caches()
+    plain = editor.edit(req, progress=Plain())
+    editor.clear_caches()
+    watch = Watching()
+    seen = editor.edit(req, progress=watch)
+    assert np.array_equal(np.asarray(plain.image), np.asarray(seen.image))
+    assert plain.unet_calls == seen.unet_calls
+    assert watch.previews and set(watch.phases) == {"edit"}

@@ -157,16 +157,13 @@ class PersonalizeHandlers:
         return ids[0]
 
     @shows_errors
-    def add_lora(self, file):
-        """Copy an uploaded LoRA file into the library (safetensors; pickle only with --allow-pickle)."""
-        from editing.lora_library import add_to_library
-
+    def add_lora(self, file, replace=False):
+        """Copy an uploaded LoRA file into the library: safetensors only whatever --allow-pickle says (a client's
+        file), and an existing name only with the explicit "replace" tick."""
         paths = _paths([file] if file and not isinstance(file, list) else file)
         if not paths:
             raise EditError("No file: choose a LoRA .safetensors file to add.")
-        original = Path(paths[0]).name
-        info = add_to_library(paths[0], name=Path(original).stem, allow_pickle=self.editor.allow_pickle)
-        return f"Added **{info.name}** to the library.", lora_picker.bump(), library_rows()
+        return lora_picker.add_upload(paths[0], replace), lora_picker.bump(), library_rows()
 
 
 def photos_received(files) -> str:
@@ -254,6 +251,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
                     library = gr.Dataframe(value=library_rows(), headers=LIBRARY_HEADERS, interactive=False,
                                            wrap=True, elem_id="pz-library")
                     upload = gr.File(label="Add a LoRA file you own (.safetensors)", elem_id="pz-upload")
+                    replace_lora = gr.Checkbox(False, label="Replace a LoRA of the same name", elem_id="pz-replace")
                     upload_status = gr.Markdown("", elem_id="pz-upload-status")
         signal = lora_picker.library_signal(links)
 
@@ -268,7 +266,7 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
     table.select(load_example, None, [photos, class_noun, fields["steps"], fields["prior_images"],
                                       fields["preview_every"]], queue=False, **quiet)
     suggest_btn.click(h.suggest, [class_noun], [identifier], api_name="suggest_identifier", concurrency_id="gpu")
-    upload.upload(h.add_lora, [upload], [upload_status, signal, library], api_name="add_lora")
+    upload.upload(h.add_lora, [upload, replace_lora], [upload_status, signal, library], api_name="add_lora")
     signal.change(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
     root = gr.context.Context.root_block
     if root is not None and hasattr(root, "load"):

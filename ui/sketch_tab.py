@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from editing.generation import SKETCH_FIELDS, SketchRequest
-from editing.images import load_image
+from editing.images import load_image, load_sketch
 from editing.requests import EditError
 from ui import examples
 from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, field_input, lora_picker,
@@ -114,17 +114,6 @@ def receive_image(path):
     return path if path else gr.skip()
 
 
-def _open_sketch(path) -> Image.Image:
-    """A sketch file: kept RGBA when it has transparency (a strokes layer), RGB otherwise."""
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as e:  # noqa: BLE001 - any unreadable upload is the user's to fix
-        raise EditError(f"The sketch is not a readable image ({type(e).__name__}). Use PNG, JPEG or WebP.") from None
-    rgba = img.convert("RGBA")
-    return rgba if rgba.getchannel("A").getextrema()[0] < 255 else img.convert("RGB")
-
-
 def live_gallery(results: Results, snap):
     """The results gallery while a run samples: the kept results plus the newest x̂₀ preview, when the engine
     sends previews (``Run.preview``; ui/feedback.py); else unchanged."""
@@ -145,7 +134,7 @@ class SketchHandlers(GpuHandlers):
         """Sketch (+ optional photo under it) -> image(s) with SDEdit; returns gallery, download, details, status."""
         if not sketch:
             raise EditError("The sketch is blank: draw some strokes first (or upload a drawing).")
-        req = SketchRequest(_open_sketch(sketch), load_image(photo) if photo else None, prompt=prompt or "",
+        req = SketchRequest(load_sketch(sketch), load_image(photo) if photo else None, prompt=prompt or "",
                             negative_prompt=negative_prompt or "",
                             scribble_controlnet=(scribble_controlnet or "").strip() or None, **settings)
         notify(req.notices)

@@ -166,9 +166,10 @@ class TimeTravel(Hook):
 
 def guided_sample(unet, inv: Inversion, plan: Plan, gsched: GuidedSchedule, cond: torch.Tensor,
                   uncond: torch.Tensor, guidance_scale: float, energy_scale: float, sde_strength: float,
-                  grid_hw, seed: int, run=None, image_prompt: ImagePrompt | None = None) -> torch.Tensor:
+                  grid_hw, seed: int, run=None, image_prompt: ImagePrompt | None = None,
+                  extra_hooks=()) -> torch.Tensor:
     """Denoise ``plan.z_T`` with memory-bank attention, regional gradient guidance, regional SDE and time
-    travel (the hooks above on ``sampling.denoise``). Returns z_0."""
+    travel (the hooks above on ``sampling.denoise``), then ``extra_hooks`` (e.g. previews). Returns z_0."""
     ip = image_prompt or ImagePrompt(None, None, 0.0)
     control = BankControl(inv.bank, plan.attention, *(plan.splice_masks or (None, None)))
     control.aspect = plan.z_T.shape[-2] / plan.z_T.shape[-1]
@@ -178,6 +179,7 @@ def guided_sample(unet, inv: Inversion, plan: Plan, gsched: GuidedSchedule, cond
         scale = energy_scale * ENERGY_UNIT * REGION_WEIGHT[plan.task]
         hooks += [EnergyGuidance(unet, inv, plan, gsched, cond, grid_hw, scale, control, ip), TimeTravel(gsched)]
     hooks.append(RegionalSDE(plan.sde_region, gsched, sde_strength, seed))
+    hooks += list(extra_hooks)
     with memory_bank_attention(unet, control):
         predict = NoisePredictor(unet, cond, 1, uncond=uncond, guidance_scale=guidance_scale, device=device, graphs=False)
         renoise = NoisePredictor(unet, cond, 1, device=device, graphs=False)

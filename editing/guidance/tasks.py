@@ -17,6 +17,7 @@ from editing.guidance.energies import appearance_energies, drag_energies, move_e
 from editing.guidance.sampler import Plan
 from editing.guidance.schedule import GuidedSchedule
 from editing.images import image_hash, pil_to_tensor, tensor_to_pil
+from editing.previews import sample_previews
 from editing.requests import AppearanceRequest, EditError, GuidedDragRequest, GuidedParams, MoveRequest, PasteRequest
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
 from editing.sampling import Inversion, Schedule
@@ -101,7 +102,7 @@ def _finish(ctx: EditContext, req: GuidedParams, prep: _Prepared, inv: Inversion
     with run.step("edit"):
         z0 = sampler.guided_sample(b.unet, inv, plan, gsched, cond, uncond, req.guidance_scale, req.energy_scale,
                            req.sde_strength if req.method == "diffeditor" else 0.0, prep.grid_hw, req.seed, run,
-                           image_prompt=image_prompt)
+                           image_prompt=image_prompt, extra_hooks=sample_previews(ctx))
     out = tensor_to_pil(ctx.decode(z0)).resize(prep.image.size, Image.LANCZOS)
     recipe = ctx.recipe(plan.task if plan.task != "drag" else "guided_drag", _jsonable(req.params()),
                            images=recipe_images, masks=recipe_masks)
