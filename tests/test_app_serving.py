@@ -233,8 +233,8 @@ def test_recipes_can_leave_the_input_out(tmp_path):
 
 
 # ---- a server subprocess: kill, restart, SIGTERM ---------------------------------------------------------------
-def start_server(outputs: Path, port: int) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+def start_server(outputs: Path, port: int, env_extra: dict | None = None) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"} | (env_extra or {})
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--port", str(port),
                              "--outputs", str(outputs)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -299,6 +299,43 @@ def test_a_killed_server_loses_nothing_and_sigterm_cleans_up(tmp_path, image_pat
             server.kill()
             pytest.fail("SIGTERM did not stop the server")
     assert not temp_roots(server.pid), "SIGTERM removes the temp folder"
+
+
+def test_a_server_killed_mid_training_leaves_no_torn_or_half_trained_lora(tmp_path):
+    """Personalize killed mid-training: the library holds no file of that name (nothing torn, nothing
+    half-trained) and, after a restart, the same name trains and saves normally."""
+    outputs, library, port = tmp_path / "outputs", tmp_path / "loras", free_port()
+    library.mkdir()
+    photos = []
+    for i in range(2):
+        photos.append(tmp_path / f"p{i}.png")
+        scene(64, 64, seed=40 + i).save(photos[-1])
+    env = {"DRAGCANVAS_LORA_DIR": str(library)}
+    url = f"http://127.0.0.1:{port}/"
+    server = start_server(outputs, port, env)
+    try:
+        client = Client(url, verbose=False)
+        job = client.submit([handle_file(str(p)) for p in photos], "ring", "", "cut-short", False, False,
+                            steps=400, api_name="/personalize")
+        t0 = time.monotonic()
+        while not any("step" in str(getattr(u, "progress_data", "") or "") for u in [job.status()]):
+            assert not job.done() and time.monotonic() - t0 < 120, "training never reported a step"
+            time.sleep(0.2)
+        assert not job.done()  # mid-training when the server dies
+    finally:
+        server.kill()
+        server.wait()
+    assert not list(library.glob("cut-short*")), "a killed run put a LoRA file in the library"
+    assert not list(library.rglob("*.tmp")), "no torn file"
+    server = start_server(outputs, port, env)
+    try:
+        client = Client(url, verbose=False)
+        client.predict([handle_file(str(p)) for p in photos], "ring", "", "cut-short", False, False,
+                       steps=2, api_name="/personalize")
+        assert (library / "cut-short.safetensors").is_file()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 # ---- login and the time budget ---------------------------------------------------------------------------------
