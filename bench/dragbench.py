@@ -286,7 +286,7 @@ def make_context(args: argparse.Namespace) -> Context:
     from bench.dift import Dift
 
     editor = None
-    if METHODS[args.method].build is not None:
+    if METHODS[args.method].build is not None and not getattr(args, "ray", None):  # --ray: edits run on the pool
         editor = Editor(args.model, device=args.device, resolution=args.resolution)
         if editor.banner:
             log.warning("%s", editor.banner)
@@ -312,6 +312,18 @@ def evaluate(samples: Sequence[Path], ctx: Context) -> list[Row]:
 
 
 Evaluate = Callable[[Sequence[Path], Context], list[Row]]
+
+
+def pooled(remote) -> Evaluate:
+    """``evaluate`` with the edits on a Ray Serve pool (``bench/pool.py``); DIFT and LPIPS score here."""
+    from bench.pool import ordered_map
+
+    def evaluate_on_pool(samples: Sequence[Path], ctx: Context) -> list[Row]:
+        editor = remote if METHODS[ctx.method].build is not None else None
+        return ordered_map(lambda d: run_sample(d, ctx.out, ctx.method, editor, ctx.dift, ctx.fidelity, ctx.settings),
+                           samples, remote.concurrency)
+
+    return evaluate_on_pool
 
 
 def find_samples(data: Path) -> list[tuple[str, list[Path]]]:
@@ -393,6 +405,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="a numeric field of the method's request for every sample, e.g. --set lora_steps=2 (repeatable)")
     p.add_argument("--resolution", type=int, help="the editor's working long side (default: the model's native)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the edits on a `python -m editing.serve` deployment "
+                   "(auto = this machine's cluster); scores as in process")
     args = p.parse_args(argv)
     if not args.data.is_dir():
         p.error(f"--data {args.data} is not a folder.")
@@ -441,6 +455,14 @@ def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> 
         print(str(e), file=sys.stderr)
         return 2
     chosen, empty = select(categories, args.limit)
+    if args.ray and evaluate_fn is None:
+        from bench.pool import connect
+
+        try:
+            evaluate_fn = pooled(connect(args.ray, args.model))
+        except EditError as e:
+            print(str(e), file=sys.stderr)
+            return 2
     scored = (evaluate_fn or evaluate)(chosen, ctx)
     rows: list[Row] = []
     for k, row in enumerate(scored + [None]):

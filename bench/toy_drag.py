@@ -114,6 +114,18 @@ def evaluate(jobs: Sequence[Job], model: str) -> list[dict]:
 Evaluate = Callable[[Sequence[Job], str], list[dict]]
 
 
+def pooled(remote) -> Evaluate:
+    """``evaluate`` on a Ray Serve pool (``bench/pool.py``): the same rows, the jobs spread over its replicas."""
+    from bench.pool import ordered_map
+
+    def evaluate_on_pool(jobs: Sequence[Job], model: str) -> list[dict]:
+        cases = make_cases(max(j.n for j in jobs)) if jobs else []
+        return ordered_map(lambda job: run_case(remote, job.method, cases[job.index], job.settings), jobs,
+                           remote.concurrency)
+
+    return evaluate_on_pool
+
+
 def summarize(method: str, rows: list[dict], noop_md: float | None = None) -> dict:
     """Means over the cases (pure); ``md_vs_noop`` when noop's MD on the same cases is given."""
     finite = [r["bg_psnr"] for r in rows if r["bg_psnr"] < 99]
@@ -188,6 +200,8 @@ def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> 
     p.add_argument("--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
                    help="a request field for every chosen method that has it, or for METHOD only (repeatable)")
     p.add_argument("--json", type=Path)
+    p.add_argument("--ray", metavar="ADDRESS", help="run the edits on a `python -m editing.serve` deployment "
+                   "(auto = this machine's cluster); same rows as in process")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be at least 1.")
@@ -196,6 +210,13 @@ def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> 
         settings = bm.parse_settings(args.set, names, METHODS)
     except EditError as e:
         p.error(str(e))
+    if args.ray and evaluate_fn is None:
+        from bench.pool import connect
+
+        try:
+            evaluate_fn = pooled(connect(args.ray, args.model))
+        except EditError as e:
+            p.error(str(e))
     runs = run_all(names, args.n, args.model, settings, evaluate_fn)
     print("\n" + markdown(runs, args.model, args.n))
     if args.json:

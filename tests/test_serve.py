@@ -176,3 +176,14 @@ def test_a_replica_killed_mid_edit_is_retried_elsewhere_and_the_next_request_wor
         assert r.extra["served_by"] != victim and any("run again on another replica" in n for n in r.notices)
     nxt = served.edit(DragRequest(scene(seed=22), PAIR, None, **FAST))
     assert nxt.extra["served_by"] != victim
+
+
+def test_toy_benchmark_on_the_pool_gives_the_in_process_rows(served):
+    """bench.toy_drag --ray: the same scores as one process (timings aside), jobs spread over the replicas."""
+    from bench import toy_drag
+
+    keys = ("md", "success", "bg_psnr", "lost", "kept", "unet_calls")
+    here = toy_drag.run_all(["instant"], 2, "tiny", {"instant": {"n_steps": 4}})
+    pool = toy_drag.run_all(["instant"], 2, "tiny", {"instant": {"n_steps": 4}}, toy_drag.pooled(served))
+    assert [[{k: r[k] for k in keys} for r in run["cases"]] for run in here] == \
+        [[{k: r[k] for k in keys} for r in run["cases"]] for run in pool]
