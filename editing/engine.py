@@ -55,6 +55,15 @@ class Editor:
     model_name = model_spec
 
     @property
+    def family_label(self) -> str | None:
+        """"SDXL", "Stable Diffusion 1.x", … of the model (read from its configs; None if only loading can tell)."""
+        if self._bundle is not None:
+            return self._bundle.family.label
+        from models.loader import family_hint
+
+        return family_hint(self.model_spec)
+
+    @property
     def allow_pickle(self) -> bool:
         return self.options.allow_pickle
 

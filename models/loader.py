@@ -24,7 +24,9 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -423,6 +425,26 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
 
 
 @functools.lru_cache(maxsize=1)
+def family_hint(spec: str) -> str | None:
+    """The family label of a model spec without loading weights (built-ins, local folders, single files), for
+    the app's banner; None when only loading can tell (a Hub id not yet cached)."""
+    from models import families
+
+    builtin = {"tiny-sdxl": "sdxl", "sdxl-random": "sdxl", "tiny-sd2-v": "sd2"}
+    if spec in builtin or spec in ("toy", "tiny", "cpu-small", "sd15", "sd15-random"):
+        return families.LABELS[builtin.get(spec, "sd15")]
+    path = Path(spec).expanduser()
+    try:
+        if (path / "unet" / "config.json").is_file():
+            cfg = json.loads((path / "unet" / "config.json").read_text())
+            return families.LABELS[families.family_of_unet_config(SimpleNamespace(**cfg))]
+        if path.is_file() and path.suffix == ".safetensors":
+            return families.LABELS[single_file_family(path)]
+    except Exception:  # noqa: BLE001 - only a hint: loading says what is wrong
+        return None
+    return None
+
+
 def resolve_auto() -> tuple[str, str]:
     """``auto`` -> (spec, banner). The banner is empty when the real SD-1.5 is used."""
     ok, why = sd15_available()

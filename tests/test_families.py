@@ -284,3 +284,17 @@ def test_sdxl_prompt_encoding_equals_diffusers_sdxl_pipeline():
     assert torch.allclose(text, pe, atol=1e-6) and torch.allclose(pooled, ppe, atol=1e-6)
     utext, upooled = families.unpack_sdxl(b.encode_prompt(""), b.family.pooled_dim)
     assert torch.equal(utext, npe) and torch.equal(upooled, nppe)
+
+
+@pytest.mark.parametrize("spec,label", [("toy", "Stable Diffusion 1.x"), ("tiny-sdxl", "SDXL"),
+                                        ("tiny-sd2-v", "Stable Diffusion 2.x")])
+def test_the_app_banner_names_the_family_before_anything_loads(spec, label):
+    from editing.engine import Editor
+    from ui.app import build_demo
+
+    e = Editor(spec)
+    assert e.bundle is None and e.family_label == label
+    with build_demo(e) as demo:
+        pass
+    assert any(label in str(getattr(b, "value", "")) for b in demo.blocks.values())
+    assert e.bundle is None  # the banner read configs, not weights

@@ -15,7 +15,7 @@ from ui.links import Links, make_inboxes
 
 INTRO = ("# DragCanvas\n"
          "Drag points on an image and the content follows; move, paste and restyle objects; sketch, generate "
-         "and personalise. Model: `{model}`.")
+         "and personalise. Model: {model}.")
 
 BANNER_STYLE = ("padding:.6em 1em;border-radius:8px;border:1px solid #e0b000;"
                 "background:#fff4cc;color:#5c4400;font-weight:600")
@@ -54,7 +54,8 @@ def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
     """The whole app for one shared ``editing.engine.Editor``. ``settings`` overrides slider start values
     (e.g. fast settings for tests and CPU demos). Queue and launch are the caller's (see app.py)."""
     with gr.Blocks(title="DragCanvas", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(INTRO.format(model=editor.model_name))
+        family = getattr(editor, "family_label", None)
+        gr.Markdown(INTRO.format(model=f"`{editor.model_name}`" + (f" ({family})" if family else "")))
         gr.HTML(f'<div style="{BANNER_STYLE}">⚠️ {html.escape(editor.banner)}</div>' if editor.banner else "",
                 visible=bool(editor.banner), elem_id="banner")
         inboxes = make_inboxes()
