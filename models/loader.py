@@ -424,7 +424,6 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
     )
 
 
-@functools.lru_cache(maxsize=1)
 def family_hint(spec: str) -> str | None:
     """The family label of a model spec without loading weights (built-ins, local folders, single files), for
     the app's banner; None when only loading can tell (a Hub id not yet cached)."""
@@ -445,6 +444,7 @@ def family_hint(spec: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
 def resolve_auto() -> tuple[str, str]:
     """``auto`` -> (spec, banner). The banner is empty when the real SD-1.5 is used."""
     ok, why = sd15_available()

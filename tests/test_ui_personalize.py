@@ -115,8 +115,9 @@ def test_picker_specs():
     from ui.lora_picker import to_specs
 
     assert to_specs(None) == [] and to_specs([]) == []
-    assert to_specs(["zwx-dog", "style@0.5", "/x/y.safetensors@-1"]) == [("zwx-dog", 1.0), ("style", 0.5),
-                                                                         ("/x/y.safetensors", -1.0)]
+    assert to_specs(["zwx-dog", "style@0.5", "zwx-cat@-1"]) == [("zwx-dog", 1.0), ("style", 0.5), ("zwx-cat", -1.0)]
+    with pytest.raises(EditError, match="not a library name"):  # clients never name server files
+        to_specs(["/x/y.safetensors@-1"])
     assert to_specs("a@2, b") == [("a", 2.0), ("b", 1.0)]
     with pytest.raises(EditError, match="must be a number"):
         to_specs(["dog@heavy"])
