@@ -71,7 +71,7 @@ def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
     from models.toy_world import make_cases
 
     folder.mkdir(parents=True, exist_ok=True)
-    methods = ["DragDiffusion", "DiffEditor", "DragDiffusion", "DragonDiffusion"]
+    methods = ["Instant", "DiffEditor", "Instant", "DragonDiffusion"]
     cases = [c for c in make_cases(40) if np.hypot(c.target[0] - c.handle[0], c.target[1] - c.handle[1]) >= 12][:n]
     for i, case in enumerate(cases):
         name = f"toy-{i + 1}"
