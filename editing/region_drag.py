@@ -4,7 +4,8 @@
    a mask: the mask is split between the handles, each pixel to its nearest handle, and each part moves by its
    handle's drag; without a mask: discs of 1/8 of the short side).
 2. Dense correspondences on the latent grid (``correspondences``): every target-region cell takes the handle-region
-   cell at the same relative position of the handle region's bounding box (the target region scaled onto it).
+   cell at the same relative position of the handle region's bounding box (the target region scaled onto it); for
+   regions made from points, the cell the drag came from (a translation, which the frame may clip but never squash).
 3. DDIM inversion to ``start_t`` of an ``n_steps`` schedule, caching every latent and the self-attention inputs of
    every layer and step (K = W_k·h, V = W_v·h); cached per image and settings, shared with nothing else.
 4. Denoising from the inverted z_t, the vacated handle cells refilled by BNNI and noised (``noise_scale``): before each step, while the
@@ -109,11 +110,13 @@ class RegionDragRequest:
                 if not (h & filled).any():
                     raise EditError(f"Handle region {i} lies outside the mask: paint the mask over it, or clear the mask.")
 
-    def pairs(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(handle region, target region) H×W bool pairs in image pixels, from the regions or the points."""
+    def pairs(self) -> list[tuple[np.ndarray, np.ndarray, tuple[float, float] | None]]:
+        """(handle region, target region, offset) in image pixels: painted regions (offset None: the target is
+        scaled onto the handle's box), or regions from the points with their drag (dx, dy): a translation."""
         if self.handle_regions:
-            return list(zip(self.handle_regions, self.target_regions))
-        return point_regions(self.image.size, self.points, self.radius, self.mask)
+            return [(h, t, None) for h, t in zip(self.handle_regions, self.target_regions)]
+        return [(h, t, (bx - ax, by - ay)) for (h, t), ((ax, ay), (bx, by))
+                in zip(point_regions(self.image.size, self.points, self.radius, self.mask), self.points)]
 
     def replace(self, **changes) -> "RegionDragRequest":
         return dataclasses.replace(self, notices=(), **changes)
@@ -181,12 +184,26 @@ def _bbox(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([xs.min(), ys.min()], np.float64), np.array([xs.max() + 1, ys.max() + 1], np.float64)
 
 
-def correspondences(handle: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def correspondences(handle: np.ndarray, target: np.ndarray,
+                    offset: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Dense cell pairs (source, destination), each (M, 2) integer (x, y), for bool grids ``handle`` and ``target``:
     a target cell at relative position u = (p + ½ − t₀)/(t₁ − t₀) of the target's bounding box [t₀, t₁) takes the
-    handle cell at h₀ + u·(h₁ − h₀) − ½ (rounded, clipped to the grid) — the target scaled onto the handle's box."""
+    handle cell at h₀ + u·(h₁ − h₀) − ½ (rounded, clipped to the grid) — the target scaled onto the handle's box.
+
+    With ``offset`` (dx, dy) in cells (regions made from points: the target is the handle moved by the drag), a
+    target cell p takes the handle cell p − offset (rounded), where that lies in the handle region: a translation.
+    Scaling the boxes there would squash the content wherever the frame clips the moved region."""
     if not handle.any() or not target.any():
         return np.zeros((0, 2), np.int64), np.zeros((0, 2), np.int64)
+    if offset is not None:
+        ys, xs = np.nonzero(target)
+        dst = np.stack([xs, ys], axis=1).astype(np.int64)
+        src = dst - np.rint(np.asarray(offset, np.float64)).astype(np.int64)
+        h, w = handle.shape
+        ok = (src[:, 0] >= 0) & (src[:, 0] < w) & (src[:, 1] >= 0) & (src[:, 1] < h)
+        src, dst = src[ok], dst[ok]
+        ok = handle[src[:, 1], src[:, 0]]
+        return src[ok], dst[ok]
     h0, h1 = _bbox(handle)
     t0, t1 = _bbox(target)
     ys, xs = np.nonzero(target)
@@ -256,10 +273,12 @@ def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
     b, run = ctx.bundle, ctx.run
     work, (image, mask, _), notices = ctx.fit(req.image, req.mask, req.points)
     notices = list(req.notices) + notices
-    pairs = [(_scale_mask(hm, image.size), _scale_mask(tm, image.size)) for hm, tm in req.pairs()]
+    sx, sy = image.width / req.image.width, image.height / req.image.height
+    pairs = [(_scale_mask(hm, image.size), _scale_mask(tm, image.size), None if off is None else (off[0] * sx, off[1] * sy))
+             for hm, tm, off in req.pairs()]
     if mask is None:
         union = np.zeros((image.height, image.width), bool)
-        for hm, tm in pairs:
+        for hm, tm, _ in pairs:
             union |= hm | tm
         edit_px = dilate(union, max(1, round(min(image.size) * MASK_DILATION_FRACTION)))
         notices.append("No mask was painted, so the regions (slightly enlarged) are what may change.")
@@ -271,8 +290,9 @@ def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
     lat_hw = tuple(z_t.shape[-2:])
     edit = latent_region(edit_px, lat_hw)
     srcs, dsts = [], []
-    for hm, tm in pairs:
-        s, d = correspondences(latent_region(hm, lat_hw), latent_region(tm, lat_hw))
+    for hm, tm, off in pairs:
+        cells = None if off is None else (off[0] * lat_hw[1] / image.width, off[1] * lat_hw[0] / image.height)
+        s, d = correspondences(latent_region(hm, lat_hw), latent_region(tm, lat_hw), cells)
         inside = edit[d[:, 1], d[:, 0]]  # targets outside the mask are dropped, after the scaling (not before)
         srcs.append(s[inside])
         dsts.append(d[inside])

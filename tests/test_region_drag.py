@@ -35,6 +35,15 @@ def test_correspondences_scale_the_target_onto_the_handle_box():
     assert (d2 - s2 == [6, 0]).all()
 
 
+def test_point_regions_translate_even_where_the_frame_clips_the_target():
+    h = box(16, 16, 6, 12, 8, 14)  # a handle region near the right edge, dragged +5 cells: the frame clips it
+    t = box(16, 16, 6, 12, 13, 16)
+    src, dst = correspondences(h, t, offset=(5.2, 0.0))
+    assert len(dst) == 18 and (dst - src == [5, 0]).all()  # nothing squashed: every cell moves by the drag
+    scaled, _ = correspondences(h, t)  # painted regions of different sizes: the target scaled onto the handle
+    assert set(scaled[:, 0]) == {8, 10, 12}
+
+
 def test_point_regions_discs_or_the_mask_split_between_handles():
     pts = (((20, 20), (30, 20)), ((70, 40), (70, 50)))
     discs = point_regions((96, 64), pts, 5.0, None)
