@@ -40,6 +40,7 @@ SUCCESS_PX = 3.0
 # benchmark has). noop is the baseline and always runs.
 METHODS: dict[str, bm.Method] = {**bm.METHODS, **bm.EXTRA}
 CHOICES = [m for m in METHODS if m != "noop"]
+SPLITS = {"bench": tw.HELDOUT_SEED, "tune": tw.TUNE_SEED}  # --split: first scene seed
 
 
 def measure(case: Case, out: Image.Image) -> dict:
@@ -65,12 +66,13 @@ def measure(case: Case, out: Image.Image) -> dict:
 @dataclass(frozen=True)
 class Job:
     """One (method, case) evaluation; plain data, so a pool can ship it to another process, which rebuilds
-    the case with ``make_cases(n)[index]`` (the held-out cases are a deterministic sequence)."""
+    the case with ``make_cases(n, seed)[index]`` (the held-out cases are a deterministic sequence)."""
 
     method: str
     index: int
     n: int
     settings: dict
+    seed: int = tw.HELDOUT_SEED  # first scene seed of the split (tw.TUNE_SEED: the tuning scenes)
 
 
 def run_case(editor, method: str, case: Case, settings: dict) -> dict:
@@ -88,12 +90,12 @@ def evaluate(jobs: Sequence[Job], model: str) -> list[dict]:
     job, in the jobs' order, can replace it (each worker builds its own Editor of ``model``).
     """
     editor = None
-    cases: list[Case] = []
+    cases: dict[int, list[Case]] = {}
     rows = []
     last = None
     for job in jobs:
-        if len(cases) < job.n:
-            cases = make_cases(job.n)
+        if len(cases.get(job.seed, ())) < job.n:
+            cases[job.seed] = make_cases(job.n, job.seed)
         if editor is None and METHODS[job.method].build is not None:
             from editing.engine import Editor
 
@@ -102,7 +104,7 @@ def evaluate(jobs: Sequence[Job], model: str) -> list[dict]:
         if editor is not None and job.method != last:
             editor.clear_caches()  # a method's times never include another method's cached inversion or bank
         last = job.method
-        case = cases[job.index]
+        case = cases[job.seed][job.index]
         row = run_case(editor, job.method, case, job.settings)
         log.info("%s %d/%d: md %.1f px (start %.1f), bg %.1f dB, %.2f s%s", job.method, job.index + 1, job.n,
                  row["md"], math.dist(case.handle, case.target), row["bg_psnr"], row["wall_s"],
@@ -119,8 +121,8 @@ def pooled(remote) -> Evaluate:
     from bench.pool import ordered_map
 
     def evaluate_on_pool(jobs: Sequence[Job], model: str) -> list[dict]:
-        cases = make_cases(max(j.n for j in jobs)) if jobs else []
-        return ordered_map(lambda job: run_case(remote, job.method, cases[job.index], job.settings), jobs,
+        cases = {seed: make_cases(max(j.n for j in jobs if j.seed == seed), seed) for seed in {j.seed for j in jobs}}
+        return ordered_map(lambda job: run_case(remote, job.method, cases[job.seed][job.index], job.settings), jobs,
                            remote.concurrency)
 
     return evaluate_on_pool
@@ -143,25 +145,27 @@ def summarize(method: str, rows: list[dict], noop_md: float | None = None) -> di
     return out
 
 
-def run(method: str, n: int, model: str, settings: dict, evaluate_fn: Evaluate | None = None) -> dict:
+def run(method: str, n: int, model: str, settings: dict, evaluate_fn: Evaluate | None = None,
+        seed: int = tw.HELDOUT_SEED) -> dict:
     """One method on the first ``n`` held-out cases (no noop ratio; ``run_all`` adds it)."""
-    rows = (evaluate_fn or evaluate)([Job(method, i, n, settings) for i in range(n)], model)
+    rows = (evaluate_fn or evaluate)([Job(method, i, n, settings, seed) for i in range(n)], model)
     return summarize(method, rows)
 
 
 def run_all(names: list[str], n: int, model: str, settings: dict[str, dict],
-            evaluate_fn: Evaluate | None = None) -> list[dict]:
+            evaluate_fn: Evaluate | None = None, seed: int = tw.HELDOUT_SEED) -> list[dict]:
     """noop and every method of ``names`` on the same ``n`` cases, in one map; each with its MD / noop."""
     names = ["noop"] + [m for m in names if m != "noop"]
-    jobs = [Job(m, i, n, settings.get(m, {})) for m in names for i in range(n)]
+    jobs = [Job(m, i, n, settings.get(m, {}), seed) for m in names for i in range(n)]
     rows = (evaluate_fn or evaluate)(jobs, model)
     by_method = {m: rows[k * n:(k + 1) * n] for k, m in enumerate(names)}
     noop_md = float(np.mean([r["md"] for r in by_method["noop"]]))
     return [summarize(m, by_method[m], noop_md) | {"settings": settings.get(m, {})} for m in names]
 
 
-def markdown(runs: list[dict], model: str, n: int) -> str:
-    lines = [f"### toy drag benchmark — model {model}, {n} held-out scenes\n",
+def markdown(runs: list[dict], model: str, n: int, split: str = "bench") -> str:
+    scenes = "held-out scenes" if split == "bench" else "TUNING scenes (not the benchmark's)"
+    lines = [f"### toy drag benchmark — model {model}, {n} {scenes}\n",
              "| method | MD px | MD / noop | success (≤3 px) | bg PSNR dB | kept colour+class | lost | s/edit | UNet calls |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
@@ -199,6 +203,9 @@ def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> 
     p.add_argument("--model", default="toy")
     p.add_argument("--set", action="append", default=[], metavar="[METHOD.]FIELD=VALUE",
                    help="a request field for every chosen method that has it, or for METHOD only (repeatable)")
+    p.add_argument("--split", choices=SPLITS, default="bench",
+                   help="bench: the held-out scenes the reported numbers use; tune: other held-out scenes, to pick "
+                        "settings on without fitting the benchmark")
     p.add_argument("--json", type=Path)
     p.add_argument("--ray", metavar="ADDRESS", help="run the edits on a `python -m editing.serve` deployment "
                    "(auto = this machine's cluster); same rows as in process")
@@ -217,11 +224,11 @@ def main(argv: list[str] | None = None, evaluate_fn: Evaluate | None = None) -> 
             evaluate_fn = pooled(connect(args.ray, args.model))
         except EditError as e:
             p.error(str(e))
-    runs = run_all(names, args.n, args.model, settings, evaluate_fn)
-    print("\n" + markdown(runs, args.model, args.n))
+    runs = run_all(names, args.n, args.model, settings, evaluate_fn, SPLITS[args.split])
+    print("\n" + markdown(runs, args.model, args.n, args.split))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"runs": runs, "model": args.model, "n": args.n, "noop_md": runs[0]["md"],
+        report = {"runs": runs, "model": args.model, "n": args.n, "split": args.split, "noop_md": runs[0]["md"],
                   "methods": names, "settings": settings}
         if len(names) == 1:  # the one-method summary earlier reports had at the top level
             report |= {k: runs[1][k] for k in ("method", "md", "md_vs_noop", "success_rate", "bg_psnr")}

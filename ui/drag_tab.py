@@ -70,7 +70,7 @@ EDITOR_CSS = """
 # label -> (engine name, what it costs: one line); the order is the switch's order.
 ALL_METHODS = {  # costs measured on the toy model, 2 CPU cores (bench.toy_drag; DragDiffusion on a busy machine)
     "Instant": ("instant", "~0.3 s on toy, no training: one warp of the inverted latent, then denoising (FastDrag)"),
-    "Region": ("region", "~0.3 s on toy, no training: discs of `radius` around the points are copied (RegionDrag)"),
+    "Region": ("region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied along the drag (RegionDrag)"),
     "DragDiffusion": ("dragdiffusion", "slowest (20 s idle, minutes busy): an identity LoRA, then latent optimisation"),
     "GoodDrag": ("gooddrag", "DragDiffusion's cost or more: the drag spread over several timesteps, keeps content"),
     "DiffEditor": ("diffeditor", "~6–25 s, no training: gradient guidance while sampling"),

@@ -66,13 +66,24 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
     return out
 
 
+EXAMPLE_METHODS = ("Instant", "Instant", "Region", "DiffEditor")  # the default first; each lands its example
+
+
 def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
-    """Held-out toy scenes (never trained on): drag the first shape's centroid 12–20 px."""
-    from models.toy_world import make_cases
+    """Held-out toy scenes (never trained on): drag the first shape's centroid 12–20 px to where the toy world
+    could have placed it (clear of the other shapes: the toy model has never seen shapes touch, so a drag onto
+    another shape asks it for something it cannot draw)."""
+    from models.toy_world import apart, make_cases
+
+    def fair(c) -> bool:
+        dx, dy = c.target[0] - c.handle[0], c.target[1] - c.handle[1]
+        others = [o for o in c.scene.shapes if o is not c.shape]
+        cx, cy = c.shape.center[0] + dx, c.shape.center[1] + dy
+        return np.hypot(dx, dy) >= 12 and all(apart(cx, cy, c.shape.radius, o) for o in others)
 
     folder.mkdir(parents=True, exist_ok=True)
-    methods = ["Instant", "DiffEditor", "Instant", "DragonDiffusion"]
-    cases = [c for c in make_cases(40) if np.hypot(c.target[0] - c.handle[0], c.target[1] - c.handle[1]) >= 12][:n]
+    methods = EXAMPLE_METHODS
+    cases = [c for c in make_cases(40) if fair(c)][:n]
     for i, case in enumerate(cases):
         name = f"toy-{i + 1}"
         case.scene.image.save(folder / f"{name}.png")
