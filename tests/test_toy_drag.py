@@ -22,3 +22,12 @@ def test_metric_rewards_a_perfect_drag_and_not_the_input():
         swapped = tw.render(others + [case.shape.moved(dy, dx)], case.scene.background).image
         if abs(dx - dy) > 4:  # an (x, y) <-> (row, col) mix-up is caught
             assert not toy_drag.measure(case, swapped)["success"]
+
+
+def test_the_tuning_split_shares_no_scene_with_the_benchmark_or_training():
+    bench = {c.scene.seed for c in toy_drag.make_cases(50)}
+    tune = {c.scene.seed for c in toy_drag.make_cases(50, toy_drag.SPLITS["tune"])}
+    assert not bench & tune and min(bench | tune) >= tw.HELDOUT_SEED  # training seeds stay below HELDOUT_SEED
+    assert max(bench) < tw.TUNE_SEED
+    rows = toy_drag.evaluate([toy_drag.Job("noop", 0, 1, {}, toy_drag.SPLITS["tune"])], "toy")
+    assert rows[0]["seed"] in tune
