@@ -9,7 +9,8 @@ from PIL import Image
 
 from editing.requests import MAX_POINT_PAIRS, DragRequest, EditCancelled, EditError
 from ui import drag_tab, overlay
-from ui.drag_tab import Session, apply_edit, method_name
+from ui.drag_session import Session, apply_edit
+from ui.drag_tab import method_name
 from ui.feedback import LiveProgress
 
 SIZE = (96, 64)
