@@ -33,7 +33,7 @@ class Editor:
         """``trust_lora_paths``: whether the ``loras`` of a request may be server paths (and, with
         ``allow_pickle``, pickles). True for the CLI and scripts; the app passes False, so its clients (UI and
         API) choose LoRAs by library name only (editing/lora_library/files.py). A call's ``trusted=`` overrides."""
-        from models.loader import resolve_auto
+        from models.choose import resolve_auto
 
         self.banner = ""
         if model_spec == "auto":
@@ -59,7 +59,7 @@ class Editor:
         """"SDXL", "Stable Diffusion 1.x", … of the model (read from its configs; None if only loading can tell)."""
         if self._bundle is not None:
             return self._bundle.family.label
-        from models.loader import family_hint
+        from models.choose import family_hint
 
         return family_hint(self.model_spec)
 

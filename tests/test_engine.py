@@ -147,14 +147,14 @@ def test_unknown_model_spec_is_a_clear_error():
 
 
 def test_auto_falls_back_to_builtin_with_banner(monkeypatch):
-    from models import loader
+    from models import choose
 
-    loader.resolve_auto.cache_clear()
+    choose.resolve_auto.cache_clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ed = Editor("auto")
-    assert ed.model_name == loader.best_offline_builtin()
+    assert ed.model_name == choose.best_offline_builtin()
     assert "not available" in ed.banner
-    loader.resolve_auto.cache_clear()
+    choose.resolve_auto.cache_clear()
 
 
 def test_cancel_mid_run_then_next_request_works(editor):

@@ -7,7 +7,7 @@ import torch
 from editing.generation import ControlNetUnit, GenerateRequest, SketchRequest
 from editing.requests import EditError
 from editing.sampling import NoisePredictor, Schedule, denoise, invert, to_eps
-from models import families, loader
+from models import choose, families, loader
 from tests.conftest import scene
 
 FAST = {"n_inference_steps": 4, "width": 64, "height": 64}
@@ -26,7 +26,7 @@ def ed(request):
 # ---- detection ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["tiny", "tiny-sdxl", "tiny-sd2-v", "toy"])
 def test_family_is_detected_from_the_configs(spec):
-    if spec == "toy" and not loader.toy_available():
+    if spec == "toy" and not choose.toy_available():
         pytest.skip("the toy model is not in this checkout")
     b = loader.load_bundle(spec, device="cpu")
     f = b.family

@@ -81,19 +81,19 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
 def test_toy_model_ships_and_is_the_offline_default(monkeypatch):
     """The trained toy model (models/toy) loads through the same path as a Hub model: 4× VAE read from its
     config, 64² native size; without SD-1.5 it is what `auto` starts on, with a banner that says so."""
-    from models import loader
+    from models import choose, loader
 
-    assert loader.toy_available(), "models/toy is part of the repository"
+    assert choose.toy_available(), "models/toy is part of the repository"
     b = loader.load_bundle("toy")
     assert b.name == "toy" and b.source == "builtin"
     assert b.vae_scale_factor == 4 and b.native_resolution == 64
     assert b.vae.dtype == torch.float32  # fp16 on disk, fp32 on the CPU
-    monkeypatch.setattr(loader, "sd15_available", lambda timeout_s=5.0: (False, "offline"))
-    loader.resolve_auto.cache_clear()
+    monkeypatch.setattr(choose, "sd15_available", lambda timeout_s=5.0: (False, "offline"))
+    choose.resolve_auto.cache_clear()
     try:
-        spec, banner = loader.resolve_auto()
+        spec, banner = choose.resolve_auto()
     finally:
-        loader.resolve_auto.cache_clear()
+        choose.resolve_auto.cache_clear()
     assert spec == "toy" and "'toy'" in banner and "examples" in banner
 
 
