@@ -196,7 +196,8 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     """Editor (models load lazily on first use) + UI, with the bounded shared queue. ``editor``/``settings``: an
     Editor already loaded and slider start values (tests)."""
     from ui import build_demo
-    from ui.common import check_inputs, configure, wire_history
+    from ui.common import configure, wire_history
+    from ui.fields import check_inputs
 
     if editor is None and getattr(args, "backend", "local") != "local":
         editor = remote_editor(args.backend)

@@ -43,14 +43,14 @@ def test_a_cancelled_stream_leaves_every_output_as_it_is():
     (None, "got None"),
 ])
 def test_checked_numbers_name_field_range_and_value(value, expected):
-    from ui.common import checked_number
+    from ui.fields import checked_number
 
     with pytest.raises(gr.Error, match=expected):
         checked_number("seed", value, (0, 100, 7, "random seed"))
 
 
 def test_checked_widgets_keep_their_frontend_and_read_good_values():
-    from ui.common import check_all_numbers, field_input
+    from ui.fields import check_all_numbers, field_input
 
     with gr.Blocks() as demo:
         steps = field_input("steps", (1, 50, 10, "DDIM steps"), 10, "steps")
@@ -101,7 +101,7 @@ def test_clients_name_loras_by_library_name_only():
 
 
 def test_any_input_gradio_cannot_read_is_one_line_naming_the_field():
-    from ui.common import check_inputs
+    from ui.fields import check_inputs
 
     with gr.Blocks() as demo:
         photo, out = gr.File(label="Photo"), gr.Textbox()

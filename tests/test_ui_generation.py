@@ -87,7 +87,7 @@ def test_generate_endpoint_with_units(client, files):
 
 @pytest.mark.parametrize("call, match", [
     (lambda c, f: sketch(c, f["blank"]), "The sketch is blank"),
-    (lambda c, f: sketch(c, f["drawing"], batch=99), r"batch=99 is outside \[1, 8\]"),  # ui.common.checked
+    (lambda c, f: sketch(c, f["drawing"], batch=99), r"batch=99 is outside \[1, 8\]"),  # ui.fields.checked
     (lambda c, f: generate(c, [{"kind": "controlnet", "image": 0, "start": 0.8, "end": 0.2}], [f["edges"]]),
      "must be before its end"),
     (lambda c, f: generate(c, [{"kind": "controlnet", "image": 3}], [f["edges"]]), "not an index"),

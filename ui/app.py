@@ -2,7 +2,8 @@
 
 Tabs are built by the functions in ``TABS`` (``module:function``, each ``build(editor, settings, links)``);
 a tab module not written yet is skipped. ``ui/links.py`` is how tabs send images to each other; what they share
-(history, error wrapper, progress, Cancel, widgets built from the engine's field tables) is in ``ui/common.py``.
+(history, error wrapper, progress, Cancel) is in ``ui/common.py``; the widgets built from the engine's field
+tables are in ``ui/fields.py``.
 """
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
 """What every tab shares: per-session history (ui/history.py, re-exported), the error wrapper that also stops a
-run whose client cancelled or left, progress, Cancel, and widgets built from the engine's field tables
-(``name -> (min, max, default, why)``).
-
-No default of a request field is written in ui/: sliders and fallbacks read them from those tables
-(editing.requests, editing.generation), so the engine and the UI cannot disagree.
+run whose client cancelled or left, progress, Cancel, and the values the handlers pass around. The widgets
+built from the engine's field tables, and the checks of every input, are in ui/fields.py.
 
 Serving settings (outputs folder, recipes without the input, time budget per request) are set once by app.py
 with ``configure``; a tab built on its own (tests) keeps its results in a temp folder only.
@@ -17,15 +14,13 @@ import math
 import random
 import threading
 import time
-import types
 
 import gradio as gr
 import numpy as np
 from PIL import Image
 
-from editing.checks import check_number
 from editing.generation import GENERATE_FIELDS
-from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS, EditCancelled, EditError
+from editing.requests import EditCancelled, EditError
 from ui import overlay
 # The history every tab keeps is in ui/history.py; these names are part of what the tabs share from here.
 from ui.history import (SERVING, BeforeAfter, History, Results, Serving, configure, new_history_key,  # noqa: F401
@@ -371,161 +366,3 @@ def sender(links, tab_id: str):
     """(fn, outputs) that sends the selected result to ``tab_id`` via ui/links.py."""
     send, outputs = links.send_to(tab_id)
     return (lambda results: send(results.current())), outputs
-
-
-# ---- widgets from the field tables ------------------------------------------------------------------------
-# Gradio's own Number/Slider preprocess compares and rounds whatever an API client sent: text fails with the
-# generic "upstream Gradio app has raised an exception", NaN passes or dies in int(). These widgets check the
-# raw value first and answer in one line naming the field, its range and what was sent.
-def checked_number(name: str, value, spec: tuple, precision: int | None = None):
-    """``value`` checked against ``spec = (min, max, default, why)`` by the engine's own check
-    (``editing.checks.check_number``: text holding a number is read; 'abc', NaN, ±inf, booleans, fractions for
-    whole numbers and values out of range are one line naming the field, its range and what was sent), as
-    gr.Error. Whole numbers when the default is an int or ``precision == 0``; ``None`` bounds: unbounded."""
-    lo, hi, default, why = spec
-    whole = precision == 0 or (isinstance(default, int) and not isinstance(default, bool))
-    why = why or "see this endpoint on the app's API page"
-    if lo is None or hi is None:  # no range of its own: only a finite number (the request checks its range)
-        v = value.strip() if isinstance(value, str) else value
-        try:
-            ok = not isinstance(v, bool) and math.isfinite(float(v)) and (not whole or float(v) == int(float(v)))
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            kind = "a finite whole number" if whole else "a finite number"
-            raise gr.Error(f"{name} must be {kind}, got {_shown(value)}; {why}.")
-        v = float(v)
-        return int(v) if whole else (v if precision is None else round(v, precision))
-    try:
-        v = check_number(name, value, {name: (lo, hi, 0 if whole else 0.0, why)})
-    except EditError as e:
-        raise gr.Error(str(e)) from None
-    return v if precision in (None, 0) or whole else round(v, precision)
-
-
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _checked_preprocess(component, payload):
-    """``preprocess`` of a checked gr.Number / gr.Slider (bound to the instance by ``checked``)."""
-    name, spec = component.dragcanvas_check
-    if payload is None and isinstance(component, gr.Number) and spec[2] is None:
-        return None  # an empty number box: the handler's own default
-    return checked_number(name, payload, spec, getattr(component, "precision", None))
-
-
-def checked(component, name: str | None = None, spec: tuple | None = None):
-    """Make a built gr.Number / gr.Slider check what API clients send (in place; returns it). ``name`` and
-    ``spec`` default to the widget's label and minimum/maximum. (An instance attribute, not a subclass: Gradio's
-    component metaclass writes a .pyi stub next to the module of every subclass.)"""
-    if getattr(component, "dragcanvas_check", None) is None:
-        component.dragcanvas_check = (name or component.label or component.elem_id or "value",
-                                      spec or (component.minimum, component.maximum, None, component.info or ""))
-        component.preprocess = types.MethodType(_checked_preprocess, component)
-    return component
-
-
-def check_all_numbers(demo: gr.Blocks) -> int:
-    """Every gr.Number / gr.Slider of the app checks its API value (those not built by ``field_input`` get their
-    label and own bounds); returns how many were changed."""
-    n = 0
-    for block in list(demo.blocks.values()):
-        if isinstance(block, (gr.Number, gr.Slider)) and getattr(block, "dragcanvas_check", None) is None:
-            checked(block)
-            n += 1
-    return n
-
-
-def _expects(component) -> str:
-    if isinstance(component, (gr.File, gr.Image, gr.Gallery)):
-        return "a file (upload it first, e.g. with gradio_client.handle_file)"
-    if isinstance(component, gr.Radio):
-        return f"one of {', '.join(repr(c[1] if isinstance(c, tuple) else c) for c in component.choices)}"
-    if isinstance(component, gr.Dropdown):
-        return "a list of names"
-    if isinstance(component, gr.Textbox):
-        return "text"
-    return f"a value for {type(component).__name__}"
-
-
-def _guarded_preprocess(component, payload):
-    """``preprocess`` of any input: Gradio's own, but a value it cannot read (False for a file, a number for a
-    choice list) is one line naming the field instead of the generic "upstream Gradio app has raised an
-    exception"."""
-    try:
-        return component.dragcanvas_preprocess(payload)
-    except gr.Error:
-        raise
-    except Exception as e:  # noqa: BLE001 - whatever Gradio's reader raised, the client sent something unreadable
-        name = component.label or component.elem_id or type(component).__name__
-        raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(payload)} ({type(e).__name__}).") from None
-
-
-def _checked_model(model, component):
-    """``model`` (the component's pydantic data model, e.g. FileData) whose ``model_validate`` answers a value of
-    the wrong shape (``False`` for a file) in one line: Gradio validates it before ``preprocess``."""
-    import pydantic
-
-    def model_validate(cls, obj, *args, **kwargs):
-        try:
-            return super(checked_cls, cls).model_validate(obj, *args, **kwargs)
-        except pydantic.ValidationError:
-            name = component.label or component.elem_id or type(component).__name__
-            raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(obj)}.") from None
-
-    # same name and module: the API page and its JSON schema still say FileData
-    checked_cls = type(model.__name__, (model,), {"model_validate": classmethod(model_validate),
-                                                  "__module__": model.__module__})
-    return checked_cls
-
-
-def check_inputs(demo: gr.Blocks) -> int:
-    """Every input of the app answers bad API values in one line: numbers are checked (``check_all_numbers``),
-    and any other component's reader failing becomes a message naming the field. Returns how many inputs."""
-    check_all_numbers(demo)
-    inputs = {id(c): c for fn in demo.fns.values() for c in fn.inputs}
-    n = 0
-    for c in inputs.values():
-        if getattr(c, "stateful", False) or isinstance(c, gr.BrowserState) or hasattr(c, "dragcanvas_preprocess"):
-            continue
-        c.dragcanvas_preprocess = c.preprocess
-        c.preprocess = types.MethodType(_guarded_preprocess, c)
-        model = getattr(c, "data_model", None)
-        if isinstance(model, type) and hasattr(model, "model_validate"):
-            c.data_model = _checked_model(model, c)
-        n += 1
-    return n
-
-
-def field_input(name: str, spec: tuple, value, elem_id: str, label: str | None = None) -> gr.components.Component:
-    """A slider (or a number box for wide integer ranges, e.g. seeds) for a ``(min, max, default, why)`` entry;
-    it checks what API clients send (``checked``)."""
-    lo, hi, default, why = spec
-    label = label or name.replace("_", " ").capitalize()
-    if isinstance(default, int) and hi - lo > 10_000:  # seeds: a slider would be useless
-        box = gr.Number(value=value, minimum=lo, maximum=hi, precision=0, label=label, info=why, elem_id=elem_id)
-        return checked(box, name, tuple(spec))
-    slider = gr.Slider(lo, hi, value=value, step=slider_step(spec), label=label, info=why, elem_id=elem_id)
-    return checked(slider, name, tuple(spec))
-
-
-def slider_step(spec: tuple) -> float:
-    """1 for whole numbers; else one decade below the smallest meaningful value (the minimum, a hundredth of the
-    range, a tenth of the default), e.g. 1e-5 for a learning rate in [1e-5, 1e-2]."""
-    lo, hi, default, _ = spec
-    if isinstance(default, int):
-        return 1
-    return 10 ** math.floor(math.log10(min(v for v in (lo, hi / 100, default / 10) if v > 0)))
-
-
-def guided_input(name: str, task: str = "drag") -> gr.components.Component:
-    """A slider for a guided-method field, starting at ``task``'s published default (GUIDED_DEFAULTS); the API
-    sends it as ``guided_<name>``."""
-    lo, hi, default, why = GUIDED_FIELDS[name]
-    value = GUIDED_DEFAULTS[task].get(name, default)
-    step = 1 if isinstance(default, int) or isinstance(value, int) else 0.05
-    slider = gr.Slider(lo, hi, value=value, step=step, label=name.replace("_", " ").capitalize(), info=why,
-                       elem_id=f"guided-{name}")
-    return checked(slider, f"guided_{name}", (lo, hi, value, why))

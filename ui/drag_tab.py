@@ -38,9 +38,10 @@ from ui import overlay
 from ui.drag_session import Session, editor_html
 from ui.feedback import LiveProgress
 # notify and shows_errors are also imported from here by ui/personalize_tab.py.
-from ui.common import (GPU_SECONDS, MASK_CANVAS, EngineProgress, GpuHandlers, arm, canvas_image,
-                       field_input, guided_input, lora_picker, lora_specs, notify, on_select, request_cancel,
-                       shows_errors, streams_errors, summary, timings, with_loras)
+from ui.common import (GPU_SECONDS, MASK_CANVAS, EngineProgress, GpuHandlers, arm, canvas_image, lora_picker,
+                       lora_specs, notify, on_select, request_cancel, shows_errors, streams_errors, summary, timings,
+                       with_loras)
+from ui.fields import field_input, guided_input
 from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)

@@ -36,10 +36,11 @@ from editing.generation import (
 from editing.images import load_image
 from editing.requests import EditError
 from ui import examples
-from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, field_input, lora_picker,
-                       lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
-                       sender, shows_errors, status_line, streams_errors)
+from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
+                       pick_seed, request_cancel, results_gallery, run_controls, sender, shows_errors, status_line,
+                       streams_errors)
 from ui.feedback import LiveProgress
+from ui.fields import field_input
 from ui.zerogpu import gpu
 
 N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS

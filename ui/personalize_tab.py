@@ -26,6 +26,7 @@ from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, su
 from editing.requests import EditError
 from ui import examples, lora_picker
 from ui.common import notify, shows_errors, streams_errors
+from ui.fields import field_input
 from ui.zerogpu import gpu, zero_gpu
 
 
@@ -197,14 +198,7 @@ def arm(session: TrainSession) -> None:
 
 # ---- layout and wiring ----------------------------------------------------------------------------------
 def _field_input(name: str, value):
-    lo, hi, default, why = PERSONALIZE_FIELDS[name]
-    label = LABELS.get(name, name.replace("_", " ").capitalize())
-    is_int = all(isinstance(v, int) for v in (lo, hi, default))
-    if is_int and hi - lo > 10_000:
-        return gr.Number(value=value, minimum=lo, maximum=hi, precision=0, label=label, info=why,
-                         elem_id=f"pz-{name}")
-    step = 1 if is_int else 10 ** math.floor(math.log10(min(v for v in (lo, default / 10) if v > 0)))
-    return gr.Slider(lo, hi, value=value, step=step, label=label, info=why, elem_id=f"pz-{name}")
+    return field_input(name, PERSONALIZE_FIELDS[name], value, f"pz-{name}", LABELS.get(name))
 
 
 def build_personalize_tab(editor, settings: dict | None = None, links=None) -> None:

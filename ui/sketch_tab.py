@@ -23,10 +23,10 @@ from editing.generation import SKETCH_FIELDS, SketchRequest
 from editing.images import load_image, load_sketch
 from editing.requests import EditError
 from ui import examples
-from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, field_input, lora_picker,
-                       lora_specs, notify, on_select, pick_seed, request_cancel, results_gallery, run_controls,
-                       sender, status_line, streams_errors)
+from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
+                       pick_seed, request_cancel, results_gallery, run_controls, sender, status_line, streams_errors)
 from ui.feedback import LiveProgress
+from ui.fields import field_input
 from ui.zerogpu import gpu
 
 BRUSH_COLOURS = ["#000000", "#e03030", "#f0a020", "#f5e040", "#30a040", "#3070e0", "#8040c0", "#8b5a2b",
