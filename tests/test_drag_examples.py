@@ -7,7 +7,7 @@ import pytest
 
 from bench import methods as bm
 from models import toy_world as tw
-from ui.drag_tab import DEFAULT_METHOD, METHODS
+from ui.drag_methods import DEFAULT_METHOD, METHODS
 from ui.examples import EXAMPLES_DIR, load_examples
 
 EXAMPLES = load_examples()

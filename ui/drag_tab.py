@@ -1,8 +1,9 @@
 """The Drag tab: upload, paint the area that may change, drag handle → target points, see the instant warp
 at once, run a drag method and watch it work.
 
-Read top to bottom: methods, instant UI handlers, engine handlers, layout, wiring; the per-session state (the
-point list with undo/redo, the point editor's HTML) is ui/drag_session.py. The point editor is a ``gr.HTML``
+Read top to bottom: instant UI handlers, engine handlers, layout, wiring. The method switch and the /drag
+inputs -> request are ui/drag_methods.py; the per-session state (the point list with undo/redo, the point
+editor's HTML) is ui/drag_session.py. The point editor is a ``gr.HTML``
 with its own script (ui/js/point_editor.js): the browser turns pointer and key input into edits, the server
 applies each to the session's point list (the only copy that counts) and re-renders; the points line
 acknowledges every edit with the point count.
@@ -29,12 +30,12 @@ import numpy as np
 from PIL import Image
 
 from editing.generation import GENERATE_FIELDS
-from editing.images import load_image, load_mask
-from editing.instant_drag import INSTANT_FIELDS, InstantDragRequest
-from editing.region_drag import REGION_FIELDS, RegionDragRequest
-from editing.requests import (GOODDRAG, GUIDED_FIELDS, DragRequest, EditCancelled, EditError,
-                              GuidedDragRequest, pair_points, parse_points)
+from editing.images import load_image
+from editing.instant_drag import INSTANT_FIELDS
+from editing.region_drag import REGION_FIELDS
+from editing.requests import GOODDRAG, DragRequest, EditCancelled, EditError
 from ui import overlay
+from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, drag_request, method_info
 from ui.drag_session import Session, editor_html
 from ui.feedback import LiveProgress
 # notify and shows_errors are also imported from here by ui/personalize_tab.py.
@@ -65,91 +66,6 @@ EDITOR_CSS = """
 .pe .pe-sel { fill: none; stroke: #ffd200; stroke-width: 3px; vector-effect: non-scaling-stroke; }
 .pe-empty { padding: 2em 1em; line-height: 1.4; color: var(--body-text-color-subdued); }
 """
-
-
-# ---- methods ---------------------------------------------------------------------------------------
-# label -> (engine name, what it costs: one line); the order is the switch's order.
-ALL_METHODS = {  # costs measured on the toy model, 2 CPU cores (bench.toy_drag; DragDiffusion on a busy machine)
-    "Instant": ("instant", "~0.3 s on toy, no training: one warp of the inverted latent, then denoising (FastDrag)"),
-    "Region": ("region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied along the drag (RegionDrag)"),
-    "DragDiffusion": ("dragdiffusion", "slowest (20 s idle, minutes busy): an identity LoRA, then latent optimisation"),
-    "GoodDrag": ("gooddrag", "DragDiffusion's cost or more: the drag spread over several timesteps, keeps content"),
-    "DiffEditor": ("diffeditor", "~6–25 s, no training: gradient guidance while sampling"),
-    "DragonDiffusion": ("dragondiffusion", "~6–25 s, no training: gradient guidance, no inpainting term"),
-}
-METHODS = {label: name for label, (name, _) in ALL_METHODS.items()}
-COSTS = {label: ALL_METHODS[label][1] for label in METHODS}
-# The page starts on Instant when it exists: it answers in about a second (toy, 2 CPU cores) and the live preview
-# shows what it starts from. API clients that name no method keep getting DragDiffusion, as before the switch.
-DEFAULT_METHOD = "Instant" if "Instant" in METHODS else "DragDiffusion"
-API_DEFAULT_METHOD = "DragDiffusion"
-_ALIASES = {"fastdrag": "instant", "regiondrag": "region"}
-
-
-def method_name(choice) -> str:
-    """A METHODS label or an engine name, any case ("DiffEditor", "diffeditor", "FastDrag") -> the engine name;
-    none given -> API_DEFAULT_METHOD's."""
-    key = str(choice or API_DEFAULT_METHOD).strip().lower()
-    names = {label.lower(): name for label, name in METHODS.items()} | {n: n for n in METHODS.values()}
-    name = names.get(_ALIASES.get(key, key))
-    if name is None:
-        raise EditError(f"Unknown method {choice!r}: use one of {', '.join(METHODS)}.")
-    return name
-
-
-def method_info() -> str:
-    return " · ".join(f"**{label}**: {COSTS[label]}" for label in METHODS)
-
-
-def parse_clicks(text: str | None):
-    """'[[x, y], [x, y], ...]' (alternating handle, target) or 'x,y>x,y;...' -> ((handle, target), ...)."""
-    text = (text or "").strip()
-    if text and not text.startswith("["):
-        return parse_points(text)
-    try:
-        clicks = json.loads(text or "[]")
-    except json.JSONDecodeError:
-        raise EditError('Points must be JSON like "[[x, y], [x, y]]": handle, target, handle, target, …') from None
-    if not isinstance(clicks, list) or not all(isinstance(p, list) and len(p) == 2 for p in clicks):
-        raise EditError('Points must be a list of [x, y] pairs like "[[10, 20], [30, 20]]".')
-    return pair_points([tuple(p) for p in clicks])
-
-
-def _prefixed(settings: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: settings.pop(k) for k in list(settings) if k.startswith(prefix)}
-
-
-def _gooddrag(settings: dict) -> dict:
-    """GoodDrag's published values for every DragDiffusion setting left at its default (a moved slider wins)."""
-    out = dict(settings)
-    for k, v in GOODDRAG.items():
-        if k not in FIELDS or settings.get(k, FIELDS[k][2]) == FIELDS[k][2]:
-            out[k] = v
-    return out
-
-
-def drag_request(image, mask, points, prompt, settings: dict):
-    """The /drag inputs -> the request of the chosen method.
-
-    ``settings``: DragRequest values by name, ``method``, and the other methods' values as ``guided_<name>``,
-    ``instant_<name>``, ``region_<name>``."""
-    if not image:
-        raise EditError("No image: upload or generate an image first.")
-    method = method_name(settings.pop("method", None))
-    guided, instant, region = (_prefixed(settings, p) for p in ("guided_", "instant_", "region_"))
-    common = dict(image=load_image(image), points=parse_clicks(points), mask=load_mask(mask) if mask else None,
-                  prompt=prompt or "")
-    if method == "dragdiffusion":
-        return DragRequest(**common, **settings)
-    if method == "gooddrag":
-        return DragRequest(**common, **_gooddrag(settings))
-    if method == "instant":
-        return InstantDragRequest(**common, **instant)
-    if method == "region":
-        return RegionDragRequest(**common, **region)
-    # The guided methods share only steps and seed with the DragDiffusion sliders.
-    shared = {k: settings.get(k, GUIDED_FIELDS[k][2]) for k in ("n_inference_steps", "seed")}
-    return GuidedDragRequest(**common, method=method, **shared, **guided)
 
 
 # ---- instant handlers (no engine) -----------------------------------------------------------------
