@@ -46,6 +46,16 @@ def editor():
     return ed
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """The trained toy model (models/toy), one Editor per test module: its caches never leak between modules."""
+    from editing.engine import Editor
+
+    ed = Editor("toy")
+    ed.load()
+    return ed
+
+
 @pytest.fixture(scope="session")
 def bundle(editor):
     return editor.load()

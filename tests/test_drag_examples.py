@@ -13,15 +13,6 @@ from ui.examples import EXAMPLES_DIR, load_examples
 EXAMPLES = load_examples()
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from editing.engine import Editor
-
-    ed = Editor("toy")
-    ed.load()
-    return ed
-
-
 def test_the_first_example_uses_the_default_method():
     assert EXAMPLES and EXAMPLES[0].method == DEFAULT_METHOD
     assert all(ex.method in METHODS for ex in EXAMPLES)

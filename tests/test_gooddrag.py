@@ -100,18 +100,9 @@ def test_too_many_drag_timesteps_are_clamped_with_a_notice(editor):
     assert any("spread over 2 timesteps" in n for n in r.notices)
 
 
-@pytest.fixture(scope="module")
-def toy_editor():
-    from editing.engine import Editor
-
-    ed = Editor("toy")
-    ed.load()
-    return ed
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # three real drags: ~50 s each on 2 idle cores, several minutes when they are busy
-def test_gooddrag_moves_toy_shapes_closer_than_noop(toy_editor):
+def test_gooddrag_moves_toy_shapes_closer_than_noop(toy):
     """Real drags: the toy model knows its world, so GoodDrag's drag with its published settings must bring the
     shape nearer the target than leaving the picture alone (the benchmark's noop). The identity LoRA (DragDiffusion's
     part, not GoodDrag's) is off to keep the test short; the benchmark runs it with (report: MD 5.2 vs noop 12.4)."""
@@ -122,7 +113,7 @@ def test_gooddrag_moves_toy_shapes_closer_than_noop(toy_editor):
     for case in cases:
         req = DragRequest(case.scene.image, ((case.handle, case.target),), case.mask, prompt=case.scene.caption,
                           **{**GOODDRAG, "lora_steps": 0})
-        r = toy_editor.drag(req)
+        r = toy.drag(req)
         got.append(measure(case, r.image)["md"])
         noop.append(measure(case, case.scene.image)["md"])
         # the tracked handle ends nearer the target than it started

@@ -89,15 +89,6 @@ def test_instant_fields_are_declared_once():
     assert INSTANT_FIELDS["guidance_scale"].default == 1.0 and "seed" in INSTANT_FIELDS
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from editing.engine import Editor
-
-    ed = Editor("toy")
-    ed.load()
-    return ed
-
-
 def test_instant_moves_toy_shapes_towards_their_targets(toy):
     from bench.toy_drag import make_cases, measure
 

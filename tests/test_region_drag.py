@@ -104,15 +104,6 @@ def test_region_fields_are_declared_once():
     assert REGION_FIELDS["end_t"].default == 0.2 and REGION_FIELDS["guidance_scale"].default == 1.0
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from editing.engine import Editor
-
-    ed = Editor("toy")
-    ed.load()
-    return ed
-
-
 def test_region_moves_toy_shapes_towards_their_targets(toy):
     from bench.toy_drag import make_cases, measure
 

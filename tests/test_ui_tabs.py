@@ -147,15 +147,6 @@ def test_personalize_example_trains(page, tmp_path, monkeypatch):
 
 
 # ---- on the toy model, each example does what it says -------------------------------------------------------
-@pytest.fixture(scope="module")
-def toy():
-    from editing.engine import Editor
-
-    ed = Editor("toy")
-    ed.load()
-    return ed
-
-
 def _found_near(image, colour: str, where, tol: float = 6.0) -> tuple[bool, object]:
     from models.toy_world import centroid, largest_blob, segment_colour
 
