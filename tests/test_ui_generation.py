@@ -224,3 +224,42 @@ def test_split_canvas_blank_photo_and_upload_only():
     sketch, photo = split_canvas({"background": grey, "layers": [np.zeros_like(strokes)]})
     assert photo is None and sketch.mode == "RGB"  # an upload without strokes is a finished drawing
     assert split_canvas(None) == (None, None)
+
+
+def test_generation_streams_the_sampling_preview_into_the_gallery(ed):
+    """While the engine samples, the gallery shows the kept results plus the newest x̂₀ preview (not kept), and
+    the final yield is the result alone. The engine is held at its first preview until the handler has shown
+    it, so the test waits for the handler's output, never for time."""
+    import threading
+
+    from editing.generation import GenerateRequest
+    from ui.common import Results
+    from ui.feedback import stream_to_gallery
+
+    shown = threading.Event()
+
+    def edit(req, progress, cancel, loras):
+        class HoldAtFirstPreview:  # the engine's progress, passed through to the handler's LiveProgress
+            def __call__(self, *args):
+                progress(*args)
+
+            def preview(self, step, image):
+                progress.preview(step, image)
+                shown.wait(120)
+
+        return ed.edit(req, progress=HoldAtFirstPreview(), cancel=cancel, loras=loras)
+
+    results = Results()
+    stream = stream_to_gallery(edit, GenerateRequest("x", width=64, height=64, n_inference_steps=6), results,
+                               None, None, ())
+    captions = []
+    try:
+        while True:
+            gallery, _, _, status = next(stream)
+            if isinstance(gallery, list):
+                captions.append([c for _, c in gallery])
+                shown.set()
+    except StopIteration as stop:
+        result = stop.value
+    assert captions and "preview at step" in captions[0][-1] and "(not kept)" in captions[0][-1]
+    assert result is not None and result.images and len(results.gallery()) == 0  # the preview was never kept

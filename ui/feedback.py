@@ -195,3 +195,21 @@ class LiveProgress:
         if "error" in outcome:
             raise outcome["error"]
         self.result = outcome.get("result")
+
+
+def stream_to_gallery(edit, req, results, cancel, progress, loras) -> Iterator[tuple]:
+    """Run ``edit(req, …)`` (a tab's GPU-wrapped ``Editor.edit``) in a worker and yield the four outputs of a
+    generating tab — gallery, download, details, status — while it samples: the kept results plus the newest
+    x̂₀ preview when the engine sends one, and "Running: …". Returns the result: ``result = yield from …``."""
+    live = LiveProgress(progress)
+    call = lambda cb: edit(req, progress=cb, cancel=cancel, loras=loras)  # noqa: E731
+    for snap in live.follow(call, cancel=cancel):
+        if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
+            yield (_live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")
+    return live.result
+
+
+def _live_gallery(results, snap):
+    if not snap.new_preview or snap.preview is None:
+        return gr.skip()
+    return [*results.gallery(), (snap.preview, f"preview at step {snap.preview_step} (not kept)")]

@@ -39,7 +39,7 @@ from ui import examples
 from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
                        pick_seed, request_cancel, results_gallery, run_controls, sender, shows_errors, status_line,
                        streams_errors)
-from ui.feedback import LiveProgress
+from ui.feedback import stream_to_gallery
 from ui.fields import field_input
 from ui.zerogpu import gpu
 
@@ -198,14 +198,6 @@ def load_example(evt: gr.SelectData):
     return ex.values["prompt"], ex.values["seed"], False
 
 
-def live_gallery(results: Results, snap):
-    """The results gallery while a run samples: the kept results plus the newest x̂₀ preview, when the engine
-    sends previews (``Run.preview``; ui/feedback.py); else unchanged."""
-    if not snap.new_preview or snap.preview is None:
-        return gr.skip()
-    return [*results.gallery(), (snap.preview, f"preview at step {snap.preview_step} (not kept)")]
-
-
 # ---- engine handler ----------------------------------------------------------------------------------
 class GenerateHandlers(GpuHandlers):
     def __init__(self, editor):
@@ -219,13 +211,8 @@ class GenerateHandlers(GpuHandlers):
         cns, ads, ip = parse_units(units, files)
         req = GenerateRequest(prompt or "", negative_prompt or "", controlnets=cns, adapters=ads, ip_adapter=ip,
                               **settings)
-        cancel = self.cancel_of(results)
-        live = LiveProgress(progress)
-        call = lambda cb: self._edit(req, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
-        for snap in live.follow(call, cancel=cancel):
-            if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
-                yield (live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")
-        result = live.result
+        result = yield from stream_to_gallery(self._edit, req, results, self.cancel_of(results), progress,
+                                              lora_specs(loras))
         notify(result.notices)
         kinds = [f"{len(cns)} ControlNet" if cns else "", "T2I-Adapter" if ads else "", "IP-Adapter" if ip else ""]
         results.add(result, ", ".join(["generated", *filter(None, kinds)]), details_of(result))

@@ -25,7 +25,7 @@ from editing.requests import EditError
 from ui import examples
 from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
                        pick_seed, request_cancel, results_gallery, run_controls, sender, status_line, streams_errors)
-from ui.feedback import LiveProgress
+from ui.feedback import stream_to_gallery
 from ui.fields import field_input
 from ui.zerogpu import gpu
 
@@ -114,14 +114,6 @@ def receive_image(path):
     return path if path else gr.skip()
 
 
-def live_gallery(results: Results, snap):
-    """The results gallery while a run samples: the kept results plus the newest x̂₀ preview, when the engine
-    sends previews (``Run.preview``; ui/feedback.py); else unchanged."""
-    if not snap.new_preview or snap.preview is None:
-        return gr.skip()
-    return [*results.gallery(), (snap.preview, f"preview at step {snap.preview_step} (not kept)")]
-
-
 # ---- engine handler ----------------------------------------------------------------------------------
 class SketchHandlers(GpuHandlers):
     def __init__(self, editor):
@@ -138,13 +130,8 @@ class SketchHandlers(GpuHandlers):
                             negative_prompt=negative_prompt or "",
                             scribble_controlnet=(scribble_controlnet or "").strip() or None, **settings)
         notify(req.notices)
-        cancel = self.cancel_of(results)
-        live = LiveProgress(progress)
-        call = lambda cb: self._edit(req, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
-        for snap in live.follow(call, cancel=cancel):
-            if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
-                yield (live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")
-        result = live.result
+        result = yield from stream_to_gallery(self._edit, req, results, self.cancel_of(results), progress,
+                                              lora_specs(loras))
         notify(result.notices[len(req.notices):])
         results.add(result, f"sketch, strength {req.strength:g}", details_of(result))
         yield results.gallery(), *results.shown(), status_line(result, "image")
