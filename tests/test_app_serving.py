@@ -27,7 +27,8 @@ from PIL import Image
 
 from editing.images import read_recipe
 from tests.conftest import scene
-from tests.test_hostile import free_port, served_app
+from tests.serving import free_port
+from tests.test_hostile import served_app
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = "[[20, 30], [40, 30]]"

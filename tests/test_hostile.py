@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import socket
 import struct
 import time
 import zlib
@@ -30,6 +29,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tests.conftest import scene
+from tests.serving import free_port
 
 log = logging.getLogger(__name__)
 GENERIC = "upstream Gradio app has raised an exception"
@@ -39,12 +39,6 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
 # ---- the served app --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served_app(editor, outputs: Path, *extra: str, settings: dict | None = None):
     """app.build + launch in this process; yields (url, demo, args). Serving settings are reset afterwards, and

@@ -3,12 +3,13 @@
 Needs Debian's chromium at /usr/bin/chromium (skipped otherwise). On failure a full-page screenshot
 is saved under tests/artifacts/.
 """
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.serving import launch
 
 pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -20,26 +21,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = Path(__file__).parent / "artifacts"
 FAST = dict(lora_steps=2, n_inference_steps=4, max_steps=3)
 RUN_TIMEOUT_MS = 300_000  # a tiny-model drag takes seconds, but the CI machine has 2 busy cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(demo, attempts: int = 3) -> str:
-    """``demo.launch`` on a free local port; its URL. Gradio gives up on a server that does not answer its first
-    HEAD within 3 s ("localhost is not accessible"), which a loaded 2-core machine can take: then start again."""
-    for attempt in range(1, attempts + 1):
-        try:
-            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                    quiet=True)
-            return url
-        except ValueError as e:
-            if "localhost is not accessible" not in str(e) or attempt == attempts:
-                raise
-            demo.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Sketch and Generate tabs in-process: the /sketch and /text_to_image endpoints through gradio_client, their
 error messages, and one headless-Chromium test that draws on the Sketch canvas and gets an image."""
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
 from editing.images import read_recipe
+from tests.serving import free_port
 
 FAST = {"n_inference_steps": 2}
 ARTIFACTS = Path(__file__).parent / "artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The Personalize tab and the LoRA pickers: gradio_client against the in-process app, plus one browser run."""
-import socket
 from pathlib import Path
 
 import pytest
@@ -8,30 +7,11 @@ from gradio_client.exceptions import AppError
 
 from editing import lora_library as lib
 from tests.conftest import scene
+from tests.serving import launch
 
 # Start values of the tab's sliders (build_demo settings["personalize"]): seconds on the tiny model.
 FAST = {"steps": 2, "rank": 2, "prior_images": 1, "prior_steps": 2, "preview_steps": 2, "resolution": 64,
         "preview_every": 1, "checkpoint_every": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(demo, attempts: int = 3) -> str:
-    """``demo.launch`` on a free local port; its URL. Gradio gives up on a server that does not answer its first
-    HEAD within 3 s ("localhost is not accessible"), which a loaded 2-core machine can take: then start again."""
-    for attempt in range(1, attempts + 1):
-        try:
-            _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
-                                    quiet=True)
-            return url
-        except ValueError as e:
-            if "localhost is not accessible" not in str(e) or attempt == attempts:
-                raise
-            demo.close()
 
 
 @pytest.fixture(scope="module")
