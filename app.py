@@ -79,7 +79,7 @@ def remote_editor(backend: str):
         from editing.serve.client import RemoteEditor
     except ImportError:
         raise SystemExit("--backend ray needs Ray Serve: pip install -r requirements-ray.txt") from None
-    from editing.requests import EditError
+    from models.errors import EditError
 
     try:
         return RemoteEditor(address or "auto")
@@ -214,7 +214,7 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
                         trust_lora_paths=False)  # clients name LoRAs by library name only
     else:
         editor.trust_lora_paths = False
-    log.info("model: %s%s", editor.model_name, f" ({editor.banner})" if editor.banner else "")
+    log.info("model: %s%s", editor.model_spec, f" ({editor.banner})" if editor.banner else "")
     demo = build_demo(editor, settings)
     check_inputs(demo)
     wire_history(demo, browser_secret(outputs))

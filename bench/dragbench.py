@@ -64,7 +64,8 @@ from PIL import Image
 from bench import methods as bm
 from editing.engine import Editor
 from editing.images import load_image, pil_to_tensor, save_png_with_recipe
-from editing.requests import DragRequest, EditError
+from editing.drag import DragRequest
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +418,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or Path("out") / "dragbench" / args.method
     if args.out.resolve() == args.data.resolve():
         p.error("--out must differ from --data (the originals would be mixed with the results).")
-    why = bm.available(args.method, METHODS)
-    if why:
-        p.error(why)
     try:
         args.settings = parse_settings(args.settings, args.method)
     except EditError as e:

@@ -1,14 +1,13 @@
-"""The drag methods every benchmark knows, in one table (``bench.toy_drag``, ``bench.dragbench``, ``bench.perf``).
+"""The drag methods every benchmark knows (``bench.toy_drag``, ``bench.dragbench``, ``bench.perf``): the engine's one
+method table (``editing.drag.methods``) and the benchmarks' own rows, ``noop`` (the baseline) and ``move``.
 
     from bench.methods import METHODS, run_method
     image, unet_calls, seconds = run_method("instant", editor, image, points, mask, prompt, settings)
 
-Each entry builds the method's own request from the same inputs — the image, ``((handle, target), …)``
-in image pixels, the H×W bool mask (``True`` = may change), the prompt — plus ``settings`` (that
-request's numeric fields, e.g. ``{"n_inference_steps": 10}``) and runs it through ``editor.edit``.
-The request modules of the newer methods are imported only when the method runs (or its fields are
-asked for), so the table is complete even where one of them is not installed: ``available(name)``
-says why a method cannot run.
+Each row builds the method's own request from the same inputs — the image, ``((handle, target), …)`` in image
+pixels, the H×W bool mask (``True`` = may change), the prompt — plus ``settings`` (that request's numeric fields,
+e.g. ``{"n_inference_steps": 10}``, merged over the method's preset by the table's one rule) and runs it through
+``editor.edit``. The name ``default`` is the method the Drag tab starts on.
 
 Settings on a command line (``parse_settings``): ``FIELD=VALUE`` goes to every chosen method whose
 request has that field; ``METHOD.FIELD=VALUE`` to that method only. A field no chosen method has is
@@ -16,16 +15,18 @@ an error, so a typo never silently benchmarks the defaults.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from editing.checks import check_number
-from editing.requests import EditError
+from editing.drag.methods import DEFAULT_METHOD, DragMethod
+from editing.drag.methods import METHODS as TABLE
+from editing.requests import GUIDED_FIELDS, MoveRequest
+from models.errors import EditError
 
 Builder = Callable[..., Any]  # (image, points, mask, prompt, settings) -> a request editor.edit takes
 
@@ -50,106 +51,42 @@ class Method:
     about: str  # one line: what it does and what it costs
     build: Builder | None  # None: the baseline, no request at all
     fields: Callable[[], dict]  # {field: FieldSpec} of the settings its request takes
-    needs: tuple[str, str | None] | None = None  # (module, attribute) that must exist to run it
 
 
-# ---- request builders (imports are lazy: the newer methods' modules may not be installed) ---------
-def _fields_of(module: str, attr: str) -> Callable[[], dict]:
-    return lambda: dict(getattr(importlib.import_module(module), attr))
-
-
-def _drag(image, points, mask, prompt, settings):
-    from editing.requests import DragRequest
-
-    return DragRequest(image, tuple(points), mask, prompt=prompt, **settings)
-
-
-def _gooddrag(image, points, mask, prompt, settings):
-    """DragDiffusion with GoodDrag's published options (AlDD, information-preserving supervision)."""
-    from editing.requests import GOODDRAG, DragRequest
-
-    return DragRequest(image, tuple(points), mask, prompt=prompt, **{**GOODDRAG, **settings})
-
-
-def _guided(method: str) -> Builder:
+def _row(m: DragMethod) -> Method:
     def build(image, points, mask, prompt, settings):
-        from editing.requests import GuidedDragRequest
+        return m.request(image, points, mask, prompt, settings)
 
-        return GuidedDragRequest(image=image, points=tuple(points), mask=mask, prompt=prompt, method=method, **settings)
-
-    return build
-
-
-def _instant(image, points, mask, prompt, settings):
-    from editing.instant_drag import InstantDragRequest
-
-    return InstantDragRequest(image=image, points=tuple(points), mask=mask, prompt=prompt, **settings)
-
-
-def _region(image, points, mask, prompt, settings):
-    """Regions from the points (a disc of the request's radius around each handle and target)."""
-    from editing.region_drag import RegionDragRequest
-
-    return RegionDragRequest(image=image, points=tuple(points), mask=mask, prompt=prompt, **settings)
+    return Method(m.name, m.cost, build, lambda: dict(m.fields))
 
 
 def _move(image, points, mask, prompt, settings):
     """The Move tool: ``mask`` is the object (not the editable area), moved by the first pair's offset."""
-    from editing.requests import MoveRequest
-
     (hx, hy), (tx, ty) = tuple(points)[0]
     return MoveRequest(image=image, mask=mask, offset=(tx - hx, ty - hy), prompt=prompt, **settings)
 
 
-_DRAG_FIELDS = _fields_of("editing.requests", "DRAG_FIELDS")
-_GUIDED_FIELDS = _fields_of("editing.requests", "GUIDED_FIELDS")
-
-METHODS: dict[str, Method] = {m.name: m for m in (
+METHODS: dict[str, Method] = {
     # noop checks a drag request's settings and ignores them, so one command line serves every method
-    Method("noop", "the input unchanged: the baseline (MD = the drag distance); 0 UNet calls", None, _DRAG_FIELDS),
-    Method("dragdiffusion", "DragDiffusion: identity LoRA, DDIM inversion, latent optimisation at one t; "
-           "the slowest (LoRA + up to 80 gradient steps)", _drag, _DRAG_FIELDS),
-    Method("gooddrag", "GoodDrag options of DragDiffusion: drag and denoise alternate, supervision toward the "
-           "original handle features; LoRA + gradient steps", _gooddrag, _DRAG_FIELDS, ("editing.requests", "GOODDRAG")),
-    Method("diffeditor", "DiffEditor: inversion + memory bank, gradient guidance and regional SDE; no LoRA",
-           _guided("diffeditor"), _GUIDED_FIELDS),
-    Method("dragondiffusion", "DragonDiffusion: inversion + memory bank, gradient guidance; no LoRA",
-           _guided("dragondiffusion"), _GUIDED_FIELDS),
-    Method("instant", "FastDrag-style: short inversion, one-step latent warp, K/V injection; no gradients",
-           _instant, _fields_of("editing.instant_drag", "INSTANT_FIELDS"), ("editing.instant_drag", "InstantDragRequest")),
-    Method("region", "RegionDrag-style: regions from the points, cached latents copied handle -> target, "
-           "K/V pasted; ~20 UNet passes, no gradients",
-           _region, _fields_of("editing.region_drag", "REGION_FIELDS"), ("editing.region_drag", "RegionDragRequest")),
-)}
+    "noop": Method("noop", "the input unchanged: the baseline (MD = the drag distance); 0 UNet calls", None,
+                   lambda: dict(TABLE["dragdiffusion"].fields)),
+    **{name: _row(m) for name, m in TABLE.items()},
+}
 # The Move tool takes the object's own mask, which only the toy benchmark knows (DragBench's mask is the
 # editable area): bench.toy_drag offers it, bench.dragbench does not.
 EXTRA: dict[str, Method] = {
-    "move": Method("move", "DiffEditor move of the object's own mask by the handle->target offset", _move, _GUIDED_FIELDS),
+    "move": Method("move", "DiffEditor move of the object's own mask by the handle->target offset", _move,
+                   lambda: dict(GUIDED_FIELDS)),
 }
 
 
 def lookup(name: str, table: dict[str, Method] | None = None) -> Method:
+    """A row by name; ``default`` is the Drag tab's method."""
     table = METHODS if table is None else table
+    name = DEFAULT_METHOD if name == "default" else name
     if name not in table:
-        raise EditError(f"Unknown method {name!r}: choose from {', '.join(table)}.")
+        raise EditError(f"Unknown method {name!r}: choose from {', '.join(table)} (or default).")
     return table[name]
-
-
-def available(name: str, table: dict[str, Method] | None = None) -> str | None:
-    """None when ``name`` can run here, else why not (its module or attribute is missing)."""
-    m = lookup(name, table)
-    if m.needs is None:
-        return None
-    module, attr = m.needs
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        return f"method {name!r} needs {module}, which is not installed"
-    if attr and not hasattr(importlib.import_module(module), attr):
-        return f"method {name!r} needs {module}.{attr}, which does not exist"
-    return None
 
 
 def fields(name: str, table: dict[str, Method] | None = None) -> dict:
@@ -170,9 +107,6 @@ def run_method(name: str, editor, image, points, mask, prompt: str, settings: di
     m = lookup(name, table)
     if m.build is None:
         return Outcome(image, 0, 0.0)
-    why = available(name, table)
-    if why:
-        raise EditError(why + ".")
     t0 = time.perf_counter()
     req = m.build(image, points, mask, prompt, dict(settings or {}))
     result = editor.edit(req, progress=progress)
@@ -198,8 +132,7 @@ def parse_settings(items: list[str] | None, names: list[str], table: dict[str, M
 
     def table_of(n: str) -> dict:
         if n not in tables:
-            why = available(n, table)
-            tables[n] = {} if why else fields(n, table)
+            tables[n] = fields(n, table)
         return tables[n]
 
     for item in items or []:

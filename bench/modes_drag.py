@@ -3,7 +3,7 @@
 Each builds its request through the shared method table (``bench/methods.py``) from the benchmark
 scene's points and mask, with the method's published defaults; of the configuration's request
 overrides (the tiny test config's short schedules) only the fields that method's request has are
-applied. A method whose module is not installed is not offered (its mode is left out of ``MODES``).
+applied.
 
     python -m bench.perf --config cpu-small --modes instant,diffeditor    # the issue's speed ratio, one run
 """
@@ -33,4 +33,4 @@ def _mode(name: str):
     return mode
 
 
-MODES = {name: _mode(name) for name in NAMES if bm.available(name) is None}
+MODES = {name: _mode(name) for name in NAMES}

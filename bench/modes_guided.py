@@ -10,7 +10,8 @@ import numpy as np
 from PIL import ImageOps
 
 from bench.perf import DRAG_PROMPT, Edit, _phase_logger
-from editing.requests import AppearanceRequest, GuidedDragRequest, MoveRequest, PasteRequest
+from editing.drag import GuidedDragRequest
+from editing.requests import AppearanceRequest, MoveRequest, PasteRequest
 
 
 def _steps(cfg) -> dict:

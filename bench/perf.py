@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from editing.engine import Editor, EditResult
-from editing.requests import DragRequest
+from editing.drag import DragRequest
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ def scene(seed: int, w: int = 96, h: int = 64) -> Image.Image:
 
 
 def _requests(seed0: int, clients: int, edits: int):
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     out = []
     for c in range(clients):

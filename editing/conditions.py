@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from editing.requests import EditError, check_number
+from models.errors import EditError
+from editing.checks import check_number
 
 OPTIONS: dict[str, dict[str, tuple]] = {
     "none": {},

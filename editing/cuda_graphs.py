@@ -8,11 +8,14 @@ capture fails, the plain callable is returned, so results never depend on this m
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
+from editing.runtime import Run
 
 log = logging.getLogger(__name__)
 stats = {"captured": 0, "failed": 0}  # per process; tests check that capture really happens
@@ -20,13 +23,6 @@ stats = {"captured": 0, "failed": 0}  # per process; tests check that capture re
 
 def enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("DRAGCANVAS_CUDA_GRAPHS", "1") != "0"
-
-
-def count_replay(unet, batch: int) -> None:
-    """Replays bypass ``Module.__call__``; tell the NFE counters (hooks marked ``_counts_nfe``)."""
-    for hook in list(unet._forward_pre_hooks.values()):
-        if getattr(hook, "_counts_nfe", False):
-            hook(unet, (torch.empty(batch, 0),), {}, replay=True)
 
 
 def graphed(fn: Callable, sample_args: tuple, *, unet=None, batch: int = 1, use: bool = True) -> Callable:
@@ -37,26 +33,24 @@ def graphed(fn: Callable, sample_args: tuple, *, unet=None, batch: int = 1, use:
     """
     if not use or not sample_args or not sample_args[0].is_cuda:
         return fn
+    run = Run.counting(unet) if unet is not None else None
     # Warm-up and capture passes are not evaluations of the method: keep them out of the NFE count.
-    counters = [h for h in unet._forward_pre_hooks.values() if getattr(h, "_counts_nfe", False)] if unet is not None else []
-    for h in counters:
-        h.paused = True
-    try:
-        g = torch.cuda.make_graphed_callables(fn, sample_args, num_warmup_iters=2)
-    except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager is always correct
-        stats["failed"] += 1
-        log.warning("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, str(e)[:200])
-        torch.cuda.synchronize()
-        return fn
-    finally:
-        for h in counters:
-            h.paused = False
+    with run.paused() if run is not None else contextlib.nullcontext():
+        try:
+            g = torch.cuda.make_graphed_callables(fn, sample_args, num_warmup_iters=2)
+        except Exception as e:  # capture is an optimisation (any failure of it): eager is always correct
+            stats["failed"] += 1
+            log.warning("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, str(e)[:200])
+            torch.cuda.synchronize()
+            return fn
     stats["captured"] += 1
     if unet is None:
         return g
 
     def replay(*args):
-        count_replay(unet, batch)
+        counter = Run.counting(unet)  # replays bypass Module.__call__ and its counting hook
+        if counter is not None:
+            counter.count_replay(batch)
         return g(*args)
 
     return replay

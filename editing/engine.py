@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 from editing.context import Caches, EditContext, EngineOptions, Generated
-from editing.requests import DragRequest, EditError, IdentityLoraRequest
+from editing.drag import DragRequest, IdentityLoraRequest
 from editing.runtime import TASKS, EditResult, Progress, Run, load_task_modules, task_for
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,6 @@ class Editor:
     @property
     def model_spec(self) -> str:
         return self.options.model_spec
-
-    model_name = model_spec
 
     @property
     def family_label(self) -> str | None:
@@ -163,12 +162,12 @@ class Editor:
                             cancel=None, loras=(), *, trusted: bool | None = None) -> None:
         """Train (or find cached) the identity LoRA a later drag of ``image`` will use; ``loras`` as in ``edit``
         (the identity LoRA is trained on top of them, as the drag will). ``None`` = the drag's default."""
-        from editing import drag_diffusion
+        from editing.drag import dragdiffusion
 
         req = IdentityLoraRequest(image, prompt, steps, rank, lr, seed)
         with self._context(progress, cancel, loras, trusted) as ctx:
             work, _, _ = ctx.fit(req.image)
-            drag_diffusion.identity_lora(ctx, work, req.prompt, req)
+            dragdiffusion.identity_lora(ctx, work, req.prompt, req)
 
     # ---- generations ---------------------------------------------------------------------------
     def generation_of(self, image: Image.Image) -> Generated | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from editing.sampling import alpha_at, prediction, to_eps
+from editing.sampling import alpha_at, prediction, to_eps, unet_dtype
 
 
 class _Captured(Exception):
@@ -42,15 +42,17 @@ class FeatureCapture:
         return False
 
 
-def run_for_features(unet, x, t, cond, blocks=(2,), need_output: bool = False, schedule=None):
+def run_for_features(unet, x, t, cond, blocks=(2,), need_output: bool = False, schedule=None, **unet_kwargs):
     """One UNet pass returning ``(eps or None, {block: features})``; stops early if eps is not needed.
+    ``unet_kwargs`` go to the UNet as they are (an IP-Adapter's image embeddings, SDXL's added conditions).
 
     The output is ε whatever the model predicts (``sampling.to_eps``; prediction type from ``schedule`` or
     what the loader recorded for the UNet), so DragDiffusion's one-step x̂₀ is right on v-prediction models."""
-    dtype = next(unet.parameters()).dtype
+    dtype = unet_dtype(unet)
     with FeatureCapture(unet, blocks, stop_early=not need_output) as fc:
         try:
-            out = unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype)).sample
+            out = unet(x.to(dtype), t, encoder_hidden_states=cond.expand(x.shape[0], -1, -1).to(dtype),
+                       **unet_kwargs).sample
         except _Captured:
             out = None
     if out is not None:

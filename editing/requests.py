@@ -1,4 +1,6 @@
-"""Typed, validated requests: the only thing that crosses from the UI/CLI into the engine.
+"""The guided edits' requests (DragonDiffusion / DiffEditor move, paste and appearance) and the fields every guided
+task shares (``GuidedParams``, also the guided drag's: ``editing.drag.guided``). Each request is typed and
+validated on construction, the only thing that crosses from the UI/CLI into the engine.
 
 Coordinates are ``(x, y)`` pixels of the image the user gave, origin top-left. Masks are ``H×W``
 bool arrays of that image's size, ``True`` = may change.
@@ -7,157 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from editing.checks import (check_fields, check_image, check_number, check_point, check_text,  # noqa: F401
-                            field_table, normalize_mask, num, required_mask)
-from models.errors import EditCancelled, EditError  # noqa: F401 - re-exported: the engine's error types
-
-Point = tuple[float, float]
-PointPair = tuple[Point, Point]  # (handle, target)
-
-
-MAX_POINT_PAIRS = 16
-
-
-def pair_points(clicks: list[Point] | tuple[Point, ...]) -> tuple[PointPair, ...]:
-    """Clicked points alternate handle, target, handle, target … -> pairs."""
-    clicks = list(clicks or [])
-    if not clicks:
-        raise EditError("No points: click a handle point, then where it should go (target).")
-    if len(clicks) % 2:
-        raise EditError(f"{len(clicks)} points: every handle needs a target — add one more point or undo the last.")
-    return tuple((tuple(clicks[i]), tuple(clicks[i + 1])) for i in range(0, len(clicks), 2))
-
-
-_PAIR_RE = re.compile(r"^\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*>\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*$")
-
-
-def parse_points(text: str) -> tuple[PointPair, ...]:
-    """Parse ``"x,y>x,y;x,y>x,y"`` (handle>target pairs separated by ';')."""
-    pairs = []
-    for chunk in filter(None, (c.strip() for c in (text or "").split(";"))):
-        m = _PAIR_RE.match(chunk)
-        if not m:
-            raise EditError(f"Cannot read point pair {chunk!r}: write handle>target as 'x,y>x,y'.")
-        hx, hy, tx, ty = (float(g) for g in m.groups())
-        pairs.append(((hx, hy), (tx, ty)))
-    if not pairs:
-        raise EditError("No points: give at least one pair as 'x,y>x,y'.")
-    return tuple(pairs)
-
-
-@dataclass(frozen=True)
-class DragRequest:
-    """One drag edit. Validates on construction; raises EditError with an actionable message."""
-
-    image: Image.Image
-    points: tuple[PointPair, ...]
-    mask: np.ndarray | None = None
-    prompt: str = ""
-    lora_steps: int = num(80, 0, 400, "identity-LoRA fine-tuning steps (0 = skip); keeps the object's identity")
-    lora_rank: int = num(16, 1, 128, "rank of the identity LoRA")
-    lora_lr: float = num(5e-4, 1e-5, 1e-2, "identity-LoRA learning rate (AdamW)")
-    inversion_strength: float = num(0.7, 0.05, 1.0, "how far back the image is inverted; 0.7 -> edit at t=681 of 50 DDIM steps")
-    n_inference_steps: int = num(50, 2, 200, "DDIM steps of the full schedule")
-    latent_lr: float = num(0.01, 1e-4, 0.1, "Adam learning rate of the latent optimisation")
-    max_steps: int = num(80, 1, 400, "maximum motion-supervision steps per drag timestep (stops early when handles arrive)")
-    r_m: int = num(1, 1, 8, "motion-supervision patch radius (feature cells)")
-    r_p: int = num(3, 1, 16, "point-tracking search radius (feature cells)")
-    lam: float = num(0.1, 0.0, 10.0, "weight of the keep-unmasked-area term")
-    guidance_scale: float = num(1.0, 1.0, 20.0, "classifier-free guidance while denoising (1 = none, as for real images)")
-    seed: int = num(42, 0, 2**31 - 1, "random seed (LoRA crops/noise)")
-    # GoodDrag (Zhang et al., ICLR 2025); the defaults are DragDiffusion's, GOODDRAG holds the published values.
-    drag_timesteps: int = num(1, 1, 50, "timesteps the drag is spread over, one denoising step between them "
-                                        "(GoodDrag's alternating drag and denoising); 1 = all at one timestep")
-    steps_per_track: int = num(1, 1, 20, "motion-supervision steps between point-tracking updates")
-    drag_step: float = num(1.0, 0.5, 8.0, "how far (supervision-grid cells) one motion-supervision step pulls a "
-                                          "handle: min(this, distance left) along the handle→target direction")
-    preserve_handle: int = num(0, 0, 1, "1 = information-preserving supervision: pull toward the ORIGINAL "
-                                        "handle's features, so content does not drift (GoodDrag)")
-    patience: int = num(0, 0, 50, "stop dragging after this many point-tracking updates in a row move no "
-                                  "handle (0 = never)")
-    notices: tuple[str, ...] = field(default=(), compare=False)
-
-    def __post_init__(self):
-        if self.image is None:
-            raise EditError("No image: upload or generate an image first.")
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
-        img = check_image(self.image, "image")
-        set_("image", img)
-        check_fields(self, DRAG_FIELDS)
-        if round(self.inversion_strength * self.n_inference_steps) < 1:
-            raise EditError("inversion_strength × n_inference_steps must be at least 1 step.")
-        if not isinstance(self.prompt, str):
-            raise EditError("The prompt must be text.")
-        pairs = tuple(self.points) if self.points is not None else ()
-        if not pairs:
-            raise EditError("No points: click a handle point, then where it should go (target).")
-        if len(pairs) > MAX_POINT_PAIRS:
-            raise EditError(f"{len(pairs)} point pairs; at most {MAX_POINT_PAIRS} are supported.")
-        checked = []
-        for i, pair in enumerate(pairs, 1):
-            if len(pair) != 2:
-                raise EditError(f"Point pair {i} must be (handle, target).")
-            h = check_point(pair[0], img.size, f"Handle {i}")
-            t = check_point(pair[1], img.size, f"Target {i}")
-            if math.dist(h, t) < 1.0:
-                raise EditError(f"Handle {i} and its target are the same point: move the target away.")
-            checked.append((h, t))
-        set_("points", tuple(checked))
-        mask, notices = normalize_mask(self.mask, img.size)
-        set_("mask", mask)
-        set_("notices", tuple(self.notices) + tuple(notices))
-
-    def replace(self, **changes) -> "DragRequest":
-        return dataclasses.replace(self, notices=(), **changes)
-
-    def params(self) -> dict:
-        """The JSON-serialisable part (everything but pixels)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "mask", "notices")}
-
-
-DRAG_FIELDS = field_table(DragRequest)  # name -> (min, max, default, why): the UI sliders and CLI flags
-DragRequest.FIELDS_UI = DRAG_FIELDS
-# GoodDrag's published defaults as DragRequest overrides (method "gooddrag" in the CLI/UI/benchmarks). Source: the
-# official code (zewei-Zhang/GoodDrag, bench_gooddrag.py, the script behind the paper's numbers): inversion 0.75 of
-# 50 DDIM steps, LoRA 70 steps (lr 5e-4, rank 16 as ours), latent lr 0.02, λ 0.1, r1 = 4, r2 = 12, d = 4,
-# drag_end_step 7 timesteps × track_per_step 10 × max_drag_per_track 3 = 30 supervision steps per timestep,
-# max_track_no_change 5. Radii and d are in supervision-grid cells, which are 4 per latent cell as in the official
-# half-resolution grid for SD-1.5; our 50-step schedule is theirs, so the timestep counts carry over unchanged.
-GOODDRAG = dict(inversion_strength=0.75, lora_steps=70, latent_lr=0.02, lam=0.1, r_m=4, r_p=12, drag_step=4.0,
-                drag_timesteps=7, steps_per_track=3, max_steps=30, patience=5, preserve_handle=1)
-LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
-
-
-@dataclass(frozen=True)
-class IdentityLoraRequest:
-    """Train a drag's identity LoRA ahead of the drag; the fields mean what they mean in ``DragRequest``
-    (``None`` = its default)."""
-
-    image: Image.Image
-    prompt: str = ""
-    lora_steps: int | None = None
-    lora_rank: int | None = None
-    lora_lr: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "image", check_image(self.image, "image"))
-        object.__setattr__(self, "prompt", check_text(self.prompt, "prompt"))
-        table = {k: DRAG_FIELDS[k] for k in LORA_FIELDS}
-        check_fields(self, table, {k: spec.default for k, spec in table.items()})
-
+from editing.checks import check_fields, check_image, field_table, normalize_mask, num, required_mask
+from models.errors import EditError
 
 # ---- training-free guided editing (DragonDiffusion / DiffEditor; editing/guidance/) ------------------
 GUIDED_METHODS = ("diffeditor", "dragondiffusion")
 # Published defaults per task (DragonDiffusion/DiffEditor demos): energy weights, CFG, energy scale.
 GUIDED_DEFAULTS = {
-    "drag": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.2, guidance_scale=4.0, energy_scale=2.0),
+    "guided_drag": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.2, guidance_scale=4.0, energy_scale=2.0),
     "move": dict(w_edit=4.0, w_content=6.0, w_contrast=0.2, w_inpaint=0.8, guidance_scale=4.0, energy_scale=0.5),
     "appearance": dict(w_edit=3.5, w_content=5.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=5.0, energy_scale=2.0),
     "paste": dict(w_edit=4.0, w_content=6.0, w_contrast=0.0, w_inpaint=0.0, guidance_scale=4.0, energy_scale=1.5),
@@ -249,25 +113,6 @@ def _scale(value) -> float:
     if not 0.2 <= s <= 4.0:
         raise EditError(f"Scale {s:g} is outside [0.2, 4]: resize in smaller steps.")
     return s
-
-
-@dataclass(frozen=True)
-class GuidedDragRequest(GuidedParams):
-    """Drag with DiffEditor / DragonDiffusion: no LoRA; feature-correspondence gradient guidance."""
-
-    image: Image.Image
-    points: tuple[PointPair, ...]
-    mask: np.ndarray | None = None
-
-    TASK = "drag"
-
-    def __post_init__(self):
-        base = DragRequest(self.image, self.points, self.mask, prompt=self.prompt if isinstance(self.prompt, str) else "")
-        self._set("image", base.image)
-        self._set("points", base.points)
-        self._set("mask", base.mask)
-        self._set("notices", tuple(self.notices) + base.notices)
-        self._validate_common()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import io
 import logging
 import platform
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editing.requests import EditCancelled, EditError
+from models.errors import EditCancelled, EditError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class Run:
     progress callback that has ``preview`` / ``trail`` methods (``wants_previews`` / ``wants_trail`` say whether
     one does, so nobody pays for what nobody shows).
     Extra modules (ControlNet, adapters) can be counted with ``run.count_module(module, "controlnet")``.
+    A CUDA-graph replay of the UNet bypasses ``Module.__call__``: ``Run.counting(unet)`` finds the run counting
+    that UNet and ``count_replay`` counts the call; ``paused()`` keeps graph warm-up and capture passes out.
     """
 
     def __init__(self, unet, progress: Progress | None, cancel):
@@ -72,18 +75,38 @@ class Run:
         self.calls: dict[str, dict[str, int]] = {}  # other counted modules: name -> phase -> calls
         self.phase = "setup"
         self.progress, self.cancel = progress, cancel
-        self._hooks = [unet.register_forward_pre_hook(self._counter(self.nfe), with_kwargs=True)]
+        self._paused = False
+        self._unet = unet
+        self._hooks = [unet.register_forward_pre_hook(self._counter(self.nfe, pausable=True), with_kwargs=True)]
+        _COUNTING[unet] = self
 
-    def _counter(self, table: dict):
-        def count(module, args, kwargs, replay=False):
-            if count.paused and not replay:
-                return
-            x = args[0] if args else kwargs["sample"]
-            table[self.phase] = table.get(self.phase, 0) + int(x.shape[0])
+    @staticmethod
+    def counting(unet) -> Run | None:
+        """The run counting ``unet``'s calls right now, if any."""
+        return _COUNTING.get(unet)
 
-        count._counts_nfe = True  # CUDA-graph replays report here too (editing/cuda_graphs.py)
-        count.paused = False
+    def _add(self, table: dict, batch: int) -> None:
+        table[self.phase] = table.get(self.phase, 0) + int(batch)
+
+    def _counter(self, table: dict, pausable: bool = False):
+        def count(module, args, kwargs):
+            if not (pausable and self._paused):
+                self._add(table, (args[0] if args else kwargs["sample"]).shape[0])
+
         return count
+
+    def count_replay(self, batch: int) -> None:
+        """Count one UNet call of ``batch`` elements that ran as a CUDA-graph replay."""
+        self._add(self.nfe, batch)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """UNet calls inside are not evaluations of the method (graph warm-up and capture): not counted."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def count_module(self, module: torch.nn.Module, name: str) -> None:
         """Also count the batch elements ``module`` is called with (removed by ``close``)."""
@@ -135,6 +158,11 @@ class Run:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if _COUNTING.get(self._unet) is self:
+            del _COUNTING[self._unet]
+
+
+_COUNTING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet -> the Run counting its calls
 
 
 # ---- recipes ---------------------------------------------------------------------------------------
@@ -176,16 +204,17 @@ class Task:
     request_type: type
     run: Callable  # (ctx: EditContext, request) -> EditResult
     from_recipe: Callable[[dict], Any]  # recipe -> request
+    aliases: tuple[str, ...] = ()  # other names old recipes carry
 
 
-TASKS: dict[str, Task] = {}
+TASKS: dict[str, Task] = {}  # name or alias -> task
 # Modules that register tasks; imported by the Editor on construction.
-TASK_MODULES = ("editing.drag_diffusion", "editing.guidance", "editing.generation", "editing.dreambooth",
-                "editing.instant_drag", "editing.region_drag")
+TASK_MODULES = ("editing.drag", "editing.guidance", "editing.generation", "editing.dreambooth")
 
 
 def register(task: Task) -> Task:
-    TASKS[task.name] = task
+    for name in (task.name, *task.aliases):
+        TASKS[name] = task
     return task
 
 
@@ -198,8 +227,4 @@ def task_for(request) -> Task:
 
 def load_task_modules() -> None:
     for name in TASK_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:  # a missing dependency inside the module is a real error
-                raise
+        importlib.import_module(name)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench import dragbench, methods as bm, perf, toy_drag
-from editing.requests import EditError
+from models.errors import EditError
 from tests.conftest import scene
 
 ISSUE_METHODS = {"dragdiffusion", "gooddrag", "diffeditor", "dragondiffusion", "instant", "region", "noop"}

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from editing import conditions
-from editing.requests import EditError
+from models.errors import EditError
 
 
 def pattern(w=64, h=48) -> Image.Image:

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from editing import drag_warp as dw
-from editing.requests import EditError
+from editing.drag import warp as dw
+from models.errors import EditError
 from tests.conftest import scene
 
 

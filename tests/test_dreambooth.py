@@ -11,7 +11,7 @@ from PIL import Image
 from editing import dreambooth as db
 from editing import lora_library as lib
 from editing.sampling import unet_eps
-from editing.requests import EditCancelled, EditError
+from models.errors import EditCancelled, EditError
 from tests.conftest import scene
 
 # 64 px is the tiny model's smallest size (its pixel multiple); 2 class images at 2 DDIM steps.
@@ -277,7 +277,7 @@ def test_cli_personalize(tmp_path, lora_dir, capsys, photos):
 
 
 def test_two_processes_train_one_lora(tmp_path, photos):
-    """The multi-GPU entry (``accelerate launch -m editing.personalize``) in 2 CPU processes (gloo):
+    """The multi-GPU entry (``accelerate launch -m editing personalize``) in 2 CPU processes (gloo):
     the same code path, DDP-averaged gradients, one LoRA written by the main process."""
     import os
     import subprocess
@@ -290,7 +290,7 @@ def test_two_processes_train_one_lora(tmp_path, photos):
         p.save(folder / f"{i}.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", lib.ENV_DIR: str(tmp_path / "lib")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "editing.personalize", "--images", str(folder), "--class-noun", "dog", "--model", "tiny",
+           "-m", "editing", "personalize", "--images", str(folder), "--class-noun", "dog", "--model", "tiny",
            "--steps", "2", "--rank", "2", "--prior-images", "2", "--prior-steps", "2", "--preview-steps", "2",
            "--resolution", "64", "--out", str(tmp_path / "out"), "--name", "ddp-dog"]
     done = subprocess.run(cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=300,

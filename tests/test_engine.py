@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from editing.engine import Editor
-from editing.requests import DragRequest, EditCancelled, EditError
+from editing.drag import DragRequest
+from models.errors import EditCancelled, EditError
 from tests.conftest import FAST, scene
 
 PAIR = (((30.0, 32.0), (45.0, 30.0)),)
@@ -105,7 +106,7 @@ def test_bad_numbers(field, value, match):
 
 
 def test_no_image_and_odd_points():
-    from editing.requests import pair_points
+    from editing.drag import pair_points
 
     with pytest.raises(EditError, match="No image"):
         DragRequest(None, PAIR)
@@ -152,7 +153,7 @@ def test_auto_falls_back_to_builtin_with_banner(monkeypatch):
     choose.resolve_auto.cache_clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ed = Editor("auto")
-    assert ed.model_name == choose.best_offline_builtin()
+    assert ed.model_spec == choose.best_offline_builtin()
     assert "not available" in ed.banner
     choose.resolve_auto.cache_clear()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from editing.generation import ControlNetUnit, GenerateRequest, SketchRequest
-from editing.requests import EditError
+from models.errors import EditError
 from editing.sampling import NoisePredictor, Schedule, denoise, invert, to_eps
 from models import choose, families, loader
 from tests.conftest import scene

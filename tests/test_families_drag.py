@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 
-from editing.instant_drag import InstantDragRequest
-from editing.region_drag import RegionDragRequest
-from editing.requests import DragRequest, GuidedDragRequest
+from editing.drag.instant import InstantDragRequest
+from editing.drag.region import RegionDragRequest
+from editing.drag import DragRequest, GuidedDragRequest
 from tests.conftest import scene
 
 PAIR = (((20.0, 32.0), (32.0, 30.0)),)

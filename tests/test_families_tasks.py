@@ -12,7 +12,9 @@ import torch
 
 from editing import dreambooth as db
 from editing.lora_library import loading
-from editing.requests import AppearanceRequest, EditError, GuidedDragRequest, MoveRequest, PasteRequest
+from editing.drag import GuidedDragRequest
+from models.errors import EditError
+from editing.requests import AppearanceRequest, MoveRequest, PasteRequest
 from tests.conftest import scene
 
 SPECS = ("tiny-sdxl", "tiny-sd2-v")

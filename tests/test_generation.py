@@ -15,7 +15,8 @@ from editing.generation import (
     IPAdapterUnit,
     SketchRequest,
 )
-from editing.requests import DragRequest, EditCancelled, EditError
+from editing.drag import DragRequest
+from models.errors import EditCancelled, EditError
 from editing.runtime import TASKS
 from models import adapters
 
@@ -76,7 +77,7 @@ def test_sketch_strength_zero_returns_the_sketch_and_one_is_drag_ready(ed):
     assert r1.extra["drag_ready"] and ed.is_drag_ready(r1.image)
     rp = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=STEPS))
     assert rp.extra["drag_ready"]  # a partial trajectory serves drags up to its own strength
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     drag = dict(points=(((10, 10), (20, 12)),), n_inference_steps=STEPS, lora_steps=2, max_steps=2)
     d = ed.drag(DragRequest(rp.image, inversion_strength=0.34, **drag))  # 1 of 3 steps: within the sketch's
@@ -243,7 +244,7 @@ def test_size_is_rounded_and_said(ed):
 # ---- CLI -----------------------------------------------------------------------------------------
 def test_cli_generate_and_sketch(tmp_path, capsys):
     from editing.cli import main
-    from editing.generation_cli import parse_unit
+    from editing.cli.generate import parse_unit
     from editing.images import read_recipe
 
     assert parse_unit("tiny=a.png@0.5,pre=canny,end=0.8", "--controlnet") == ("tiny", "a.png", 0.5, {"pre": "canny", "end": "0.8"})
@@ -326,7 +327,7 @@ def test_adapter_conditioning_factor_limits_the_steps_it_steers(ed):
 def test_make_drag_ready_replays_a_saved_sketch(ed, tmp_path):
     """For cmd_drag: a PNG written by `sketch` carries its recipe; replaying it makes a new Editor drag-ready."""
     from editing.engine import Editor
-    from editing.generation_cli import make_drag_ready
+    from editing.cli.drag import make_drag_ready
     from editing.images import save_png_with_recipe
 
     r = ed.edit(SketchRequest(drawing(), prompt="x", strength=1.0, n_inference_steps=2, seed=4))

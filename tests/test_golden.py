@@ -70,13 +70,13 @@ def box(h=64, w=64, y0=20, y1=40, x0=12, x1=30):
 
 # ---- the cases: name -> (editor) -> EditResult --------------------------------------------------------
 def _drag(ed):
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     return ed.edit(DragRequest(scene(96, 64, 3), (((30, 30), (44, 28)),), box(64, 96, 15, 50, 15, 60), **DRAG))
 
 
 def _drag_generated(ed):
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     g = ed.generate("a red disk", seed=3, size=(64, 64), n_inference_steps=6)
     return ed.edit(DragRequest(g.image, (((20, 30), (30, 30)),), None, **DRAG))
@@ -84,7 +84,7 @@ def _drag_generated(ed):
 
 def _guided(method, **extra):
     def run(ed):
-        from editing.requests import GuidedDragRequest
+        from editing.drag import GuidedDragRequest
 
         return ed.edit(GuidedDragRequest(image=scene(64, 64, 1), points=(((22, 32), (34, 30)),), mask=box(64, 64, 14, 50, 10, 50),
                                          method=method, **GUIDED, **extra))
@@ -119,7 +119,7 @@ def _sketch(ed):
 
 def _sketch_drag(ed):
     from editing.generation import SketchRequest
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     s = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=4, seed=2))
     return ed.edit(DragRequest(s.image, (((20, 20), (30, 26)),), None, inversion_strength=0.25, n_inference_steps=4,

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from editing import drag_diffusion as dd
-from editing.requests import DRAG_FIELDS, GOODDRAG, DragRequest, EditError
+from editing.drag import dragdiffusion as dd
+from editing.drag import DRAG_FIELDS, DragRequest, GOODDRAG
+from models.errors import EditError
 from tests.conftest import FAST, scene
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from editing import cuda_graphs
-from editing import drag_diffusion as dd
+from editing.drag import dragdiffusion as dd
 from editing.geometry import points_to_grid
 from editing.images import pil_to_tensor
 from editing.sampling import NoisePredictor, Schedule, invert
@@ -69,7 +69,7 @@ def test_graphed_drag_and_lora_match_eager(cuda_bundle, monkeypatch):
 
 def test_drag_end_to_end_on_cuda_counts_unet_calls():
     from editing.engine import Editor
-    from editing.requests import DragRequest
+    from editing.drag import DragRequest
 
     ed = Editor("tiny", device="cuda")
     m = np.zeros((64, 96), bool)

@@ -8,8 +8,9 @@ import torch
 
 from editing import guidance
 from editing.geometry import mask_centre, place
-from editing.requests import (AppearanceRequest, EditCancelled, EditError, GuidedDragRequest, MoveRequest,
-                              PasteRequest)
+from editing.drag import GuidedDragRequest
+from models.errors import EditCancelled, EditError
+from editing.requests import AppearanceRequest, MoveRequest, PasteRequest
 from tests.conftest import scene
 
 STEPS = dict(n_inference_steps=10)

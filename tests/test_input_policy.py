@@ -14,7 +14,9 @@ from PIL import Image, ImageOps
 
 from editing import images
 from editing.images import MAX_PIXELS, load_image, load_mask, read_recipe
-from editing.requests import DragRequest, EditError, GuidedDragRequest, IdentityLoraRequest, MoveRequest
+from editing.drag import DragRequest, GuidedDragRequest, IdentityLoraRequest
+from models.errors import EditError
+from editing.requests import MoveRequest
 from tests.conftest import scene
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from editing.instant_drag import INSTANT_FIELDS, InstantDragRequest
-from editing.requests import EditError
+from editing.drag.instant import INSTANT_FIELDS, InstantDragRequest
+from models.errors import EditError
 from tests.conftest import scene
 
 FAST = dict(n_steps=6, inversion_strength=0.5)  # 3 inversion + 3 denoising steps
@@ -127,8 +127,8 @@ def _cli_request(*argv):
 def test_cli_builds_the_new_methods_requests_and_refuses_other_methods_flags(tmp_path):
     from PIL import Image
 
-    from editing.region_drag import RegionDragRequest
-    from editing.requests import GOODDRAG, DragRequest
+    from editing.drag.region import RegionDragRequest
+    from editing.drag import DragRequest, GOODDRAG
 
     scene().save(tmp_path / "in.png")
     Image.fromarray(box().astype(np.uint8) * 255).save(tmp_path / "m.png")

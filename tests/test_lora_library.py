@@ -7,7 +7,8 @@ import torch
 from editing import lora_library as lib
 from editing.sampling import unet_eps
 from editing.lora import lora_adapter, train_identity_lora
-from editing.requests import DragRequest, EditError
+from editing.drag import DragRequest
+from models.errors import EditError
 from tests.conftest import FAST, scene
 
 PROBE_T = 300

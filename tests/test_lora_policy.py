@@ -10,7 +10,7 @@ import torch
 from editing import lora_library as lib
 from editing.engine import Editor
 from editing.images import atomic_write
-from editing.requests import EditError
+from models.errors import EditError
 from tests.test_lora_library import _peft_lora, save_diffusers_lora
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from editing.requests import EditError
+from models.errors import EditError
 from models import loader
 from models.tiny import build_components
 
@@ -102,7 +102,7 @@ def test_toy_drag_moves_the_shape():
     (the second case of bench.toy_drag: 6.5 px -> 2.7 px with the published defaults)."""
     from bench.toy_drag import make_cases, measure
     from editing.engine import Editor
-    from editing.requests import GuidedDragRequest
+    from editing.drag import GuidedDragRequest
 
     toy = Editor("toy")
     case = make_cases(2)[1]

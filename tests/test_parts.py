@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from editing import drag_diffusion as dd
-from editing.attention import MutualSelfAttnProcessor, mutual_self_attention, self_attn_names
+from editing.drag import dragdiffusion as dd
+from editing.kv_bank import BankAttnProcessor, BankControl, MemoryBank, Record, Replace, bank_attention, mutual_layers
 from editing.features import FeatureCapture, run_for_features
 from editing.geometry import points_to_grid, working_size
 from editing.images import pil_to_tensor
@@ -72,28 +72,38 @@ def test_feature_hooks_give_shapes_and_are_removed(bundle):
     assert not bundle.unet.up_blocks[2]._forward_hooks
 
 
-def test_mutual_attention_is_installed_then_restored(bundle):
+def test_bank_attention_is_installed_then_restored(bundle):
     unet = bundle.unet
     before = {k: type(v) for k, v in unet.attn_processors.items()}
-    names = self_attn_names(unet, ("up_blocks.2", "up_blocks.3"))
+    names = mutual_layers(unet)
     assert names and all(".attn1." in n for n in names)
     with pytest.raises(ValueError):
-        with mutual_self_attention(unet):
-            assert isinstance(unet.attn_processors[names[0]], MutualSelfAttnProcessor)
+        with bank_attention(unet, BankControl(MemoryBank("cpu"), Record()), names):
+            assert isinstance(unet.attn_processors[names[0]], BankAttnProcessor)
             raise ValueError("error inside the edit")
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
 
 @torch.no_grad()
 def test_mutual_attention_edited_branch_reads_original(bundle):
+    """DragDiffusion's mutual self-attention through the bank: recording the original branch leaves it as it is;
+    the edited branch reading it is steered; reading one's own recording is plain self-attention."""
     unet, cond = bundle.unet, bundle.encode_prompt("")
     a, b = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.randn(1, 4, 8, 8)
     alone_a = unet_eps(unet, a, 400, cond)
     alone_b = unet_eps(unet, b, 400, cond)
-    with mutual_self_attention(unet):
-        pair = unet_eps(unet, torch.cat([a, b]), 400, cond)
-    assert torch.allclose(pair[0:1], alone_a, atol=1e-5)  # the original branch is untouched
-    assert not torch.allclose(pair[1:2], alone_b, atol=1e-4)  # the edited branch is steered
+    bank = MemoryBank("cpu")
+    for strategy, x in ((Record(), a), (Replace(same_batch=True), b), (Replace(same_batch=True), a)):
+        control = BankControl(bank, strategy)
+        control.t, control.on = 400, True
+        with bank_attention(unet, control, mutual_layers(unet)):
+            out = unet_eps(unet, x, 400, cond)
+        if isinstance(strategy, Record):
+            assert torch.equal(out, alone_a)  # the original branch is untouched
+        elif x is b:
+            assert not torch.allclose(out, alone_b, atol=1e-4)  # the edited branch is steered
+        else:
+            assert torch.allclose(out, alone_a, atol=1e-5)
 
 
 def test_identity_lora_loss_falls_and_adapter_is_removed(bundle):

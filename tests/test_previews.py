@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from editing.requests import DragRequest, EditError
+from editing.drag import DragRequest
+from models.errors import EditError
 from editing.runtime import Run
 from tests.conftest import FAST, scene
 
@@ -167,7 +168,7 @@ def test_sample_previews_on_the_shared_loop_every_k_steps(bundle):
 
 
 def test_guided_previews_appear_while_sampling_and_do_not_change_the_result(editor):
-    from editing.requests import GuidedDragRequest
+    from editing.drag import GuidedDragRequest
 
     req = GuidedDragRequest(image=scene(seed=32), points=PAIR, mask=_mask(), n_inference_steps=12)
     editor.clear_caches()

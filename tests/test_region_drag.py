@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from editing.region_drag import REGION_FIELDS, RegionDragRequest, correspondences, point_regions
-from editing.requests import EditError
+from editing.drag.region import REGION_FIELDS, RegionDragRequest, correspondences, point_regions
+from models.errors import EditError
 from tests.conftest import scene
 
 FAST = dict(n_steps=6, start_t=0.5, end_t=0.2)  # 3 inversion + 3 denoising steps

@@ -13,7 +13,8 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -r requirements-ray.txt)")
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -r requirements-ray.txt)")
 
-from editing.requests import DragRequest, EditCancelled, EditError  # noqa: E402
+from editing.drag import DragRequest
+from models.errors import EditCancelled, EditError
 from tests.conftest import FAST, scene  # noqa: E402
 
 PAIR = (((30.0, 32.0), (45.0, 30.0)),)

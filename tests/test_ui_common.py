@@ -3,7 +3,7 @@ clients send them, per-run cancel, result names, and LoRA names from clients."""
 import gradio as gr
 import pytest
 
-from editing.requests import EditCancelled, EditError
+from models.errors import EditCancelled, EditError
 from ui.common import shows_errors, streams_errors
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editing.requests import MAX_POINT_PAIRS, DragRequest, EditCancelled, EditError
+from editing.drag import DragRequest, MAX_POINT_PAIRS
+from models.errors import EditCancelled, EditError
 from ui import drag_methods, drag_tab, overlay
 from ui.drag_session import Session, apply_edit
 from ui.drag_methods import method_name

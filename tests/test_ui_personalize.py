@@ -91,7 +91,7 @@ def test_suggest_identifier_and_add_lora(client, photo_files, lora_dir, tmp_path
 
 
 def test_picker_specs():
-    from editing.requests import EditError
+    from models.errors import EditError
     from ui.lora_picker import to_specs
 
     assert to_specs(None) == [] and to_specs([]) == []

@@ -56,7 +56,7 @@ def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
     (e.g. fast settings for tests and CPU demos). Queue and launch are the caller's (see app.py)."""
     with gr.Blocks(title="DragCanvas", delete_cache=(3600, 3600)) as demo:
         family = getattr(editor, "family_label", None)
-        gr.Markdown(INTRO.format(model=f"`{editor.model_name}`" + (f" ({family})" if family else "")))
+        gr.Markdown(INTRO.format(model=f"`{editor.model_spec}`" + (f" ({family})" if family else "")))
         gr.HTML(f'<div style="{BANNER_STYLE}">⚠️ {html.escape(editor.banner)}</div>' if editor.banner else "",
                 visible=bool(editor.banner), elem_id="banner")
         inboxes = make_inboxes()

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from editing.generation import GENERATE_FIELDS
-from editing.requests import EditCancelled, EditError
+from models.errors import EditCancelled, EditError
 from ui import overlay
 # The history every tab keeps is in ui/history.py; these names are part of what the tabs share from here.
 from ui.history import (SERVING, BeforeAfter, History, Results, Serving, configure, new_history_key,  # noqa: F401

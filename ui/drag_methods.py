@@ -5,41 +5,26 @@ from __future__ import annotations
 
 import json
 
+from editing.drag.common import pair_points, parse_points
+from editing.drag.methods import METHODS as TABLE
+from editing.drag.methods import lookup
 from editing.images import load_image, load_mask
-from editing.instant_drag import InstantDragRequest
-from editing.region_drag import RegionDragRequest
-from editing.requests import (GOODDRAG, GUIDED_FIELDS, DragRequest, EditError, GuidedDragRequest, pair_points,
-                              parse_points)
+from editing.requests import GUIDED_FIELDS
+from models.errors import EditError
 
-FIELDS = DragRequest.FIELDS_UI  # name -> (min, max, default, help)
-
-# label -> (engine name, what it costs: one line); the order is the switch's order.
-ALL_METHODS = {  # costs measured on the toy model, 2 CPU cores (bench.toy_drag; DragDiffusion on a busy machine)
-    "Instant": ("instant", "~0.3 s on toy, no training: one warp of the inverted latent, then denoising (FastDrag)"),
-    "Region": ("region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied along the drag (RegionDrag)"),
-    "DragDiffusion": ("dragdiffusion", "slowest (20 s idle, minutes busy): an identity LoRA, then latent optimisation"),
-    "GoodDrag": ("gooddrag", "DragDiffusion's cost or more: the drag spread over several timesteps, keeps content"),
-    "DiffEditor": ("diffeditor", "~6–25 s, no training: gradient guidance while sampling"),
-    "DragonDiffusion": ("dragondiffusion", "~6–25 s, no training: gradient guidance, no inpainting term"),
-}
-METHODS = {label: name for label, (name, _) in ALL_METHODS.items()}
-COSTS = {label: ALL_METHODS[label][1] for label in METHODS}
-# The page starts on Instant when it exists: it answers in about a second (toy, 2 CPU cores) and the live preview
-# shows what it starts from. API clients that name no method keep getting DragDiffusion, as before the switch.
-DEFAULT_METHOD = "Instant" if "Instant" in METHODS else "DragDiffusion"
-API_DEFAULT_METHOD = "DragDiffusion"
-_ALIASES = {"fastdrag": "instant", "regiondrag": "region"}
+# label -> engine name, in the switch's order, and what each costs (one line), all from the one method table
+METHODS = {m.label: m.name for m in TABLE.values()}
+COSTS = {m.label: m.cost for m in TABLE.values()}
+DEFAULT_METHOD = lookup("default").label
+API_DEFAULT_METHOD = lookup(None).label
+FIELDS = TABLE["dragdiffusion"].fields  # the DragDiffusion sliders (GoodDrag shares them)
+PREFIXES = {"instant": "instant_", "region": "region_", "diffeditor": "guided_", "dragondiffusion": "guided_"}
 
 
 def method_name(choice) -> str:
     """A METHODS label or an engine name, any case ("DiffEditor", "diffeditor", "FastDrag") -> the engine name;
     none given -> API_DEFAULT_METHOD's."""
-    key = str(choice or API_DEFAULT_METHOD).strip().lower()
-    names = {label.lower(): name for label, name in METHODS.items()} | {n: n for n in METHODS.values()}
-    name = names.get(_ALIASES.get(key, key))
-    if name is None:
-        raise EditError(f"Unknown method {choice!r}: use one of {', '.join(METHODS)}.")
-    return name
+    return lookup(choice).name
 
 
 def method_info() -> str:
@@ -64,34 +49,27 @@ def _prefixed(settings: dict, prefix: str) -> dict:
     return {k[len(prefix):]: settings.pop(k) for k in list(settings) if k.startswith(prefix)}
 
 
-def _gooddrag(settings: dict) -> dict:
-    """GoodDrag's published values for every DragDiffusion setting left at its default (a moved slider wins)."""
-    out = dict(settings)
-    for k, v in GOODDRAG.items():
-        if k not in FIELDS or settings.get(k, FIELDS[k][2]) == FIELDS[k][2]:
-            out[k] = v
-    return out
+def set_by_person(values: dict, table: dict) -> dict:
+    """The settings a person set: an untouched slider and one moved back to its default look the same here, so
+    only values other than the field's default count (and the method's preset fills the rest)."""
+    return {k: v for k, v in values.items() if k not in table or v != table[k].default}
 
 
 def drag_request(image, mask, points, prompt, settings: dict):
-    """The /drag inputs -> the request of the chosen method.
+    """The /drag inputs -> the request of the chosen method, through its row of the one method table.
 
     ``settings``: DragRequest values by name, ``method``, and the other methods' values as ``guided_<name>``,
     ``instant_<name>``, ``region_<name>``."""
     if not image:
         raise EditError("No image: upload or generate an image first.")
-    method = method_name(settings.pop("method", None))
-    guided, instant, region = (_prefixed(settings, p) for p in ("guided_", "instant_", "region_"))
-    common = dict(image=load_image(image), points=parse_clicks(points), mask=load_mask(mask) if mask else None,
-                  prompt=prompt or "")
-    if method == "dragdiffusion":
-        return DragRequest(**common, **settings)
-    if method == "gooddrag":
-        return DragRequest(**common, **_gooddrag(settings))
-    if method == "instant":
-        return InstantDragRequest(**common, **instant)
-    if method == "region":
-        return RegionDragRequest(**common, **region)
-    # The guided methods share only steps and seed with the DragDiffusion sliders.
-    shared = {k: settings.get(k, GUIDED_FIELDS[k][2]) for k in ("n_inference_steps", "seed")}
-    return GuidedDragRequest(**common, method=method, **shared, **guided)
+    settings = dict(settings)
+    m = lookup(settings.pop("method", None))
+    own = {p: _prefixed(settings, p) for p in ("guided_", "instant_", "region_")}
+    if m.name in PREFIXES:
+        values = own[PREFIXES[m.name]]
+        if m.request_type is TABLE["diffeditor"].request_type:
+            # the guided methods share only steps and seed with the DragDiffusion sliders
+            values = {k: settings.get(k, GUIDED_FIELDS[k].default) for k in ("n_inference_steps", "seed")} | values
+    else:
+        values = set_by_person(settings, m.fields)
+    return m.request(load_image(image), parse_clicks(points), load_mask(mask) if mask else None, prompt or "", values)

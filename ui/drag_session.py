@@ -11,7 +11,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from editing.requests import MAX_POINT_PAIRS, EditError
+from editing.drag import MAX_POINT_PAIRS
+from models.errors import EditError
 from ui import overlay
 from ui.history import BeforeAfter
 

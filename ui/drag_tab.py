@@ -31,9 +31,10 @@ from PIL import Image
 
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image
-from editing.instant_drag import INSTANT_FIELDS
-from editing.region_drag import REGION_FIELDS
-from editing.requests import GOODDRAG, DragRequest, EditCancelled, EditError
+from editing.drag.instant import INSTANT_FIELDS
+from editing.drag.region import REGION_FIELDS
+from editing.drag import DragRequest, GOODDRAG
+from models.errors import EditCancelled, EditError
 from ui import overlay
 from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, drag_request, method_info
 from ui.drag_session import Session, editor_html
@@ -114,7 +115,7 @@ def button_edit(op: str):
 
 
 def live_preview(session: Session, enabled: bool):
-    """The instant warp of the current points and mask (editing.drag_warp.preview): what Instant starts from.
+    """The instant warp of the current points and mask (editing.drag.warp.preview): what Instant starts from.
 
     Queued previews of states already shown are skipped, so a burst of edits costs one warp."""
     if not enabled or session.image is None:
@@ -122,7 +123,7 @@ def live_preview(session: Session, enabled: bool):
         return None, "Live preview off." if not enabled else "Live preview: upload an image and place points."
     if session.live_version == session.version:
         return gr.skip(), gr.skip()
-    from editing.drag_warp import preview
+    from editing.drag.warp import preview
 
     session.live_version = session.version
     pairs = session.pairs()

@@ -12,7 +12,8 @@ import types
 import gradio as gr
 
 from editing.checks import check_number
-from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS, EditError
+from models.errors import EditError
+from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS
 
 
 # Gradio's own Number/Slider preprocess compares and rounds whatever an API client sent: text fails with the

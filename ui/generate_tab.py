@@ -34,7 +34,7 @@ from editing.generation import (
     IPAdapterUnit,
 )
 from editing.images import load_image
-from editing.requests import EditError
+from models.errors import EditError
 from ui import examples
 from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
                        pick_seed, request_cancel, results_gallery, run_controls, sender, shows_errors, status_line,

@@ -22,7 +22,8 @@ from PIL import Image
 
 from editing.geometry import mask_centre, place_object
 from editing.images import load_image, load_mask
-from editing.requests import GUIDED_FIELDS, AppearanceRequest, EditError, MoveRequest, PasteRequest
+from models.errors import EditError
+from editing.requests import AppearanceRequest, GUIDED_FIELDS, MoveRequest, PasteRequest
 from ui import examples, overlay
 from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, GpuHandlers, arm, canvas_image, lora_picker,
                        lora_specs, notify, on_select, request_cancel, streams_errors, summary, timings, with_loras)

@@ -21,7 +21,7 @@ import time
 
 import gradio as gr
 
-from editing.requests import EditError
+from models.errors import EditError
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # = editing.lora_library.files.NAME_RE (what safe_name makes)
 

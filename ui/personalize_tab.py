@@ -23,7 +23,7 @@ from pathlib import Path
 import gradio as gr
 
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
-from editing.requests import EditError
+from models.errors import EditError
 from ui import examples, lora_picker
 from ui.common import notify, shows_errors, streams_errors
 from ui.fields import field_input

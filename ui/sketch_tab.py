@@ -21,7 +21,7 @@ from PIL import Image
 
 from editing.generation import SKETCH_FIELDS, SketchRequest
 from editing.images import load_image, load_sketch
-from editing.requests import EditError
+from models.errors import EditError
 from ui import examples
 from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
                        pick_seed, request_cancel, results_gallery, run_controls, sender, status_line, streams_errors)

@@ -40,7 +40,7 @@ def gpu(duration_s: int):
     def decorate(fn):
         import gradio as gr
 
-        from editing.requests import EditError
+        from models.errors import EditError
 
         @functools.wraps(fn)
         def with_user_errors(*args, **kwargs):

@@ -25,4 +25,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    return run_command(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    return run_command(args, cancelled=getattr(args, "cancelled", "cancelled"))

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from editing.lora_library.files import MAX_LORAS, WEIGHT_LIMIT
-from editing.requests import EditError
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 

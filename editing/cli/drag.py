@@ -15,73 +15,42 @@ from pathlib import Path
 
 from editing.cli.common import (add_common, add_fields, add_guided_flags, describe, editor, flag, given, lora_specs,
                                 progress, write)
-from editing.instant_drag import INSTANT_FIELDS
-from editing.region_drag import REGION_FIELDS
-from editing.requests import DRAG_FIELDS, GOODDRAG, GUIDED_DEFAULTS, GUIDED_FIELDS, GUIDED_METHODS, EditError
+from editing.drag.common import parse_points
+from editing.drag.methods import API_DEFAULT_METHOD, METHODS, lookup, methods_with
+from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
-# method -> (field table, what it costs, in one line for --help)
-METHOD_TABLES = {
-    "dragdiffusion": (DRAG_FIELDS, "identity LoRA + latent optimisation: best identity, slowest (LoRA + ~80 "
-                                   "UNet forward/backward passes)"),
-    "gooddrag": (DRAG_FIELDS, "DragDiffusion with GoodDrag's published settings (identity LoRA, drag spread over "
-                              "several timesteps): as slow as dragdiffusion"),
-    "diffeditor": (GUIDED_FIELDS, "training-free gradient guidance: no LoRA, ~2 passes per step of 50 plus gradients"),
-    "dragondiffusion": (GUIDED_FIELDS, "training-free gradient guidance: no LoRA, ~2 passes per step of 50 plus gradients"),
-    "instant": (INSTANT_FIELDS, "FastDrag one-step latent warp: no LoRA, no gradients, ~14 UNet passes (7 on a "
-                                "repeat drag of the same image)"),
-    "region": (REGION_FIELDS, "RegionDrag region copy: no gradients, ~20 UNet passes (10 on a repeat)"),
-}
-METHODS = tuple(METHOD_TABLES)
-assert set(GUIDED_METHODS) <= set(METHODS)
-
-
-def _methods_with(name: str) -> str:
-    return "/".join(m for m, (table, _) in METHOD_TABLES.items() if name in table)
+ALL_FIELDS = {n: spec for m in METHODS.values() for n, spec in m.fields.items()}
 
 
 def drag_request(args):
-    """The request the flags ask for (``DragRequest``, ``GuidedDragRequest``, ``InstantDragRequest`` or
-    ``RegionDragRequest``); a flag of another method is an error."""
+    """The request the flags ask for, built by the method's row of the one table; a flag of another method is an
+    error."""
     from editing.images import load_image, load_mask
-    from editing.requests import DragRequest, GuidedDragRequest, parse_points
 
+    m = lookup(args.method)
     image = load_image(args.image)
     mask = load_mask(args.mask) if args.mask else None
-    own = METHOD_TABLES[args.method][0]
-    fields = given(args, DRAG_FIELDS | GUIDED_FIELDS | INSTANT_FIELDS | REGION_FIELDS)
-    wrong = sorted(set(fields) - set(own))
+    settings = given(args, ALL_FIELDS)
+    wrong = sorted(set(settings) - set(m.fields))
     if wrong:
-        raise EditError(f"{flag(wrong[0])} applies to --method {_methods_with(wrong[0])} only.")
+        raise EditError(f"{flag(wrong[0])} applies to --method {'/'.join(methods_with(wrong[0]))} only.")
     regions = (args.handle_region or [], args.target_region or [])
-    if (regions[0] or regions[1]) and args.method != "region":
+    if (regions[0] or regions[1]) and m.name != "region":
         raise EditError("--handle-region/--target-region apply to --method region only.")
-    if args.method == "region":
-        from editing.region_drag import RegionDragRequest
-
-        if regions[0] or regions[1]:
-            if args.points:
-                raise EditError("Give either --points or --handle-region/--target-region, not both.")
-            hr = tuple(load_mask(p, "handle region") for p in regions[0])
-            tr = tuple(load_mask(p, "target region") for p in regions[1])
-            return RegionDragRequest(image, hr, tr, mask=mask, prompt=args.prompt, **fields)
-        if not args.points:
-            raise EditError("--method region needs --points (with --radius) or --handle-region/--target-region.")
-        return RegionDragRequest(image, points=parse_points(args.points), mask=mask, prompt=args.prompt, **fields)
+    inputs = {"ip_adapter": args.ip_adapter} if "ip_adapter" in m.inputs else {}
+    if regions[0] or regions[1]:
+        if args.points:
+            raise EditError("Give either --points or --handle-region/--target-region, not both.")
+        inputs["handle_regions"] = tuple(load_mask(p, "handle region") for p in regions[0])
+        inputs["target_regions"] = tuple(load_mask(p, "target region") for p in regions[1])
+        return m.request(image, (), mask, args.prompt, settings, **inputs)
     if not args.points:
-        raise EditError(f"--method {args.method} needs --points \"x,y>x,y\".")
-    points = parse_points(args.points)
-    if args.method == "dragdiffusion":
-        return DragRequest(image, points, mask, prompt=args.prompt, **fields)
-    if args.method == "gooddrag":
-        return DragRequest(image, points, mask, prompt=args.prompt, **(GOODDRAG | fields))
-    if args.method == "instant":
-        from editing.instant_drag import InstantDragRequest
-
-        return InstantDragRequest(image, points, mask, prompt=args.prompt, **fields)
-    return GuidedDragRequest(image=image, points=points, mask=mask, prompt=args.prompt, method=args.method,
-                             ip_adapter=args.ip_adapter, **fields)
+        need = "--points (with --radius) or --handle-region/--target-region" if m.name == "region" else '--points "x,y>x,y"'
+        raise EditError(f"--method {m.name} needs {need}.")
+    return m.request(image, parse_points(args.points), mask, args.prompt, settings, **inputs)
 
 
 def make_drag_ready(ed, image_path) -> bool:
@@ -136,10 +105,10 @@ def cmd_replay(args) -> None:
 
 
 def _add_drag(sub) -> None:
-    d = sub.add_parser("drag", help="drag handle points to targets (DragDiffusion, GoodDrag, DiffEditor, "
-                                    "DragonDiffusion, instant, region)")
-    d.add_argument("--method", default=METHODS[0], choices=METHODS,
-                   help="; ".join(f"{m}: {cost}" for m, (_, cost) in METHOD_TABLES.items()).replace("%", "%%"))
+    d = sub.add_parser("drag", help="drag handle points to targets (" + ", ".join(m.label for m in METHODS.values())
+                                    + ")")
+    d.add_argument("--method", default=API_DEFAULT_METHOD, choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.cost}" for m in METHODS.values()).replace("%", "%%"))
     d.add_argument("--image", required=True)
     d.add_argument("--points", help='handle>target pairs: "x,y>x,y;x,y>x,y" (image pixels)')
     d.add_argument("--mask", help="PNG, white (or opaque) = region that may change (instant/region: what moves)")
@@ -148,21 +117,21 @@ def _add_drag(sub) -> None:
                    help="(region) a handle region, white = content to move; repeatable, one per --target-region")
     d.add_argument("--target-region", action="append", default=[], metavar="PNG",
                    help="(region) where the matching --handle-region goes; repeatable")
-    # A setting several methods have (steps, guidance, seed) is one flag; its help gives every range.
-    shared = {n: "; diffeditor/dragondiffusion: " + describe(GUIDED_FIELDS, n, GUIDED_DEFAULTS["drag"].get(n))
-              for n in DRAG_FIELDS if n in GUIDED_FIELDS}
-    for n in DRAG_FIELDS:
-        for m, table in (("instant", INSTANT_FIELDS), ("region", REGION_FIELDS)):
+    # One flag per setting name; a setting several methods have (steps, guidance, seed) gives every range in its help.
+    drag_fields, instant, region = (METHODS[n].fields for n in ("dragdiffusion", "instant", "region"))
+    shared = {n: "; diffeditor/dragondiffusion: " + describe(GUIDED_FIELDS, n, GUIDED_DEFAULTS["guided_drag"].get(n))
+              for n in drag_fields if n in GUIDED_FIELDS}
+    for n in drag_fields:
+        for name, table in (("instant", instant), ("region", region)):
             if n in table:
-                shared[n] = shared.get(n, "") + f"; {m}: " + describe(table, n)
-    add_fields(d, DRAG_FIELDS, unset=True, extra=shared)
-    add_guided_flags(d, "drag", skip=DRAG_FIELDS)
-    taken = set(DRAG_FIELDS) | set(GUIDED_FIELDS)
-    instant_own = [n for n in INSTANT_FIELDS if n not in taken]
-    region_shared = {n: "; region: " + describe(REGION_FIELDS, n) for n in instant_own if n in REGION_FIELDS}
-    add_fields(d, INSTANT_FIELDS, instant_own, unset=True, note="(instant) ", extra=region_shared)
-    add_fields(d, REGION_FIELDS, [n for n in REGION_FIELDS if n not in taken | set(INSTANT_FIELDS)], unset=True,
-               note="(region) ")
+                shared[n] = shared.get(n, "") + f"; {name}: " + describe(table, n)
+    add_fields(d, drag_fields, unset=True, extra=shared)
+    add_guided_flags(d, "guided_drag", skip=drag_fields)
+    taken = set(drag_fields) | set(GUIDED_FIELDS)
+    instant_own = [n for n in instant if n not in taken]
+    region_shared = {n: "; region: " + describe(region, n) for n in instant_own if n in region}
+    add_fields(d, instant, instant_own, unset=True, note="(instant) ", extra=region_shared)
+    add_fields(d, region, [n for n in region if n not in taken | set(instant)], unset=True, note="(region) ")
     add_common(d)
     d.set_defaults(fn=cmd_drag)
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from editing.cli.common import add_common, add_fields, editor, given, lora_specs, progress, write
-from editing.requests import EditError
+from models.errors import EditError
 
 STEPS = {"n_inference_steps": "--steps"}  # the sketch/generate flag for the DDIM step count
 RUN_FIELDS = ("n_inference_steps", "guidance_scale", "seed", "batch")  # what sketch and generate share
@@ -135,7 +135,7 @@ def cmd_sketch(args) -> None:
 
 def _steps(args) -> dict:
     """``--steps`` for generate; ``--drag-ready`` pins it to the drag's default (a drag then replays, not inverts)."""
-    from editing.requests import DRAG_FIELDS
+    from editing.drag import DRAG_FIELDS
 
     steps = args.n_inference_steps
     if args.drag_ready:
@@ -191,7 +191,7 @@ def _add_sketch(sub) -> None:
 
 def _add_generate(sub) -> None:
     from editing.generation import ADAPTER_FIELDS, CONTROLNET_FIELDS, GENERATE_FIELDS, IP_FIELDS
-    from editing.requests import DRAG_FIELDS
+    from editing.drag import DRAG_FIELDS
 
     g = sub.add_parser("generate", help="text-to-image with ControlNet / T2I-Adapter / IP-Adapter units; drag-ready")
     g.add_argument("--prompt", required=True)

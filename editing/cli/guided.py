@@ -12,7 +12,8 @@ import argparse
 import dataclasses
 
 from editing.cli.common import add_common, add_guided_flags, editor, given, lora_specs, progress, write
-from editing.requests import GUIDED_FIELDS, GUIDED_METHODS, EditError
+from models.errors import EditError
+from editing.requests import GUIDED_FIELDS, GUIDED_METHODS
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:

@@ -2,7 +2,7 @@
 
     python -m editing personalize --images DIR --class-noun dog [--out LORA_DIR --steps N --rank R
                                   --prior-images N --model SPEC]
-    accelerate launch -m editing.personalize --images DIR --class-noun dog ...   # one process per GPU
+    accelerate launch -m editing personalize --images DIR --class-noun dog ...   # one process per GPU
 
 Both run ``cmd_personalize``: the trainer builds an ``accelerate.Accelerator`` itself, so a single
 process just runs, and under ``accelerate launch`` each process loads the model on its own GPU and
@@ -19,8 +19,8 @@ import signal
 import sys
 import threading
 
-from editing.cli.common import add_common, add_fields, editor, lora_specs, notes, progress, run_command
-from editing.requests import EditError
+from editing.cli.common import add_common, add_fields, editor, lora_specs, notes, progress
+from models.errors import EditError
 
 # request field -> (flag, help); ``--no-*`` turns a field off, any other flag turns it on
 SWITCHES = {
@@ -143,12 +143,6 @@ def cmd_personalize(args) -> None:
 
 def add_commands(sub) -> None:
     """Add ``personalize`` to ``python -m editing``."""
-    _add_arguments(sub.add_parser("personalize", help="teach the model a subject from a few photos (DreamBooth LoRA)"))
-
-
-def main(argv=None) -> int:
-    """``python -m editing.personalize`` / ``accelerate launch -m editing.personalize``: same code path."""
-    ap = argparse.ArgumentParser(prog="python -m editing.personalize", description=__doc__.splitlines()[0])
-    ap.add_argument("-v", "--verbose", action="store_true")
-    _add_arguments(ap)
-    return run_command(ap.parse_args(argv), cancelled="cancelled (run again to resume from the last checkpoint)")
+    p = sub.add_parser("personalize", help="teach the model a subject from a few photos (DreamBooth LoRA)")
+    _add_arguments(p)
+    p.set_defaults(cancelled="cancelled (run again to resume from the last checkpoint)")

@@ -9,7 +9,7 @@ The pipeline, as ``train_dreambooth_lora`` (trainer.py) runs it:
 4. train on instance + prior batches with the prior-preservation loss (loss.py, DreamBooth eq. 2),
    flip / crop augmentation (photos.py), fresh VAE sample, noise and uniform t each step; mixed precision
    and gradient checkpointing on the GPU via accelerate (several GPUs with ``accelerate launch -m
-   editing.personalize``: the same code, one process per GPU); checkpoints + resume (checkpoints.py),
+   editing personalize``: the same code, one process per GPU); checkpoints + resume (checkpoints.py),
    cancel and previews through the task's ``Run`` (runs.py);
 5. save diffusers-format LoRA safetensors ``NAME.safetensors`` plus a JSON card ``NAME.json``.
 

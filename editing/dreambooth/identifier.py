@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from editing.requests import EditError
+from models.errors import EditError
 
 # Words (and common abbreviations) of ≤ 3 letters the model already knows: never identifiers.
 COMMON_WORDS = frozenset("""

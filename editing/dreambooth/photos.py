@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from editing.images import ImageSizeError, open_image, to_rgb
-from editing.requests import EditError
+from models.errors import EditError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MIN_PHOTOS = 2  # fewer is allowed, with a warning: one photo over-fits pose and background

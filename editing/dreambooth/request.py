@@ -9,7 +9,8 @@ from pathlib import Path
 from editing.dreambooth.identifier import check_identifier
 from editing.dreambooth.photos import load_photos
 from editing.checks import check_flag
-from editing.requests import EditError, check_number
+from models.errors import EditError
+from editing.checks import check_number
 
 # name -> (min, max, default, one-line why). The UI builds its sliders from this table.
 PERSONALIZE_FIELDS: dict[str, tuple[float, float, float, str]] = {

@@ -9,7 +9,7 @@ from PIL import Image
 
 from editing import conditions
 from editing.checks import check_fields, check_text, field_table, num
-from editing.requests import EditError
+from models.errors import EditError
 
 MAX_BATCH = 8
 MAX_UNITS = 4

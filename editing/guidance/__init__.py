@@ -1,4 +1,6 @@
 """Training-free guided editing: DragonDiffusion (Mou et al., ICLR 2024) and DiffEditor (Mou et al., CVPR 2024).
+Move, appearance and paste live here; the guided drag is one of the drag methods (``editing.drag.guided``), on
+the same sampler.
 
 One UNet does everything (the official code keeps a second copy for features):
 
@@ -19,11 +21,6 @@ One UNet does everything (the official code keeps a second copy for features):
 
 Step indices are those of the published 50-step schedule; other step counts map onto it proportionally.
 """
-from editing.guidance.bank import BankAttnProcessor, BankControl, MemoryBank, bank_layers, memory_bank_attention  # noqa: F401
-from editing.guidance.energies import (appearance_energies, cells, cos_sim, drag_energies, energy,  # noqa: F401
-                                       half_cos, move_energies, paste_energies)
-from editing.guidance.image_prompt import ImagePrompt, open_image_prompt  # noqa: F401
-from editing.guidance.sampler import (Plan, energy_gradients, guidance_features, guided_sample,  # noqa: F401
-                                      invert_with_bank)
-from editing.guidance.schedule import GuidedSchedule  # noqa: F401
-from editing.guidance.tasks import (run_appearance, run_guided_drag, run_move, run_paste)  # noqa: F401 - registers the tasks
+from editing.guidance import tasks  # registers move, appearance and paste
+
+__all__ = ["tasks"]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from editing.requests import EditError, GuidedParams
+from models.errors import EditError
+from editing.requests import GuidedParams
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Guided sampling (DragonDiffusion / DiffEditor) as hooks on the shared loops of editing/sampling.py.
 
-- inversion: ``RecordBank`` keeps the decoder self-attention inputs of every step (the memory bank);
-- sampling: ``ReadBank`` (visual cross-attention), ``ImagePromptSwitch`` (DiffEditor's image prompt),
+- inversion: ``editing.kv_bank.invert_and_record`` keeps the decoder self-attention inputs of every step (the
+  memory bank);
+- sampling: the bank read at the published steps (visual cross-attention, ``editing.kv_bank.AtStep``),
+  ``ImagePromptSwitch`` (DiffEditor's image prompt),
   ``EnergyGuidance`` (feature-correspondence gradients on x̂₀'s ε), ``RegionalSDE`` (σ > 0 only inside
   the edit region) and ``TimeTravel`` (repeat a step, re-noised by one inversion step).
 """
@@ -14,15 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from editing.features import FeatureCapture, _Captured
-from editing.guidance.bank import BankControl, MemoryBank, memory_bank_attention
+from editing.features import run_for_features
 from editing.guidance.image_prompt import ImagePrompt
 from editing.guidance.schedule import GuidedSchedule
-from editing.sampling import Hook, Inversion, NoisePredictor, Schedule, StepState, ddim_sigma, denoise, invert
+from editing.kv_bank import AtStep, BankControl, Strategy, bank_attention
+from editing.sampling import Hook, Inversion, NoisePredictor, StepState, ddim_sigma, denoise
 from models import families
 
-FEATURE_BLOCKS = (1, 2)  # SD-1.x/2.x up_blocks whose outputs carry the guidance features (families.unet_blocks)
-REGION_WEIGHT = {"move": 8e-2, "drag": 4e-2, "appearance": 4e-2, "paste": 4e-2}  # gradient scale per task
+# gradient scale per task
+REGION_WEIGHT = {"move": 8e-2, "guided_drag": 4e-2, "appearance": 4e-2, "paste": 4e-2}
 ENERGY_UNIT = 1e3  # the published UIs multiply "energy scale" by 1000
 
 
@@ -31,15 +33,9 @@ def guidance_features(unet, x: torch.Tensor, t: int, cond: torch.Tensor, grid_hw
     """The guidance up-blocks' outputs for a batch, bilinearly resized to ``grid_hw`` (fp32): the two up-blocks
     ending at 1/2 and full latent resolution — ``up_blocks[1]``, ``[2]`` on SD-1.x/2.x (``FEATURE_BLOCKS``),
     ``[0]``, ``[1]`` on SDXL (``models.families.unet_blocks``). The forward stops right after the last one."""
-    dtype = next(unet.parameters()).dtype
     blocks = families.unet_blocks(unet).guidance_blocks
-    with FeatureCapture(unet, blocks, stop_early=True) as fc:
-        try:
-            unet(x.to(dtype), t, encoder_hidden_states=cond.to(dtype), **unet_kwargs)
-        except _Captured:
-            pass
-    return [F.interpolate(fc.features[b].float(), size=grid_hw, mode="bilinear", align_corners=False)
-            for b in blocks]
+    _, feats = run_for_features(unet, x, t, cond, blocks, **unet_kwargs)
+    return [F.interpolate(feats[b].float(), size=grid_hw, mode="bilinear", align_corners=False) for b in blocks]
 
 
 def energy_gradients(unet, x, ref_t, t, ctx, grid_hw, energies, **unet_kwargs):
@@ -57,29 +53,6 @@ def energy_gradients(unet, x, ref_t, t, ctx, grid_hw, energies, **unet_kwargs):
     return (zero if g_edit is None else g_edit.detach()), (zero if g_con is None else g_con.detach())
 
 
-# ---- inversion with the bank -----------------------------------------------------------------------------------
-class RecordBank(Hook):
-    """Inversion hook: the bank processors record at the step's timestep."""
-
-    def __init__(self, control: BankControl):
-        self.control = control
-        control.state = "record"
-
-    def before_unet(self, s: StepState) -> None:
-        self.control.t = s.t
-
-
-def invert_with_bank(unet, z0: torch.Tensor, cond: torch.Tensor, schedule: Schedule, bank: MemoryBank,
-                     run=None) -> Inversion:
-    """DDIM inversion z_0 → z_T (text-only, no CFG), recording the decoder self-attention inputs per step."""
-    control = BankControl(bank)
-    with memory_bank_attention(unet, control):
-        predict = NoisePredictor(unet, cond, z0.shape[0], device=z0.device, graphs=False)
-        inv = invert(predict, z0, schedule, hooks=[RecordBank(control)], run=run)
-    inv.bank = bank
-    return inv
-
-
 # ---- the guided sampler --------------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -90,20 +63,7 @@ class Plan:
     energies: Callable  # (cur feats, ref feats) -> (E_edit, E_content)
     edit_region: torch.Tensor  # (1, 1, h, w) in {0, 1}: where the edit gradient (and the SDE) applies
     sde_region: torch.Tensor  # (1, 1, h, w)
-    attention: str  # replace | concat | splice
-    splice_masks: tuple[np.ndarray, np.ndarray] | None = None  # (reference object, base region) for splice
-
-
-class ReadBank(Hook):
-    """Visual cross-attention: read the bank at the published steps; off for every other UNet call."""
-
-    def __init__(self, control: BankControl, gsched: GuidedSchedule, task: str):
-        self.control, self.gsched, self.task = control, gsched, task
-
-    def before_unet(self, s: StepState) -> None:
-        self.control.t = s.t
-        active = s.stage == "step" and self.gsched.bank_active(self.task, s.i)
-        self.control.state = "read" if active else "off"
+    attention: Strategy  # visual cross-attention: kv_bank.Replace (move), Concat (drag) or Splice
 
 
 class ImagePromptSwitch(Hook):
@@ -132,7 +92,7 @@ class EnergyGuidance(Hook):
     def after_eps(self, s: StepState) -> None:
         if not self.gsched.guided(s.i):
             return
-        self.control.state = "off"  # features come from the plain UNet, as the targets do
+        self.control.on = False  # features come from the plain UNet, as the targets do
         self.ip.switch(False)
         g_edit, g_con = energy_gradients(self.unet, s.x, self.inv.at(s.i).to(s.x.device), s.t, self.ctx, self.grid_hw,
                                          self.plan.energies, **self.ip.kwargs(1 + self.n_ref))
@@ -171,16 +131,16 @@ def guided_sample(unet, inv: Inversion, plan: Plan, gsched: GuidedSchedule, cond
     """Denoise ``plan.z_T`` with memory-bank attention, regional gradient guidance, regional SDE and time
     travel (the hooks above on ``sampling.denoise``), then ``extra_hooks`` (e.g. previews). Returns z_0."""
     ip = image_prompt or ImagePrompt(None, None, 0.0)
-    control = BankControl(inv.bank, plan.attention, *(plan.splice_masks or (None, None)))
-    control.aspect = plan.z_T.shape[-2] / plan.z_T.shape[-1]
+    control = BankControl(inv.bank, plan.attention)
     device = plan.z_T.device
-    hooks = [ReadBank(control, gsched, plan.task), ImagePromptSwitch(ip, gsched)]
+    read = AtStep(control, lambda s: s.stage == "step" and gsched.bank_active(plan.task, s.i))
+    hooks = [read, ImagePromptSwitch(ip, gsched)]
     if energy_scale > 0:
         scale = energy_scale * ENERGY_UNIT * REGION_WEIGHT[plan.task]
         hooks += [EnergyGuidance(unet, inv, plan, gsched, cond, grid_hw, scale, control, ip), TimeTravel(gsched)]
     hooks.append(RegionalSDE(plan.sde_region, gsched, sde_strength, seed))
     hooks += list(extra_hooks)
-    with memory_bank_attention(unet, control):
+    with bank_attention(unet, control):
         predict = NoisePredictor(unet, cond, 1, uncond=uncond, guidance_scale=guidance_scale, device=device, graphs=False)
         renoise = NoisePredictor(unet, cond, 1, device=device, graphs=False)
         return denoise(predict, plan.z_T.float(), inv.schedule, hooks=hooks, run=run, renoise=renoise)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from editing.images import atomic_write
-from editing.requests import EditError
+from models.errors import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 ENV_DIR = "DRAGCANVAS_LORA_DIR"

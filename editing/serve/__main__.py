@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         log.error("Ray Serve is not installed: pip install -r requirements-ray.txt")
         return 2
-    from editing.requests import EditError
+    from models.errors import EditError
     from editing.serve import APP_NAME, cluster
 
     app = args.app or APP_NAME

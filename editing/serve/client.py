@@ -27,7 +27,8 @@ from ray.exceptions import OutOfMemoryError, RayActorError, TaskCancelledError
 
 from editing.context import EngineOptions
 from editing.images import image_hash
-from editing.requests import DragRequest, EditCancelled, EditError
+from editing.drag import DragRequest
+from models.errors import EditCancelled, EditError
 from editing.runtime import EditResult, Progress, decode_image
 from editing.serve import APP_NAME, cluster
 
@@ -86,7 +87,6 @@ class RemoteEditor:
     def model_spec(self) -> str:
         return self.options.model_spec
 
-    model_name = model_spec
 
     @property
     def allow_pickle(self) -> bool:

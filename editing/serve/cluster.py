@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from editing.requests import EditError
+from models.errors import EditError
 from editing.serve import APP_NAME
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ import torch
 from ray import serve
 
 from editing.images import image_hash
-from editing.requests import EditCancelled, EditError
+from models.errors import EditCancelled, EditError
 
 log = logging.getLogger(__name__)
 

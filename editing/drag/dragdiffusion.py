@@ -2,14 +2,14 @@
 with GoodDrag's practices (Zhang et al., ICLR 2025) as options.
 
 The math lives in small pure functions (patch sampling, drag direction, motion supervision, point tracking,
-mask term, the drag timesteps); ``optimize_latent`` is the loop of §3.3 at one timestep; ``editing.drag_reference``
+mask term, the drag timesteps); ``optimize_latent`` is the loop of §3.3 at one timestep; ``editing.drag.reference``
 holds ``reference_branch`` (the original branch denoised once, its latents and its mutual-attention K/V source
 kept in a memory bank) and ``denoise_with_reference`` (the final sampling of the edited branch reading that
 bank, §3.4); ``run_drag`` is the task: identity LoRA (§3.2) → DDIM inversion → reference
 branch → optimisation → denoise → decode. A generated image's own trajectory replaces the LoRA and the
 inversion.
 
-GoodDrag (request fields; ``editing.requests.GOODDRAG`` holds the published values): alternating drag and
+GoodDrag (request fields; ``GOODDRAG`` holds the published values, the ``gooddrag`` method's preset): alternating drag and
 denoising — the optimisation is spread over ``drag_timesteps`` timesteps with one denoising step of the
 edited latent between two, each timestep's supervision against the reference branch's latent there — and
 information-preserving motion supervision (``preserve_handle``: the target of each patch is the ORIGINAL
@@ -29,29 +29,116 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from editing import cuda_graphs
+from editing.checks import check_fields, check_image, check_text, field_table, num
 from editing.context import EditContext
+from editing.drag.common import PointPair, check_drag, check_prompt, points_from_json, points_json
+from editing.drag.reference import Reference, denoise_one_step, denoise_with_reference, reference_branch
 from editing.features import run_for_features
-from models import families
 from editing.geometry import grid_to_points, points_to_grid, resize_mask
 from editing.images import image_hash, tensor_to_pil
 from editing.lora import lora_adapter, train_identity_lora
 from editing.previews import sample_previews
-from editing.requests import DragRequest
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
-from editing.drag_reference import Reference, denoise_one_step, denoise_with_reference, reference_branch
-from editing.sampling import NoisePredictor, Schedule, ddim_step, invert
+from editing.sampling import NoisePredictor, Schedule, ddim_step, invert, unet_dtype
+from models import families
 
 log = logging.getLogger(__name__)
 
-FEATURE_BLOCK = 2  # up_blocks[2] output: 640 channels at latent resolution for SD-1.5
+
+# ---- the request ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DragRequest:
+    """One drag edit. Validates on construction; raises EditError with an actionable message."""
+
+    image: Image.Image
+    points: tuple[PointPair, ...]
+    mask: np.ndarray | None = None
+    prompt: str = ""
+    lora_steps: int = num(80, 0, 400, "identity-LoRA fine-tuning steps (0 = skip); keeps the object's identity")
+    lora_rank: int = num(16, 1, 128, "rank of the identity LoRA")
+    lora_lr: float = num(5e-4, 1e-5, 1e-2, "identity-LoRA learning rate (AdamW)")
+    inversion_strength: float = num(0.7, 0.05, 1.0, "how far back the image is inverted; 0.7 -> edit at t=681 of 50 DDIM steps")
+    n_inference_steps: int = num(50, 2, 200, "DDIM steps of the full schedule")
+    latent_lr: float = num(0.01, 1e-4, 0.1, "Adam learning rate of the latent optimisation")
+    max_steps: int = num(80, 1, 400, "maximum motion-supervision steps per drag timestep (stops early when handles arrive)")
+    r_m: int = num(1, 1, 8, "motion-supervision patch radius (feature cells)")
+    r_p: int = num(3, 1, 16, "point-tracking search radius (feature cells)")
+    lam: float = num(0.1, 0.0, 10.0, "weight of the keep-unmasked-area term")
+    guidance_scale: float = num(1.0, 1.0, 20.0, "classifier-free guidance while denoising (1 = none, as for real images)")
+    seed: int = num(42, 0, 2**31 - 1, "random seed (LoRA crops/noise)")
+    # GoodDrag (Zhang et al., ICLR 2025); the defaults are DragDiffusion's, GOODDRAG holds the published values.
+    drag_timesteps: int = num(1, 1, 50, "timesteps the drag is spread over, one denoising step between them "
+                                        "(GoodDrag's alternating drag and denoising); 1 = all at one timestep")
+    steps_per_track: int = num(1, 1, 20, "motion-supervision steps between point-tracking updates")
+    drag_step: float = num(1.0, 0.5, 8.0, "how far (supervision-grid cells) one motion-supervision step pulls a "
+                                          "handle: min(this, distance left) along the handle→target direction")
+    preserve_handle: int = num(0, 0, 1, "1 = information-preserving supervision: pull toward the ORIGINAL "
+                                        "handle's features, so content does not drift (GoodDrag)")
+    patience: int = num(0, 0, 50, "stop dragging after this many point-tracking updates in a row move no "
+                                  "handle (0 = never)")
+    notices: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self):
+        img, points, mask, notices = check_drag(self.image, self.points, self.mask)
+        check_fields(self, DRAG_FIELDS)
+        if round(self.inversion_strength * self.n_inference_steps) < 1:
+            raise EditError("inversion_strength × n_inference_steps must be at least 1 step.")
+        check_prompt(self.prompt)
+        for k, v in (("image", img), ("points", points), ("mask", mask), ("notices", tuple(self.notices) + notices)):
+            object.__setattr__(self, k, v)
+
+    def replace(self, **changes) -> "DragRequest":
+        return dataclasses.replace(self, notices=(), **changes)
+
+    def params(self) -> dict:
+        """The JSON-serialisable part (everything but pixels)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "mask", "notices")}
+        out["points"] = points_json(self.points)
+        return out
+
+
+DRAG_FIELDS = field_table(DragRequest)  # name -> (min, max, default, why): the UI sliders and CLI flags
+DragRequest.FIELDS_UI = DRAG_FIELDS
+# GoodDrag's published defaults as DragRequest overrides (method "gooddrag" in the CLI/UI/benchmarks). Source: the
+# official code (zewei-Zhang/GoodDrag, bench_gooddrag.py, the script behind the paper's numbers): inversion 0.75 of
+# 50 DDIM steps, LoRA 70 steps (lr 5e-4, rank 16 as ours), latent lr 0.02, λ 0.1, r1 = 4, r2 = 12, d = 4,
+# drag_end_step 7 timesteps × track_per_step 10 × max_drag_per_track 3 = 30 supervision steps per timestep,
+# max_track_no_change 5. Radii and d are in supervision-grid cells, which are 4 per latent cell as in the official
+# half-resolution grid for SD-1.5; our 50-step schedule is theirs, so the timestep counts carry over unchanged.
+GOODDRAG = dict(inversion_strength=0.75, lora_steps=70, latent_lr=0.02, lam=0.1, r_m=4, r_p=12, drag_step=4.0,
+                drag_timesteps=7, steps_per_track=3, max_steps=30, patience=5, preserve_handle=1)
+LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
+
+
+@dataclass(frozen=True)
+class IdentityLoraRequest:
+    """Train a drag's identity LoRA ahead of the drag; the fields mean what they mean in ``DragRequest``
+    (``None`` = its default)."""
+
+    image: Image.Image
+    prompt: str = ""
+    lora_steps: int | None = None
+    lora_rank: int | None = None
+    lora_lr: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "image", check_image(self.image, "image"))
+        object.__setattr__(self, "prompt", check_text(self.prompt, "prompt"))
+        table = {k: DRAG_FIELDS[k] for k in LORA_FIELDS}
+        check_fields(self, table, {k: spec.default for k, spec in table.items()})
+
+
+
 ARRIVED_CELLS = 2.0  # a handle closer than this (supervision-grid cells) to its target has arrived
 GRID_PER_LATENT = 4  # supervision-grid cells per latent cell: 256² for SD-1.5's 64² latents (half of 512²)
 
@@ -170,6 +257,26 @@ def _features(unet, z, t, cond, grid_hw, need_output):
     return eps, feat
 
 
+@dataclass(frozen=True)
+class DragOptions:
+    """The latent optimisation's settings, as the request gives them (``DragOptions.of``)."""
+
+    lr: float  # Adam learning rate
+    max_steps: int  # motion-supervision steps at one timestep
+    r_m: int  # motion-supervision patch radius (cells)
+    r_p: int  # point-tracking search radius (cells)
+    lam: float  # weight of the mask term
+    step: float  # how far one supervision step pulls a handle (``drag_direction``'s β)
+    preserve: bool  # information-preserving supervision (GoodDrag)
+    steps_per_track: int  # supervision steps between two point-tracking updates
+    patience: int  # tracking updates in a row that moved no handle before giving up (0 = never)
+
+    @classmethod
+    def of(cls, req: DragRequest) -> DragOptions:
+        return cls(req.latent_lr, req.max_steps, req.r_m, req.r_p, req.lam, req.drag_step, bool(req.preserve_handle),
+                   req.steps_per_track, req.patience)
+
+
 def optimize_latent(
     unet,
     z_t: torch.Tensor,
@@ -179,24 +286,16 @@ def optimize_latent(
     handles: torch.Tensor,
     targets: torch.Tensor,
     grid_hw: tuple[int, int],
+    opts: DragOptions,
     *,
     keep: torch.Tensor | None,
-    lr: float,
-    max_steps: int,
-    r_m: int,
-    r_p: int,
-    lam: float,
-    report: Callable[[float, str], None] | None = None,
-    use_graphs: bool | None = None,
     z_ref: torch.Tensor | None = None,
     handles0: torch.Tensor | None = None,
-    step: float = 1.0,
-    preserve: bool = False,
-    steps_per_track: int = 1,
     track_first: bool = False,
-    patience: int = 0,
     unchanged: int = 0,
+    report: Callable[[float, str], None] | None = None,
     trail: Callable[[torch.Tensor], None] | None = None,
+    use_graphs: bool | None = None,
 ) -> DragOutcome:
     """Motion supervision + point tracking on z_t (§3.3); stops as soon as every handle has arrived.
 
@@ -208,14 +307,14 @@ def optimize_latent(
     One timestep of GoodDrag's alternating drag and denoising: ``z_t`` is the edited latent at ``t``, ``z_ref``
     the original branch's latent there (the features and the mask term's reference come from it; default
     ``z_t``, DragDiffusion), ``handles`` the handles tracked so far, ``handles0`` the original ones (default
-    ``handles``). Points are tracked every ``steps_per_track`` steps (and on entry when ``track_first``: the
-    denoising step in between moved the content); ``patience`` > 0 stops after that many updates in a row
-    that moved no handle, counting on from ``unchanged``. ``step`` and ``preserve`` choose the supervision
-    (``motion_supervision_loss``).
+    ``handles``). Points are tracked every ``opts.steps_per_track`` steps (and on entry when ``track_first``: the
+    denoising step in between moved the content); ``opts.patience`` > 0 stops after that many updates in a row
+    that moved no handle, counting on from ``unchanged``. ``opts.step`` and ``opts.preserve`` choose the
+    supervision (``motion_supervision_loss``).
     """
     device = z_t.device
-    use_amp = device.type == "cuda" and next(unet.parameters()).dtype != torch.float32
-    amp_dtype = next(unet.parameters()).dtype
+    amp_dtype = unet_dtype(unet)
+    use_amp = device.type == "cuda" and amp_dtype != torch.float32
     a_t, a_prev = schedule.alpha(t), schedule.alpha(t - schedule.stride)
     need_output = keep is not None
     handles0 = (handles if handles0 is None else handles0).clone().to(device)
@@ -236,7 +335,8 @@ def optimize_latent(
     if use_graphs is None:
         use_graphs = cuda_graphs.enabled(device)
     forward = cuda_graphs.graphed(forward, (z.detach().clone().requires_grad_(True),), unet=unet, use=use_graphs)
-    opt = torch.optim.Adam([z], lr=lr)
+    opt = torch.optim.Adam([z], lr=opts.lr)
+    max_steps, steps_per_track, patience = opts.max_steps, opts.steps_per_track, opts.patience
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     losses: list[float] = []
     stalled = False
@@ -247,7 +347,7 @@ def optimize_latent(
         feat, *rest = forward(z)
         eps = rest[0] if rest else None
         if (step_i > 0 and step_i % steps_per_track == 0) or (step_i == 0 and track_first):
-            new = track_points(feat0, feat, handles0, handles, r_p)
+            new = track_points(feat0, feat, handles0, handles, opts.r_p)
             if step_i > 0:  # the entry update follows the denoising step, not the optimisation: not counted
                 unchanged = unchanged + 1 if torch.equal(new, handles) else 0
             handles = new
@@ -258,10 +358,10 @@ def optimize_latent(
         if patience and unchanged >= patience:
             stalled = True
             break
-        loss = motion_supervision_loss(feat, handles, targets, r_m, step=step,
-                                       feat0=feat0 if preserve else None, handles0=handles0)
+        loss = motion_supervision_loss(feat, handles, targets, opts.r_m, step=opts.step,
+                                       feat0=feat0 if opts.preserve else None, handles0=handles0)
         if need_output:
-            loss = loss + mask_term(ddim_step(z, eps.float(), a_t, a_prev), x_prev_ref, keep, lam)
+            loss = loss + mask_term(ddim_step(z, eps.float(), a_t, a_prev), x_prev_ref, keep, opts.lam)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -374,6 +474,7 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
         if trail:
             trail(pts_h)
         z, handles, steps, unchanged, out = z_t, pts_h, 0, 0, None
+        opts = DragOptions.of(req)
         with run.step("drag"):
             for j, index in enumerate(indices):
                 if j > 0:  # AlDD: one denoising step of the edited latent between two drags
@@ -381,12 +482,10 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
                 span = (j / len(indices), 1 / len(indices))
                 label = f"timestep {j + 1}/{len(indices)}, " if len(indices) > 1 else ""
                 out = optimize_latent(
-                    b.unet, z, schedule.timesteps[index], cond, schedule, handles, pts_t, grid_hw, keep=keep,
-                    lr=req.latent_lr, max_steps=req.max_steps, r_m=req.r_m, r_p=req.r_p, lam=req.lam,
-                    report=lambda f, m: run.report(span[0] + f * span[1], label + m),
-                    z_ref=ref.latents[index - start].to(b.device), handles0=pts_h, step=req.drag_step,
-                    preserve=bool(req.preserve_handle), steps_per_track=req.steps_per_track, track_first=j > 0,
-                    patience=req.patience, unchanged=unchanged, trail=trail)
+                    b.unet, z, schedule.timesteps[index], cond, schedule, handles, pts_t, grid_hw, opts, keep=keep,
+                    z_ref=ref.latents[index - start].to(b.device), handles0=pts_h, track_first=j > 0,
+                    unchanged=unchanged, report=lambda f, m: run.report(span[0] + f * span[1], label + m),
+                    trail=trail)
                 z, handles, unchanged, steps = out.latent, out.handles, out.unchanged, steps + out.steps
                 if out.arrived or out.stalled:
                     break
@@ -399,9 +498,7 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
             z0 = denoise_with_reference(b.unet, ref, z, cond, schedule, index, uncond=uncond, guidance_scale=guidance,
                                         run=run, hooks=sample_previews(ctx))
     result = tensor_to_pil(ctx.decode(z0)).resize(image.size, Image.LANCZOS)
-    params = req.params()
-    params["points"] = [[list(h), list(t)] for h, t in req.points]
-    recipe = ctx.recipe("drag", params, images={"image": req.image}, masks={"mask": req.mask},
+    recipe = ctx.recipe("dragdiffusion", req.params(), images={"image": req.image}, masks={"mask": req.mask},
                         extra={"steps_run": steps, "arrived": out.arrived, "generated": gen.recipe if gen else None})
     return EditResult(result, recipe, run.timings, run.nfe, notices, grid_to_points(handles, grid_hw, image.size),
                       extra={"drag_timesteps": j + 1})
@@ -409,10 +506,11 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
 
 def drag_from_recipe(recipe: dict) -> DragRequest:
     params = dict(recipe["params"])
-    points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
-    known = {f.name for f in dataclasses.fields(DragRequest)}
+    points = points_from_json(params.pop("points"))
+    known = {f.name for f in dataclasses.fields(DragRequest)} - {"image", "mask", "points", "notices"}
     return DragRequest(decode_image(recipe["image_png"]), points, decode_mask(recipe.get("mask_png")),
                        **{k: v for k, v in params.items() if k in known})
 
 
-register(Task("drag", DragRequest, run=run_drag, from_recipe=drag_from_recipe))
+# "drag" is what recipes called this task before the drag methods became one package
+register(Task("dragdiffusion", DragRequest, run=run_drag, from_recipe=drag_from_recipe, aliases=("drag",)))

@@ -3,7 +3,7 @@
 1. DDIM inversion of the image to ``inversion_strength`` on a short schedule (``n_steps``), recording the decoder
    self-attention inputs of every step (the memory bank: K = W_k·h, V = W_v·h). Cached per image, prompt,
    schedule and active LoRAs, so a second drag of the same picture starts at step 3.
-2. The one-step latent warpage of z_t (``editing.drag_warp``: stretch inside the circle around the mask's box,
+2. The one-step latent warpage of z_t (``editing.drag.warp``: stretch inside the circle around the mask's box,
    several handles blended by inverse distance, forward copy, BNNI for the holes) on the latent grid. With
    ``rigid`` = 1 the masked content moves as a whole instead (the official code's "object moving" tab); on the
    toy benchmark that lands 95 % of shapes within 3 px against 15 % for the stretch.
@@ -26,16 +26,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editing import drag_warp
 from editing.checks import check_fields, field_table, num
 from editing.context import EditContext
-from editing.geometry import points_to_grid, resize_mask
-from editing.guidance.bank import BankControl, InjectBank, MemoryBank, memory_bank_attention
-from editing.guidance.sampler import RecordBank
-from editing.images import image_hash, tensor_to_pil
-from editing.requests import DragRequest, EditError, PointPair
+from editing.drag import warp as drag_warp
+from editing.drag.common import (PointPair, cells_to_pixels, check_drag, check_prompt, latent_region, paste_outside,
+                                 points_from_json, points_json)
+from editing.geometry import points_to_grid
+from editing.images import tensor_to_pil
+from editing.kv_bank import AtStep, BankControl, Replace, bank_attention, invert_and_record, while_recorded
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
-from editing.sampling import Hook, Inversion, NoisePredictor, Schedule, StepState, denoise, invert
+from editing.sampling import Hook, Inversion, NoisePredictor, StepState, denoise
+from models.errors import EditError
 
 NO_MASK_NOTICE = ("No mask was painted, so a disc around each handle (radius: the drag distance, at least 1/8 of "
                   "the short side) is what moves.")
@@ -62,14 +63,10 @@ class InstantDragRequest:
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
-        base = DragRequest(self.image, self.points, self.mask, prompt=self.prompt if isinstance(self.prompt, str) else "")
-        if not isinstance(self.prompt, str):
-            raise EditError("The prompt must be text.")
-        set_("image", base.image)
-        set_("points", base.points)
-        set_("mask", base.mask)
-        set_("notices", tuple(self.notices) + base.notices)
+        img, points, mask, notices = check_drag(self.image, self.points, self.mask)
+        check_prompt(self.prompt)
+        for k, v in (("image", img), ("points", points), ("mask", mask), ("notices", tuple(self.notices) + notices)):
+            object.__setattr__(self, k, v)
         check_fields(self, INSTANT_FIELDS)
         if round(self.inversion_strength * self.n_steps) < 1:
             raise EditError("inversion_strength × n_steps must be at least 1 step.")
@@ -81,12 +78,11 @@ class InstantDragRequest:
     def params(self) -> dict:
         """The JSON-serialisable part (everything but pixels)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("image", "mask", "notices")}
-        out["points"] = [[list(h), list(t)] for h, t in self.points]
+        out["points"] = points_json(self.points)
         return out
 
 
 INSTANT_FIELDS = field_table(InstantDragRequest)  # name -> (min, max, default, why): UI sliders and CLI flags
-InstantDragRequest.FIELDS_UI = INSTANT_FIELDS
 
 
 # ---- hooks -----------------------------------------------------------------------------------------------------
@@ -102,49 +98,6 @@ class KeepOutside(Hook):
 
 
 # ---- the task ---------------------------------------------------------------------------------------------------
-def cached_inversion(ctx: EditContext, work: Image.Image, prompt: str, n_steps: int, strength: float,
-                     task: str, layers: list[str] | None = None) -> Inversion:
-    """DDIM inversion of a working-size image to ``strength`` of an ``n_steps`` schedule, recording the inputs of
-    the self-attention ``layers`` (default: the decoder's) at every step into ``inv.bank``; cached in
-    ``ctx.caches.task(task)`` per image, prompt, schedule, layers and active LoRAs."""
-    b, run = ctx.bundle, ctx.run
-    schedule = Schedule.from_scheduler(b.scheduler, n_steps)
-    start = schedule.start_index(strength)
-    key = ((image_hash(work), work.size), prompt, n_steps, start, tuple(layers or ()), ctx.lora_key)
-
-    def make():
-        with run.step("encode"):
-            z0 = ctx.posterior(work)[0].to(b.device)
-        with run.step("inversion"):
-            bank = MemoryBank(b.device if b.device.type == "cuda" and not ctx.options.bank_on_cpu else "cpu")
-            control = BankControl(bank)
-            with memory_bank_attention(b.unet, control, layers):
-                predict = NoisePredictor(b.unet, b.encode_prompt(prompt), 1, device=z0.device, graphs=False)
-                inv = invert(predict, z0, schedule, start, hooks=[RecordBank(control)], run=run)
-            inv.latents = [z.detach() for z in inv.latents]
-            inv.bank = bank
-            return inv
-
-    return ctx.caches.task(task, 2).get_or(key, make)[0]
-
-
-def latent_region(region_px: np.ndarray, lat_hw: tuple[int, int]) -> np.ndarray:
-    """Pixel region -> latent cells (H, W) bool; a cell belongs if any of its pixels does (editing.geometry)."""
-    return resize_mask(region_px, lat_hw)[0, 0].numpy() > 0.5
-
-
-def paste_outside(result: Image.Image, original: Image.Image, region: np.ndarray) -> Image.Image:
-    """The original pixels where ``region`` (H×W bool of ``original``'s size) is False."""
-    a = np.asarray(result.convert("RGB").resize(original.size, Image.LANCZOS))
-    return Image.fromarray(np.where(region[..., None], a, np.asarray(original.convert("RGB"))))
-
-
-def cells_to_pixels(cells: np.ndarray, lat_hw, size) -> np.ndarray:
-    """Latent-cell bool map -> H×W bool of the image ``size`` = (w, h) (nearest)."""
-    img = Image.fromarray(cells.astype(np.uint8) * 255).resize(size, Image.NEAREST)
-    return np.asarray(img) > 127
-
-
 def run_instant(ctx: EditContext, req: InstantDragRequest) -> EditResult:
     """Instant drag: cached inversion + bank → latent warp of z_t → denoise with the bank's K/V → decode."""
     b, run = ctx.bundle, ctx.run
@@ -153,7 +106,7 @@ def run_instant(ctx: EditContext, req: InstantDragRequest) -> EditResult:
     if mask is None:
         notices.append(NO_MASK_NOTICE)
     region_px = drag_warp.edit_region(image.size, mask, points)
-    inv = cached_inversion(ctx, work, req.prompt, req.n_steps, req.inversion_strength, "instant")
+    inv = invert_and_record(ctx, [work], [req.prompt], req.n_steps, strength=req.inversion_strength, cache="instant")
     z_t = inv.z_t.to(b.device)
     lat_hw = tuple(z_t.shape[-2:])
     region = latent_region(region_px, lat_hw)
@@ -165,12 +118,12 @@ def run_instant(ctx: EditContext, req: InstantDragRequest) -> EditResult:
         x = torch.from_numpy(warped)[None].to(b.device)
     n_den = len(inv.schedule.timesteps) - inv.start
     kv_steps = math.ceil(req.kv_fraction * n_den - 1e-9)
-    control = BankControl(inv.bank, "replace")
-    hooks: list[Hook] = [InjectBank(control, lambda s: s.i < kv_steps)]
+    control = BankControl(inv.bank, Replace())
+    hooks: list[Hook] = [AtStep(control, while_recorded(control, lambda s: s.i < kv_steps))]
     if req.keep_outside:
         hooks.append(KeepOutside(inv, torch.from_numpy(changed.astype(np.float32))[None, None].to(b.device)))
     cfg = req.guidance_scale > 1.0
-    with run.step("denoise"), memory_bank_attention(b.unet, control):
+    with run.step("denoise"), bank_attention(b.unet, control):
         predict = NoisePredictor(b.unet, b.encode_prompt(req.prompt), 1, uncond=b.encode_prompt("") if cfg else None,
                                  guidance_scale=req.guidance_scale, device=b.device, graphs=False)
         z0 = denoise(predict, x, inv.schedule, inv.start, hooks=hooks, run=run)
@@ -185,7 +138,7 @@ def run_instant(ctx: EditContext, req: InstantDragRequest) -> EditResult:
 
 def instant_from_recipe(recipe: dict) -> InstantDragRequest:
     params = dict(recipe["params"])
-    points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points"))
+    points = points_from_json(params.pop("points"))
     known = {f.name for f in dataclasses.fields(InstantDragRequest)} - {"image", "mask", "points", "notices"}
     return InstantDragRequest(decode_image(recipe["image_png"]), points, decode_mask(recipe.get("mask_png")),
                               **{k: v for k, v in params.items() if k in known})

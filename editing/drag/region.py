@@ -29,18 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from editing import drag_warp
 from editing.attention import self_attn_names
 from editing.checks import check_fields, check_image, field_table, normalize_mask, num
 from editing.context import EditContext
-from editing.guidance.bank import BankControl, InjectBank, memory_bank_attention
+from editing.drag import warp as drag_warp
+from editing.drag.common import (MAX_POINT_PAIRS, PointPair, check_drag, check_prompt, latent_region, paste_outside,
+                                 points_from_json, points_json)
 from editing.images import tensor_to_pil
-from editing.instant_drag import cached_inversion, latent_region, paste_outside
-from editing.requests import MAX_POINT_PAIRS, DragRequest, EditError, PointPair
+from editing.kv_bank import AtStep, BankControl, Remap, bank_attention, invert_and_record, while_recorded
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
 from editing.sampling import Hook, Inversion, NoisePredictor, StepState, denoise
+from models.errors import EditError
 
-KV_MODE = "remap"  # replace the K/V by the inversion's, the handle tokens' also at the target tokens
 KV_PREFIXES = ("down_blocks", "mid_block", "up_blocks")  # the official pastes K/V in every attn1 layer
 DEFAULT_DISC_FRACTION = 1 / 8  # no mask, radius 0: discs of this × the short side
 MASK_DILATION_FRACTION = 1 / 32  # no mask: the edit area is the regions dilated by this × the short side
@@ -69,9 +69,10 @@ class RegionDragRequest:
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass normalisation
-        if not isinstance(self.prompt, str):
-            raise EditError("The prompt must be text.")
+        def set_(k, v):
+            object.__setattr__(self, k, v)
+
+        check_prompt(self.prompt)
         hr, tr = tuple(self.handle_regions or ()), tuple(self.target_regions or ())
         pts = tuple(self.points or ())
         if pts and (hr or tr):
@@ -79,9 +80,8 @@ class RegionDragRequest:
         if not pts and not hr and not tr:
             raise EditError("No regions: paint a handle region and its target region, or give points with a radius.")
         if pts:  # the drag checks: pairs, same point, outside the image, too many, the mask
-            base = DragRequest(self.image, pts, self.mask, prompt=self.prompt)
-            img, mask, notices = base.image, base.mask, base.notices
-            set_("points", base.points)
+            img, points, mask, notices = check_drag(self.image, pts, self.mask)
+            set_("points", points)
         else:
             img = check_image(self.image, "image")
             mask, notices = normalize_mask(self.mask, img.size)
@@ -124,13 +124,12 @@ class RegionDragRequest:
     def params(self) -> dict:
         skip = {"image", "mask", "handle_regions", "target_regions", "notices"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        out["points"] = [[list(h), list(t)] for h, t in self.points]
+        out["points"] = points_json(self.points)
         out["n_regions"] = len(self.handle_regions)
         return out
 
 
 REGION_FIELDS = field_table(RegionDragRequest)  # name -> (min, max, default, why): UI sliders and CLI flags
-RegionDragRequest.FIELDS_UI = REGION_FIELDS
 
 
 def _region(m, size, what: str) -> np.ndarray:
@@ -285,7 +284,7 @@ def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
     else:
         edit_px = drag_warp.fill_holes(mask)
     layers = self_attn_names(b.unet, KV_PREFIXES)
-    inv = cached_inversion(ctx, work, req.prompt, req.n_steps, req.start_t, "region", layers=layers)
+    inv = invert_and_record(ctx, [work], [req.prompt], req.n_steps, strength=req.start_t, layers=layers, cache="region")
     z_t = inv.z_t.to(b.device)
     lat_hw = tuple(z_t.shape[-2:])
     edit = latent_region(edit_px, lat_hw)
@@ -303,12 +302,11 @@ def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
     src, dst = src[first], dst[first]
     x = vacate(z_t, src, dst, req.noise_scale, req.seed)
     edit_t = torch.from_numpy(edit.astype(np.float32))[None, None].to(b.device)
-    control = BankControl(inv.bank, KV_MODE)
-    control.aspect = lat_hw[0] / lat_hw[1]
-    control.pairs = (src, dst, lat_hw)
-    hooks = [InjectBank(control), CopyRegions(inv, src, dst, edit_t, req.end_t * TRAIN_STEPS)]
+    # the inversion's K/V in every layer, the handle tokens' also at the target tokens
+    control = BankControl(inv.bank, Remap(src, dst, lat_hw))
+    hooks = [AtStep(control, while_recorded(control)), CopyRegions(inv, src, dst, edit_t, req.end_t * TRAIN_STEPS)]
     cfg = req.guidance_scale > 1.0
-    with run.step("denoise"), memory_bank_attention(b.unet, control, layers):
+    with run.step("denoise"), bank_attention(b.unet, control, layers):
         predict = NoisePredictor(b.unet, b.encode_prompt(req.prompt), 1, uncond=b.encode_prompt("") if cfg else None,
                                  guidance_scale=req.guidance_scale, device=b.device, graphs=False)
         z0 = denoise(predict, x, inv.schedule, inv.start, hooks=hooks, run=run)
@@ -326,7 +324,7 @@ def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
 
 def region_from_recipe(recipe: dict) -> RegionDragRequest:
     params = dict(recipe["params"])
-    points = tuple((tuple(h), tuple(t)) for h, t in params.pop("points", []))
+    points = points_from_json(params.pop("points", []))
     n = int(params.pop("n_regions", 0))
     hr = tuple(decode_mask(recipe[f"handle_region_{i}_png"]) for i in range(n))
     tr = tuple(decode_mask(recipe[f"target_region_{i}_png"]) for i in range(n))
