@@ -217,7 +217,7 @@ def phases(m: Measured) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, r in m.edit.before.items():
         out.update({k if k == name else f"{name}.{k}": v for k, v in r.timings.items()})
-    if m.edit.result.recipe.get("task") == "drag":
+    if m.edit.result.recipe.get("task") == "dragdiffusion":
         out.update({p: 0.0 for p in DRAG_PHASES})  # a phase that did not run took 0 s (cached or skipped)
     out.update(m.edit.result.timings)
     out["other"] = max(0.0, m.wall_s - sum(out.values()))
@@ -229,7 +229,7 @@ def nfe(m: Measured) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, r in m.edit.before.items():
         out.update({k if k == name else f"{name}.{k}": v for k, v in r.unet_calls.items()})
-    out.update({"inversion": 0} | ({"lora": 0} if m.edit.result.recipe.get("task") == "drag" else {}))
+    out.update({"inversion": 0} | ({"lora": 0} if m.edit.result.recipe.get("task") == "dragdiffusion" else {}))
     out.update(m.edit.result.unet_calls)
     return out
 

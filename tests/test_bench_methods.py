@@ -2,7 +2,7 @@
 go where they belong, and one toy_drag run scores several methods against noop on the same scenes.
 
 Scores of the tiny model's random weights mean nothing: only sizes, call counts, routing and the
-ratio bookkeeping are checked. A method whose module is not installed yet is skipped, with the reason.
+ratio bookkeeping are checked.
 """
 import json
 import math
@@ -24,24 +24,19 @@ def _short(name: str) -> dict:
     return {k: v for k, v in SHORT.items() if k in table}
 
 
-def _skip_unavailable(name: str) -> None:
-    why = bm.available(name)
-    if why:
-        pytest.skip(why)
 
 
 def test_both_benchmarks_know_every_method():
     assert set(bm.METHODS) == ISSUE_METHODS
     assert set(dragbench.METHODS) == ISSUE_METHODS  # DragBench's mask is the editable area: no move there
     assert set(toy_drag.METHODS) == ISSUE_METHODS | {"move"}
-    for name in ("instant", "region", "gooddrag"):  # perf offers each new method once its module exists
-        assert (name in perf.MODES) == (bm.available(name) is None)
+    for name in ("instant", "region", "gooddrag"):  # perf offers each newer method as a mode
+        assert name in perf.MODES
     assert all(m.about for m in toy_drag.METHODS.values())
 
 
 @pytest.mark.parametrize("name", sorted(ISSUE_METHODS))
 def test_each_method_runs_through_the_shared_call(name, editor):
-    _skip_unavailable(name)
     img = scene(64, 64)
     mask = np.zeros((64, 64), bool)
     mask[12:52, 8:48] = True
@@ -59,8 +54,6 @@ def test_each_method_runs_through_the_shared_call(name, editor):
 def test_bad_input_is_an_edit_error_for_every_method(editor):
     img = scene(64, 64)
     for name in sorted(ISSUE_METHODS - {"noop"}):
-        if bm.available(name):
-            continue
         with pytest.raises(EditError, match="outside"):
             bm.run_method(name, editor, img, (((10.0, 10.0), (90.0, 10.0)),), None, "", _short(name))
 

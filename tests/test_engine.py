@@ -22,7 +22,7 @@ def test_drag_non_square_returns_input_size_and_recipe(editor):
     img = scene(90, 60)
     r = editor.drag(DragRequest(img, (((30, 30), (45, 28)),), _mask(90, 60), **FAST))
     assert r.image.size == (90, 60)
-    assert r.recipe["task"] == "drag" and r.recipe["params"]["points"] == [[[30.0, 30.0], [45.0, 28.0]]]
+    assert r.recipe["task"] == "dragdiffusion" and r.recipe["params"]["points"] == [[[30.0, 30.0], [45.0, 28.0]]]
     assert set(r.timings) >= {"lora", "inversion", "drag", "denoise", "decode"}
     assert r.unet_calls["inversion"] == round(0.7 * 10)
     assert r.unet_calls["denoise"] == 2 * round(0.7 * 10)  # [original, edited] batch

@@ -51,8 +51,10 @@ def test_graphed_drag_and_lora_match_eager(cuda_bundle, monkeypatch):
     h, g = points_to_grid([(40, 64)], (128, 128), (64, 64)), points_to_grid([(80, 64)], (128, 128), (64, 64))
     keep = torch.ones(1, 1, 16, 16, device="cuda")
     keep[..., 4:12, 4:12] = 0
-    outs = [dd.optimize_latent(b.unet, z_t, s.timesteps[3], cond, s, h, g, (64, 64), keep=keep, lr=0.01, max_steps=5,
-                               r_m=1, r_p=3, lam=0.1, use_graphs=flag) for flag in (False, True)]
+    opts = dd.DragOptions(lr=0.01, max_steps=5, r_m=1, r_p=3, lam=0.1, step=1.0, preserve=False, steps_per_track=1,
+                          patience=0)
+    outs = [dd.optimize_latent(b.unet, z_t, s.timesteps[3], cond, s, h, g, (64, 64), opts, keep=keep, use_graphs=flag)
+            for flag in (False, True)]
     assert np.allclose(outs[0].losses, outs[1].losses, rtol=5e-2, atol=1e-3)
     assert torch.allclose(outs[0].latent, outs[1].latent, atol=5e-2)
     z0 = _z0(b)

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from editing import guidance
+from editing.drag.guided import cells_around
+from editing.guidance import energies, sampler
+from editing.guidance.schedule import GuidedSchedule
+from editing.kv_bank import decoder_layers
 from editing.geometry import mask_centre, place
 from editing.drag import GuidedDragRequest
 from models.errors import EditCancelled, EditError
@@ -31,7 +34,7 @@ def box(h=64, w=64, y0=20, y1=40, x0=12, x1=30):
 
 # ---- schedules ----------------------------------------------------------------------------------------
 def test_diffeditor_schedule_matches_the_paper():
-    s = guidance.GuidedSchedule("diffeditor", 50)
+    s = GuidedSchedule("diffeditor", 50)
     guided = [i for i in range(50) if s.guided(i)]
     assert guided == list(range(10)) + [10, 12, 14, 16, 18, 20, 22, 24, 26, 28]  # 20 guided steps
     assert [i for i in range(50) if s.sde(i)] == list(range(11, 20))
@@ -40,7 +43,7 @@ def test_diffeditor_schedule_matches_the_paper():
 
 
 def test_dragondiffusion_schedule_guides_every_early_step_without_sde_or_time_travel():
-    s = guidance.GuidedSchedule("dragondiffusion", 50)
+    s = GuidedSchedule("dragondiffusion", 50)
     assert [i for i in range(50) if s.guided(i)] == list(range(30))
     assert not any(s.sde(i) or s.repeats(i) > 1 or s.image_prompt(i) for i in range(50))
     assert s.bank_active("move", 5) and not s.bank_active("drag", 4)
@@ -66,26 +69,26 @@ def test_place_moves_and_resizes_about_the_object_centre(scale):
 def test_energy_formula_and_that_it_falls_along_its_gradient(bundle):
     torch.manual_seed(0)
     sim = torch.tensor([0.5, 1.0])
-    assert float(guidance.energy(sim, 4.0)) == pytest.approx(4 / (1 + 4 * 0.75))
+    assert float(energies.energy(sim, 4.0)) == pytest.approx(4 / (1 + 4 * 0.75))
     unet = bundle.unet
     x = torch.randn(1, 4, 8, 8)
     ref = torch.randn(1, 4, 8, 8)
     cond = bundle.encode_prompt("")
     grid = (16, 16)
-    hc, tc = [guidance.tasks._cells_around(torch.tensor([4.0, 8.0]), grid)], [guidance.tasks._cells_around(torch.tensor([10.0, 8.0]), grid)]
+    hc, tc = [cells_around(torch.tensor([4.0, 8.0]), grid)], [cells_around(torch.tensor([10.0, 8.0]), grid)]
     outside = torch.zeros(grid, dtype=torch.bool)
     outside[:, 13:] = True
 
-    def energies(cur, r):
-        return guidance.drag_energies(cur, r, hc, tc, outside, 4.0, 6.0, 0.2)
+    def drag_energy(cur, r):
+        return energies.drag_energies(cur, r, hc, tc, outside, 4.0, 6.0, 0.2)
 
     def total(z):
         with torch.no_grad():
-            f = guidance.guidance_features(unet, torch.cat([z, ref]), 501, cond.expand(2, -1, -1), grid)
-            e, c = energies([g[:1] for g in f], [g[1:] for g in f])
+            f = sampler.guidance_features(unet, torch.cat([z, ref]), 501, cond.expand(2, -1, -1), grid)
+            e, c = drag_energy([g[:1] for g in f], [g[1:] for g in f])
         return float(e + c)
 
-    g_edit, g_con = guidance.energy_gradients(unet, x, ref, 501, cond.expand(2, -1, -1), grid, energies)
+    g_edit, g_con = sampler.energy_gradients(unet, x, ref, 501, cond.expand(2, -1, -1), grid, drag_energy)
     g = g_edit + g_con
     assert g.abs().sum() > 0
     before = total(x)
@@ -99,7 +102,7 @@ def test_memory_bank_covers_every_decoder_self_attention_layer_and_step(editor, 
     procs_before = dict(bundle.unet.attn_processors)
     r = editor.edit(MoveRequest(image=scene(64, 64), mask=box(), offset=(10, 0), **STEPS))
     inv = next(iter(editor.caches.task("guided_inversion").values()))
-    layers = guidance.bank_layers(bundle.unet)
+    layers = decoder_layers(bundle.unet)
     assert layers and all(n.startswith("up_blocks") and ".attn1." in n for n in layers)
     assert inv.bank.layers == set(layers)
     assert inv.bank.timesteps == set(inv.schedule.timesteps)
@@ -132,13 +135,13 @@ def test_processors_restored_after_a_cancelled_edit(editor, bundle):
 # ---- z_T placement -----------------------------------------------------------------------------------------
 def test_move_puts_the_objects_inverted_noise_at_the_new_place(editor, bundle, monkeypatch):
     seen = {}
-    real = guidance.sampler.guided_sample
+    real = sampler.guided_sample
 
     def spy(unet, inv, plan, *a, **k):
         seen["plan"], seen["inv"] = plan, inv
         return real(unet, inv, plan, *a, **k)
 
-    monkeypatch.setattr(guidance.sampler, "guided_sample", spy)
+    monkeypatch.setattr(sampler, "guided_sample", spy)
     m = box(64, 64, 16, 32, 8, 24)
     editor.edit(MoveRequest(image=scene(64, 64), mask=m, offset=(24, 16), **STEPS))
     plan, inv = seen["plan"], seen["inv"]

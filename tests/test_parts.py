@@ -158,8 +158,13 @@ def _optimise(bundle, mask=None, steps=8):
     keep = None
     if mask is not None:
         keep = 1 - torch.nn.functional.adaptive_max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], z_t.shape[-2:])
-    return z_t, dd.optimize_latent(bundle.unet, z_t, s.timesteps[start], cond, s, h, g, grid, keep=keep,
-                                   lr=0.01, max_steps=steps, r_m=1, r_p=3, lam=1.0)
+    return z_t, dd.optimize_latent(bundle.unet, z_t, s.timesteps[start], cond, s, h, g, grid,
+                                   _opts(max_steps=steps, lam=1.0), keep=keep)
+
+
+def _opts(**changes) -> "dd.DragOptions":
+    return dd.DragOptions(**{**dict(lr=0.01, max_steps=20, r_m=1, r_p=3, lam=0.1, step=1.0, preserve=False,
+                                    steps_per_track=1, patience=0), **changes})
 
 
 def test_motion_supervision_loss_falls_during_optimisation(bundle):
@@ -205,7 +210,7 @@ def test_optimisation_stops_at_once_when_handles_have_arrived(bundle):
     try:
         h = torch.tensor([[10.0, 10.0]])
         out = dd.optimize_latent(bundle.unet, z_t, s.timesteps[3], bundle.encode_prompt(""), s, h, h + 1.0, (32, 32),
-                                 keep=None, lr=0.01, max_steps=20, r_m=1, r_p=3, lam=0.1)
+                                 _opts(), keep=None)
     finally:
         hook.remove()
     assert out.arrived and out.steps == 0 and out.losses == []

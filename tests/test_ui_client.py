@@ -47,7 +47,7 @@ def test_drag_returns_result_of_input_size_with_recipe(client, image_path):
     assert Image.open(after).size == (96, 64)
     assert Image.open(before).size == (96, 64)
     recipe = read_recipe(download)
-    assert recipe["task"] == "drag" and recipe["params"]["points"] == [[[20.0, 30.0], [40.0, 30.0]]]
+    assert recipe["task"] == "dragdiffusion" and recipe["params"]["points"] == [[[20.0, 30.0], [40.0, 30.0]]]
     assert details["mask"] is False and "drag" in details["timings_s"]
     assert len(details["final_points"]) == 1
     assert gallery and "Done in" in status

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from editing.drag import DragRequest, MAX_POINT_PAIRS
+from editing.drag import GOODDRAG, MAX_POINT_PAIRS, DragRequest, InstantDragRequest, RegionDragRequest
 from models.errors import EditCancelled, EditError
 from ui import drag_methods, drag_tab, overlay
 from ui.drag_session import Session, apply_edit
@@ -103,21 +103,22 @@ def test_view_acknowledges_the_edit_with_the_point_count():
 def test_method_names_any_case_and_unknown_ones_named():
     assert method_name("DiffEditor") == "diffeditor" and method_name("dragondiffusion") == "dragondiffusion"
     assert method_name(None) == "dragdiffusion"  # API clients naming no method get what they always got
-    if "Instant" in drag_methods.METHODS:
-        assert method_name("INSTANT") == method_name("fastdrag") == "instant"
+    assert method_name("INSTANT") == method_name("fastdrag") == "instant"
     with pytest.raises(EditError, match="Unknown method 'magic'"):
         method_name("magic")
     assert all(drag_methods.COSTS[label] for label in drag_methods.METHODS)  # every method says what it costs
 
 
-def test_gooddrag_takes_its_values_where_the_sliders_were_left_alone():
-    if drag_methods.GOODDRAG is None:
-        pytest.skip("GOODDRAG not in editing.requests")
-    key = next(k for k in drag_methods.GOODDRAG if k in drag_methods.FIELDS)
-    untouched = {k: spec[2] for k, spec in drag_methods.FIELDS.items()}
-    assert drag_methods._gooddrag(untouched)[key] == drag_methods.GOODDRAG[key]
-    moved = untouched | {key: drag_methods.FIELDS[key][0]}
-    assert drag_methods._gooddrag(moved)[key] == drag_methods.FIELDS[key][0]
+def test_gooddrag_takes_its_values_where_the_sliders_were_left_alone(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", SIZE, (90, 120, 150)).save(path)
+    key = next(k for k in GOODDRAG if k in drag_methods.FIELDS)
+    untouched = {k: spec.default for k, spec in drag_methods.FIELDS.items()}
+    req = drag_methods.drag_request(str(path), None, "[[20, 30], [40, 30]]", "", untouched | {"method": "gooddrag"})
+    assert getattr(req, key) == GOODDRAG[key]
+    moved = untouched | {key: drag_methods.FIELDS[key].lo, "method": "gooddrag"}
+    req = drag_methods.drag_request(str(path), None, "[[20, 30], [40, 30]]", "", moved)
+    assert getattr(req, key) == drag_methods.FIELDS[key].lo
 
 
 def test_drag_request_builds_each_method(tmp_path):
@@ -127,12 +128,10 @@ def test_drag_request_builds_each_method(tmp_path):
     assert isinstance(drag_methods.drag_request(str(path), None, pts, "", {"method": "DragDiffusion"}), DragRequest)
     guided = drag_methods.drag_request(str(path), None, pts, "", {"method": "diffeditor", "guided_w_edit": 5.0})
     assert guided.method == "diffeditor" and guided.w_edit == 5.0
-    if drag_methods.InstantDragRequest is not None:
-        req = drag_methods.drag_request(str(path), None, pts, "", {"method": "Instant", "instant_n_steps": 4})
-        assert isinstance(req, drag_methods.InstantDragRequest) and req.n_steps == 4
-    if drag_methods.RegionDragRequest is not None:
-        req = drag_methods.drag_request(str(path), None, pts, "", {"method": "regiondrag", "region_radius": 6.0})
-        assert isinstance(req, drag_methods.RegionDragRequest) and req.radius == 6.0
+    req = drag_methods.drag_request(str(path), None, pts, "", {"method": "Instant", "instant_n_steps": 4})
+    assert isinstance(req, InstantDragRequest) and req.n_steps == 4
+    req = drag_methods.drag_request(str(path), None, pts, "", {"method": "regiondrag", "region_radius": 6.0})
+    assert isinstance(req, RegionDragRequest) and req.radius == 6.0
 
 
 # ---- live preview --------------------------------------------------------------------------------------
@@ -237,18 +236,15 @@ def test_api_runs_instant_and_gooddrag_by_name_in_any_case(client, image_path): 
 
     from editing.images import read_recipe
 
-    if drag_methods.InstantDragRequest is not None:
-        (_, after), download, details, _, status = drag(client, image_path, method="INSTANT", instant_n_steps=4)
-        assert Image.open(after).size == (96, 64) and "Done" in status
-        assert read_recipe(download)["task"] == "instant" and "lora" not in details["timings_s"]
-    if drag_methods.RegionDragRequest is not None:
-        (_, after), download, _, _, status = drag(client, image_path, method="Region", region_radius=8.0,
-                                                  region_n_steps=4)
-        assert Image.open(after).size == (96, 64) and read_recipe(download)["task"] == "region"
-    if drag_methods.GOODDRAG is not None:
-        (_, after), download, details, _, _ = drag(client, image_path, method="gooddrag")
-        params = read_recipe(download)["params"]
-        untouched = next(k for k in drag_methods.GOODDRAG if k not in ("lora_steps", "max_steps", "n_inference_steps"))
-        assert params[untouched] == drag_methods.GOODDRAG[untouched] and params["max_steps"] == 3  # a set value wins
+    (_, after), download, details, _, status = drag(client, image_path, method="INSTANT", instant_n_steps=4)
+    assert Image.open(after).size == (96, 64) and "Done" in status
+    assert read_recipe(download)["task"] == "instant" and "lora" not in details["timings_s"]
+    (_, after), download, _, _, status = drag(client, image_path, method="Region", region_radius=8.0,
+                                              region_n_steps=4)
+    assert Image.open(after).size == (96, 64) and read_recipe(download)["task"] == "region"
+    (_, after), download, details, _, _ = drag(client, image_path, method="gooddrag")
+    params = read_recipe(download)["params"]
+    untouched = next(k for k in GOODDRAG if k not in ("lora_steps", "max_steps", "n_inference_steps"))
+    assert params[untouched] == GOODDRAG[untouched] and params["max_steps"] == 3  # a set value wins
     with pytest.raises(AppError, match="Unknown method 'magic'"):
         drag(client, image_path, method="magic")

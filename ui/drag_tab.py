@@ -31,9 +31,7 @@ from PIL import Image
 
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image
-from editing.drag.instant import INSTANT_FIELDS
-from editing.drag.region import REGION_FIELDS
-from editing.drag import DragRequest, GOODDRAG
+from editing.drag import DRAG_FIELDS, GOODDRAG, INSTANT_FIELDS, LORA_FIELDS, REGION_FIELDS
 from models.errors import EditCancelled, EditError
 from ui import overlay
 from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, drag_request, method_info
@@ -48,8 +46,7 @@ from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
 
-FIELDS = DragRequest.FIELDS_UI  # name -> (min, max, default, help); the advanced sliders come from here
-LORA_FIELDS = ("lora_steps", "lora_rank", "lora_lr", "seed")
+FIELDS = DRAG_FIELDS  # name -> (min, max, default, help); the advanced sliders come from here
 # Guided-method sliders (their own components: defaults differ from DragDiffusion's), passed as guided_<name>.
 GUIDED_UI = ("guidance_scale", "energy_scale", "w_edit", "w_content", "w_inpaint", "sde_strength")
 LABELS = {"lam": "λ (keep the unmasked area)", "r_m": "r_m (motion patch radius)", "r_p": "r_p (tracking radius)",

@@ -162,7 +162,7 @@ def slider_step(spec: tuple) -> float:
     return 10 ** math.floor(math.log10(min(v for v in (lo, hi / 100, default / 10) if v > 0)))
 
 
-def guided_input(name: str, task: str = "drag") -> gr.components.Component:
+def guided_input(name: str, task: str = "guided_drag") -> gr.components.Component:
     """A slider for a guided-method field, starting at ``task``'s published default (GUIDED_DEFAULTS); the API
     sends it as ``guided_<name>``."""
     lo, hi, default, why = GUIDED_FIELDS[name]

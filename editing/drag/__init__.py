@@ -9,7 +9,7 @@
 Importing the package registers every method's task (``editing.runtime.TASKS``).
 """
 from editing.drag.common import MAX_POINT_PAIRS, Point, PointPair, check_drag, pair_points, parse_points
-from editing.drag.dragdiffusion import DRAG_FIELDS, GOODDRAG, DragRequest, IdentityLoraRequest
+from editing.drag.dragdiffusion import DRAG_FIELDS, GOODDRAG, LORA_FIELDS, DragRequest, IdentityLoraRequest
 from editing.drag.guided import GuidedDragRequest
 from editing.drag.instant import INSTANT_FIELDS, InstantDragRequest
 from editing.drag.methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, DragMethod, lookup
@@ -17,5 +17,5 @@ from editing.drag.region import REGION_FIELDS, RegionDragRequest
 
 __all__ = ["API_DEFAULT_METHOD", "DEFAULT_METHOD", "DRAG_FIELDS", "GOODDRAG", "INSTANT_FIELDS", "MAX_POINT_PAIRS",
            "METHODS", "REGION_FIELDS", "DragMethod", "DragRequest", "GuidedDragRequest", "IdentityLoraRequest",
-           "InstantDragRequest", "Point", "PointPair", "RegionDragRequest", "check_drag", "lookup", "pair_points",
+           "InstantDragRequest", "LORA_FIELDS", "Point", "PointPair", "RegionDragRequest", "check_drag", "lookup", "pair_points",
            "parse_points"]

@@ -107,7 +107,6 @@ class DragRequest:
 
 
 DRAG_FIELDS = field_table(DragRequest)  # name -> (min, max, default, why): the UI sliders and CLI flags
-DragRequest.FIELDS_UI = DRAG_FIELDS
 # GoodDrag's published defaults as DragRequest overrides (method "gooddrag" in the CLI/UI/benchmarks). Source: the
 # official code (zewei-Zhang/GoodDrag, bench_gooddrag.py, the script behind the paper's numbers): inversion 0.75 of
 # 50 DDIM steps, LoRA 70 steps (lr 5e-4, rank 16 as ours), latent lr 0.02, λ 0.1, r1 = 4, r2 = 12, d = 4,
