@@ -90,8 +90,8 @@ def _touches_border(region: np.ndarray) -> float:
 
 def _split_rim(img: np.ndarray, blob: np.ndarray, bg: np.ndarray, width: int) -> np.ndarray:
     """Move the edge of a flat-coloured ``blob`` to where its anti-aliased rim is half object, half background: a rim
-    pixel ``p`` (within ``width`` px of the edge) is object when its projection ``t = (p-b)·(o-b)/|o-b|²`` between
-    the background ``b`` and the object's median colour ``o`` is at least 1/2."""
+    pixel ``p`` (within ``width`` px of the edge) that is a blend of the background ``b`` and the object's median
+    colour ``o`` is object when its projection ``t = (p-b)·(o-b)/|o-b|²`` is at least 1/2."""
     k = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
     inner = cv2.erode(blob.astype(np.uint8), k) > 0
     core = img[inner] if inner.sum() >= 16 else img[blob]  # (N, 3)
@@ -101,9 +101,13 @@ def _split_rim(img: np.ndarray, blob: np.ndarray, bg: np.ndarray, width: int) ->
         return blob  # a textured object has no one colour to split the rim against
     rim = (cv2.dilate(blob.astype(np.uint8), k) > 0) & ~inner
     diff = obj[None] - bg[rim]  # (N, 3)
-    t = ((img[rim] - bg[rim]) * diff).sum(1) / np.maximum((diff * diff).sum(1), 1e-6)
+    rel = img[rim] - bg[rim]
+    t = (rel * diff).sum(1) / np.maximum((diff * diff).sum(1), 1e-6)
+    # Only blends of these two colours are split; a rim pixel of another colour (a part of the object in a
+    # second colour) keeps the blob's answer.
+    blend = np.linalg.norm(rel - t[:, None] * diff, axis=1) <= BG_TOLERANCE
     out = inner.copy()
-    out[rim] = t >= 0.5
+    out[rim] = np.where(blend, t >= 0.5, blob[rim])
     return out
 
 
@@ -124,7 +128,8 @@ def _grabcut(rgb: np.ndarray, region: np.ndarray, p: Point) -> np.ndarray:
     ``GRABCUT_SIDE``; the click's neighbourhood is sure object, the crop's frame sure background."""
     h, w = region.shape
     ys, xs = np.nonzero(region)
-    cx, cy, half_w, half_h = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, xs.ptp() * 0.75 + 8, ys.ptp() * 0.75 + 8
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    half_w, half_h = (xs.max() - xs.min()) * 0.75 + 8, (ys.max() - ys.min()) * 0.75 + 8
     x0, x1 = int(max(0, cx - half_w)), int(min(w, cx + half_w + 1))
     y0, y1 = int(max(0, cy - half_h)), int(min(h, cy + half_h + 1))
     scale = min(1.0, GRABCUT_SIDE / max(x1 - x0, y1 - y0))
