@@ -118,7 +118,7 @@ def test_photo_without_plain_background_uses_fill_and_grabcut():
     image, obj = _textured_photo()
     seg = ClassicalSegmenter()
     mask = mask_from_clicks(image, [Click(100, 80)], seg).mask
-    assert not seg._background(np.asarray(image, np.float32)).plain
+    assert not seg._background(np.asarray(image), np.asarray(image, np.float32)).plain
     assert iou(mask, obj) >= 0.9
 
 

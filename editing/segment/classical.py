@@ -16,6 +16,7 @@ Two cases, told apart by the picture's border:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -37,10 +38,19 @@ GRABCUT_SIDE = 128  # GrabCut runs on a crop downscaled to this long side (its c
 
 @dataclass(frozen=True)
 class Background:
-    """The fitted background: per-pixel colour (H, W, 3) float32 and whether the picture has a plain one."""
+    """What a picture's border says, computed once per picture (every click on it reuses it).
+
+    ``colour``: the fitted background per pixel (H, W, 3) float32; ``plain``: whether most of the border fits it;
+    ``is_bg``: (H, W) bool, pixels within ``BG_TOLERANCE`` of it; ``objects`` / ``holes``: 4-connected labels (H, W)
+    of the not-background and the background pixels; ``outside``: labels of the background regions that reach the
+    border (the background proper, not a hole)."""
 
     colour: np.ndarray
     plain: bool
+    is_bg: np.ndarray | None = None
+    objects: np.ndarray | None = None
+    holes: np.ndarray | None = None
+    outside: frozenset[int] = frozenset()
 
 
 def _no_object(p: Point) -> EditError:
@@ -56,7 +66,8 @@ def _border(a: np.ndarray, t: int) -> np.ndarray:
 
 def fit_background(img: np.ndarray) -> Background:
     """A linear colour gradient ``c(x, y) = a + b·x + d·y`` per channel, fitted to the border by least squares twice
-    (the second time without the pixels the first fit explains worst: an object touching the border)."""
+    (the second time without the pixels the first fit explains worst: an object touching the border); with a plain
+    background, also the background / object labels every click reads."""
     h, w = img.shape[:2]
     frame = _border(img, max(1, min(h, w) // 64))
     ys, xs = np.nonzero(frame)
@@ -68,9 +79,18 @@ def fit_background(img: np.ndarray) -> Background:
         resid = np.linalg.norm(design @ coef - values, axis=1)
         keep = resid <= max(BG_TOLERANCE / 2, float(np.median(resid)) * 3)
     plain = float((resid <= BG_TOLERANCE).mean()) >= PLAIN_SHARE
-    gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
-    colour = coef[0] + (gx / w)[..., None] * coef[1] + (gy / h)[..., None] * coef[2]  # (H, W, 3)
-    return Background(colour.astype(np.float32), plain)
+    gx = (np.arange(w, dtype=np.float32) / w)[None, :, None]  # broadcast, not an (H, W) grid: one allocation
+    gy = (np.arange(h, dtype=np.float32) / h)[:, None, None]
+    colour = (coef[0].astype(np.float32) + gx * coef[1].astype(np.float32) + gy * coef[2].astype(np.float32))
+    if not plain:
+        return Background(colour, False)
+    diff = img - colour
+    is_bg = np.einsum("hwc,hwc->hw", diff, diff) <= BG_TOLERANCE ** 2  # (H, W)
+    _, objects = cv2.connectedComponents((~is_bg).astype(np.uint8), connectivity=4)
+    _, holes = cv2.connectedComponents(is_bg.astype(np.uint8), connectivity=4)
+    edge = _border(is_bg, 1)
+    outside = frozenset(int(v) for v in np.unique(holes[edge & is_bg]))
+    return Background(colour, True, is_bg, objects, holes, outside)
 
 
 def _blob_at(mask: np.ndarray, p: Point) -> np.ndarray:
@@ -91,9 +111,20 @@ def _touches_border(region: np.ndarray) -> float:
 def _split_rim(img: np.ndarray, blob: np.ndarray, bg: np.ndarray, width: int) -> np.ndarray:
     """Move the edge of a flat-coloured ``blob`` to where its anti-aliased rim is half object, half background: a rim
     pixel ``p`` (within ``width`` px of the edge) that is a blend of the background ``b`` and the object's median
-    colour ``o`` is object when its projection ``t = (p-b)·(o-b)/|o-b|²`` is at least 1/2."""
+    colour ``o`` is object when its projection ``t = (p-b)·(o-b)/|o-b|²`` is at least 1/2. Works on the blob's
+    bounding box (plus the rim), so a small object on a big picture costs little."""
+    ys, xs = np.nonzero(blob)
+    y0, y1 = max(0, ys.min() - width - 1), min(blob.shape[0], ys.max() + width + 2)
+    x0, x1 = max(0, xs.min() - width - 1), min(blob.shape[1], xs.max() + width + 2)
+    box = (slice(y0, y1), slice(x0, x1))
+    out = np.zeros_like(blob)
+    out[box] = _split_rim_crop(img[box], blob[box], bg[box], width)
+    return out
+
+
+def _split_rim_crop(img: np.ndarray, blob: np.ndarray, bg: np.ndarray, width: int) -> np.ndarray:
     k = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
-    inner = cv2.erode(blob.astype(np.uint8), k) > 0
+    inner = cv2.erode(blob.astype(np.uint8), k, borderType=cv2.BORDER_REPLICATE) > 0
     core = img[inner] if inner.sum() >= 16 else img[blob]  # (N, 3)
     obj = np.median(core, axis=0)  # (3,)
     # Median distance to the median: the rim's blend colours are a minority of a flat object's pixels.
@@ -153,15 +184,17 @@ def _grabcut(rgb: np.ndarray, region: np.ndarray, p: Point) -> np.ndarray:
 
 
 class ClassicalSegmenter:
-    """The OpenCV segmenter (see the module docstring); stateless apart from the last image's background fit."""
+    """The OpenCV segmenter (see the module docstring); it keeps the last picture's ``Background``, which every
+    click on that picture reads."""
 
     name = "classical"
 
     def __init__(self):
-        self._last: tuple[int, Background] | None = None  # (id of the image array, its fit): clicks on one picture
+        self._last: tuple[str, Background] | None = None  # (picture's key, its analysis): clicks on one picture
 
-    def _background(self, img: np.ndarray) -> Background:
-        key = hash((img.shape, img[::7, ::7].tobytes()))
+    def _background(self, image: np.ndarray, img: np.ndarray) -> Background:
+        """The analysis of ``image`` (uint8), from ``img`` (its float32 copy); kept for the next click on it."""
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest() + str(image.shape)
         if self._last is None or self._last[0] != key:
             self._last = (key, fit_background(img))
         return self._last[1]
@@ -174,25 +207,25 @@ class ClassicalSegmenter:
             if _touches_border(region) >= BORDER_SHARE or region.mean() > 0.7:
                 raise _no_object(p)
             return _grabcut(rgb, region, p)
-        is_bg = np.linalg.norm(img - bg.colour, axis=-1) <= BG_TOLERANCE  # (H, W)
         x, y = int(p[0]), int(p[1])
-        if not is_bg[y, x]:
-            return _split_rim(img, _blob_at(~is_bg, p), bg.colour, width)
-        hole = _blob_at(is_bg, p)
-        if _touches_border(hole) > 0:
+        if not bg.is_bg[y, x]:
+            return _split_rim(img, bg.objects == bg.objects[y, x], bg.colour, width)
+        hole = bg.holes == bg.holes[y, x]
+        if bg.holes[y, x] in bg.outside:
             raise _no_object(p)
         # An enclosed patch of background: the object is the not-background blob that meets most of its edge.
-        ring = (cv2.dilate(hole.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~is_bg
+        ys, xs = np.nonzero(hole)
+        box = (slice(max(0, ys.min() - 1), ys.max() + 2), slice(max(0, xs.min() - 1), xs.max() + 2))
+        ring = (cv2.dilate(hole[box].astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~bg.is_bg[box]
         if not ring.any():
             raise _no_object(p)
-        _, lab = cv2.connectedComponents((~is_bg).astype(np.uint8), connectivity=4)
-        best = np.bincount(lab[ring]).argmax()
-        return _split_rim(img, lab == best, bg.colour, width)
+        best = np.bincount(bg.objects[box][ring]).argmax()
+        return _split_rim(img, bg.objects == best, bg.colour, width)
 
     def object_mask(self, image: np.ndarray, group: ClickGroup) -> np.ndarray:
         """The object under ``group``'s positive points, less the colour regions under its negative points."""
         img = image.astype(np.float32)
-        bg = self._background(img)
+        bg = self._background(image, img)
         mask = np.zeros(img.shape[:2], bool)
         for p in group.positive:
             mask |= self._object_at(img, image, bg, p)
