@@ -3,6 +3,7 @@
 Presets
 - ``tiny``      : smallest thing with the SD-1.5 block layout (4 down / 4 up blocks, cross-attention in
                   ``down_blocks[0..2]`` and ``up_blocks[1..3]``, 8x VAE). Used by the test suite.
+- ``tiny-inpaint``: ``tiny`` as an inpainting model (9-channel UNet input: latent + mask + masked-image latent).
 - ``cpu-small`` : the same layout with small widths, for the CPU benchmark at 256².
 - ``sd15``      : the full SD-1.5 architecture (860 M-parameter UNet, KL-f8 VAE, CLIP ViT-L/14 text
                   encoder) with random weights, for the GPU benchmark at 512².
@@ -104,6 +105,8 @@ PRESETS: dict[str, dict] = {
         scheduler=dict(timestep_spacing="leading"),
     ),
 }
+# The inpainting variant of ``tiny``: the same model with a 9-channel UNet input (latent + mask + masked image).
+PRESETS["tiny-inpaint"] = dict(PRESETS["tiny"], in_channels=9)
 FULL_SIZE = ("sd15", "sdxl")  # presets whose text encoders need the real CLIP vocabulary size
 
 
@@ -149,7 +152,7 @@ def build_components(preset: str = "tiny", seed: int = 0) -> dict:
     xl = p.get("family") == "sdxl"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, down_block_types=_XL_DOWN if xl else _DOWN, up_block_types=_XL_UP if xl else _UP,
+        in_channels=p.get("in_channels", 4), out_channels=4, down_block_types=_XL_DOWN if xl else _DOWN, up_block_types=_XL_UP if xl else _UP,
         **p["unet"]
     )
     vae_kw = {"scaling_factor": 0.18215, **p["vae"]}
