@@ -39,6 +39,9 @@ def test_click_modes_group_into_objects():
         Click(1, 1, "shift")
     with pytest.raises(EditError, match="finite"):
         Click(float("nan"), 1)
+    with pytest.raises(EditError, match="finite"):
+        Click("3", 1)
+    assert Click(np.float32(3), np.int64(4)).x == 3  # what a UI or numpy code sends
 
 
 @pytest.mark.parametrize("clicks, words", [

@@ -1,6 +1,7 @@
 """Clicks and what a segmenter returns: the types every segmenter and caller share (no OpenCV, no torch)."""
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ class Click:
     def __post_init__(self):
         if self.mode not in CLICK_MODES:
             raise EditError(f"click mode {self.mode!r} is not one of {', '.join(CLICK_MODES)}.")
-        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in (self.x, self.y)):
+        if not all(isinstance(v, numbers.Real) and np.isfinite(v) for v in (self.x, self.y)):  # numpy scalars too
             raise EditError(f"a click needs two finite numbers x, y; got ({self.x!r}, {self.y!r}).")
 
 
