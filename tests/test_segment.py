@@ -107,6 +107,30 @@ def test_objects_add_and_parts_come_off():
         mask_from_clicks(two, [Click(10, 58), Click(30, 58, "remove"), Click(10, 58, "remove")])
 
 
+def _product_shot(seed: int = 0, size: int = 256) -> tuple[Image.Image, np.ndarray]:
+    """A plain-background photo: a shaded, striped, noisy mug (body + handle) on white with a lens vignette."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    vignette = 240 - 25 * ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (size / 2) ** 2  # 240 centre, 190 corners
+    body = ((xx - 0.44 * size) / (0.21 * size)) ** 2 + ((yy - 0.52 * size) / (0.29 * size)) ** 2 <= 1
+    handle = (np.abs(np.hypot(xx - 0.66 * size, yy - 0.52 * size) - 0.1 * size) <= 0.03 * size) & (xx > 0.62 * size)
+    obj = body | handle
+    shade = 0.6 + 0.4 * np.clip((0.52 * size - xx) / (0.42 * size) + 0.5, 0, 1)
+    mug = np.stack([150 * shade + 20 * np.sin(yy / 5), 90 * shade, 50 * shade], -1)
+    img = np.where(obj[..., None], mug, vignette[..., None]) + rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)), obj
+
+
+def test_plain_background_photo_with_a_vignette_and_a_textured_object():
+    image, obj = _product_shot()
+    seg = ClassicalSegmenter()
+    for click in (Click(113, 133), Click(193, 133)):  # the body, the handle: one object
+        assert iou(mask_from_clicks(image, [click], seg).mask, obj) >= 0.97
+    assert seg._last[1].plain
+    with pytest.raises(EditError, match="no object found here"):
+        mask_from_clicks(image, [Click(128, 10)], seg)  # the bright middle of the top edge is background too
+
+
 def _textured_photo(seed: int = 0) -> tuple[Image.Image, np.ndarray]:
     """A photo-like picture with no plain background (stripes and grain) and a magenta ellipse on it."""
     rng = np.random.default_rng(seed)

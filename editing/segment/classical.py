@@ -2,7 +2,7 @@
 
 Two cases, told apart by the picture's border:
 
-1. **Plain background** (most of the border fits one colour, or a linear colour gradient, within ``BG_TOLERANCE``;
+1. **Plain background** (most of the border fits one colour, a gradient or a vignette, within ``BG_TOLERANCE``;
    toy scenes, product shots, plain-background photos): the background is that model, fitted per pixel, and the
    object under a click is the 4-connected blob of not-background pixels holding it. A click on the background
    itself is "no object found here" when that background reaches the border, and selects the object around it when
@@ -65,23 +65,33 @@ def _border(a: np.ndarray, t: int) -> np.ndarray:
 
 
 def fit_background(img: np.ndarray) -> Background:
-    """A linear colour gradient ``c(x, y) = a + b·x + d·y`` per channel, fitted to the border by least squares twice
-    (the second time without the pixels the first fit explains worst: an object touching the border); with a plain
-    background, also the background / object labels every click reads."""
+    """A smooth background ``c(x, y)``, per channel a quadric in ``x, y`` (a flat colour, a linear gradient, a lens
+    vignette), fitted to the border by least squares twice (the second time without the pixels the first fit explains
+    worst: an object touching the border); with a plain background, also the background / object labels every
+    click reads."""
     h, w = img.shape[:2]
-    frame = _border(img, max(1, min(h, w) // 64))
+    frame = _border(img, max(1, min(h, w) // 256))
     ys, xs = np.nonzero(frame)
-    design = np.stack([np.ones_like(xs), xs / w, ys / h], 1).astype(np.float32)  # (N, 3)
+    design = _terms(xs / w - 0.5, ys / h - 0.5)  # (N, 6)
     values = img[ys, xs].astype(np.float32)  # (N, 3)
     keep = np.ones(len(xs), bool)
     for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)  # (3, 3)
+        a, v = design[keep], values[keep]
+        # Normal equations (a 6×6 solve; lstsq's SVD over thousands of rows costs more than the rest of a click),
+        # with a tiny ridge so a degenerate frame (a very thin picture) still solves.
+        coef = np.linalg.solve(a.T @ a + 1e-3 * np.eye(6, dtype=np.float32), a.T @ v)  # (6, 3)
         resid = np.linalg.norm(design @ coef - values, axis=1)
         keep = resid <= max(BG_TOLERANCE / 2, float(np.median(resid)) * 3)
     plain = float((resid <= BG_TOLERANCE).mean()) >= PLAIN_SHARE
-    gx = (np.arange(w, dtype=np.float32) / w)[None, :, None]  # broadcast, not an (H, W) grid: one allocation
-    gy = (np.arange(h, dtype=np.float32) / h)[:, None, None]
-    colour = (coef[0].astype(np.float32) + gx * coef[1].astype(np.float32) + gy * coef[2].astype(np.float32))
+    # The quadric splits into a row part, a column part and the xy term: two (H, W, 3) passes, not six.
+    gx = np.arange(w, dtype=np.float32) / w - 0.5
+    gy = np.arange(h, dtype=np.float32) / h - 0.5
+    c = coef.astype(np.float32)
+    row = c[0] + gx[:, None] * c[1] + (gx * gx)[:, None] * c[3]  # (W, 3)
+    col = gy[:, None] * c[2] + (gy * gy)[:, None] * c[4]  # (H, 3)
+    colour = row[None] + col[:, None]
+    if np.any(c[5]):
+        colour += np.multiply.outer(gy, gx)[..., None] * c[5]
     if not plain:
         return Background(colour, False)
     diff = img - colour
@@ -91,6 +101,11 @@ def fit_background(img: np.ndarray) -> Background:
     edge = _border(is_bg, 1)
     outside = frozenset(int(v) for v in np.unique(holes[edge & is_bg]))
     return Background(colour, True, is_bg, objects, holes, outside)
+
+
+def _terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The quadric's terms ``(1, x, y, x², y², xy)`` of centred, size-normalised coordinates: (N, 6)."""
+    return np.stack([np.ones_like(x), x, y, x * x, y * y, x * y], 1).astype(np.float32)
 
 
 def _blob_at(mask: np.ndarray, p: Point) -> np.ndarray:
