@@ -76,6 +76,18 @@ def test_a_click_on_each_toy_shape_gives_its_mask(size):
     assert kinds == set(tw.KINDS)
 
 
+def test_a_large_picture_is_analysed_downscaled_and_its_mask_is_full_size():
+    from editing.segment.classical import ANALYSIS_SIDE
+
+    scene = tw.render([tw.Shape("triangle", "purple", "large", (30.0, 34.0), 12.5)], tw.Background("white", (8.0, 4.0)))
+    w, h = ANALYSIS_SIDE * 3 // 2, ANALYSIS_SIDE * 9 // 8  # non-square, non-integer scale
+    image = scene.image.resize((w, h), Image.BILINEAR)
+    truth = np.asarray(Image.fromarray(scene.shapes[0].mask).resize((w, h), Image.NEAREST))
+    c = scene.shapes[0].centroid
+    mask = mask_from_clicks(image, [Click(c[0] * w / 64, c[1] * h / 64)]).mask
+    assert mask.shape == (h, w) and iou(mask, truth) >= 0.95
+
+
 def test_a_ring_click_leaves_the_hole_out():
     ring = tw.render([tw.Shape("ring", "red", "large", (32.0, 32.0), 12.5)], tw.Background("gray", (10.0, -8.0)))
     mask = mask_from_clicks(ring.image, [Click(32, 32)]).mask
