@@ -256,3 +256,15 @@ def test_move_takes_a_mask_click_end_to_end(tmp_path, capsys):
     assert "outside the picture (64×64 px)" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main([*base, "--mask-click", f"{c[0]:.1f},{c[1]:.1f}", "--segmenter", "classical"]) == 0
     assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
+def test_the_benchmark_runs_and_reports(tmp_path, capsys):
+    import json
+
+    from bench import click_masks
+
+    assert click_masks.main(["--n", "3", "--size", "64", "--split", "tune", "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["shapes"] >= 3 and report["summary"]["hit"] == 1.0 and report["segmenter"] == "classical"
+    assert "| all |" in capsys.readouterr().out
+    assert click_masks.main(["--n", "1", "--segmenter", str(tmp_path / "nothing-here")]) == 2  # one line, no table
