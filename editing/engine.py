@@ -24,6 +24,17 @@ from models.errors import EditError
 log = logging.getLogger(__name__)
 
 
+def _check_unet_fits(bundle, task) -> None:
+    """The one place an inpainting model (9-channel UNet) is refused to a task that feeds its UNet 4 channels."""
+    if not bundle.family.inpainting or getattr(task, "uses_inpainting_unet", False):
+        return
+    from models.loader import base_model_for
+
+    what = f"the {task.name} task" if task is not None else "identity LoRA training"
+    raise EditError(f"{bundle.name!r} is a {bundle.family.label} model (9-channel UNet), which {what} cannot use: "
+                    f"run it with its base model instead, e.g. --model {base_model_for(bundle)}.")
+
+
 class Editor:
     """Entry point of the engine: ``Editor("tiny").edit(DragRequest(...))``."""
 
@@ -112,11 +123,13 @@ class Editor:
         return checked
 
     @contextlib.contextmanager
-    def _context(self, progress: Progress | None, cancel, loras, trusted: bool | None = None):
-        """Lock, loaded bundle, a fresh ``Run`` and the chosen LoRAs active on the UNet, for one request."""
+    def _context(self, progress: Progress | None, cancel, loras, trusted: bool | None = None, task=None):
+        """Lock, loaded bundle, a fresh ``Run`` and the chosen LoRAs active on the UNet, for one request of ``task``
+        (None: the identity LoRA training, a base-model job)."""
         active = self.check_loras(loras, trusted)  # before the lock: a bad list never waits for the GPU
         with self._lock:
             b = self.load(progress=(lambda m: progress("load", 0.0, m)) if progress else None)
+            _check_unet_fits(b, task)
             run = Run(b.unet, progress, cancel)
             try:
                 with contextlib.ExitStack() as stack:
@@ -135,7 +148,7 @@ class Editor:
         LoRAs active for this edit (the identity LoRA of a drag stacks on top). ``trusted``: whether ``loras``
         may name server paths (None = the Editor's ``trust_lora_paths``; the app's clients: False)."""
         task = task_for(request)
-        with self._context(progress, cancel, loras, trusted) as ctx:
+        with self._context(progress, cancel, loras, trusted, task) as ctx:
             return task.run(ctx, request)
 
     def drag(self, request: DragRequest, progress: Progress | None = None, cancel=None, loras=(), *,

@@ -205,6 +205,9 @@ class Task:
     run: Callable  # (ctx: EditContext, request) -> EditResult
     from_recipe: Callable[[dict], Any]  # recipe -> request
     aliases: tuple[str, ...] = ()  # other names old recipes carry
+    # Whether the task can run an inpainting model's 9-channel UNet; the Editor refuses an inpainting model to the
+    # others (models.families.inpaint_input builds that input).
+    uses_inpainting_unet: bool = False
 
 
 TASKS: dict[str, Task] = {}  # name or alias -> task

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_DIR = Path(__file__).resolve().parent / "toy"
+INPAINTING = " inpainting"  # the label's tail for an inpainting model (families.Family.label adds the same)
 
 
 def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:
@@ -47,18 +48,21 @@ def family_hint(spec: str) -> str | None:
     """The family label of a model spec without loading weights (built-ins, local folders, single files), for
     the app's banner; None when only loading can tell (a Hub id not yet cached)."""
     from models import families
-    from models.loader import single_file_family
+    from models.loader import single_file_family, single_file_is_inpainting
 
     builtin = {"tiny-sdxl": "sdxl", "sdxl-random": "sdxl", "tiny-sd2-v": "sd2"}
+    if spec == "tiny-inpaint":
+        return families.LABELS["sd15"] + INPAINTING
     if spec in builtin or spec in ("toy", "tiny", "cpu-small", "sd15", "sd15-random"):
         return families.LABELS[builtin.get(spec, "sd15")]
     path = Path(spec).expanduser()
     try:
         if (path / "unet" / "config.json").is_file():
-            cfg = json.loads((path / "unet" / "config.json").read_text())
-            return families.LABELS[families.family_of_unet_config(SimpleNamespace(**cfg))]
+            cfg = SimpleNamespace(**json.loads((path / "unet" / "config.json").read_text()))
+            inpaint = INPAINTING if families.is_inpainting(cfg) else ""
+            return families.LABELS[families.family_of_unet_config(cfg)] + inpaint
         if path.is_file() and path.suffix == ".safetensors":
-            return families.LABELS[single_file_family(path)]
+            return families.LABELS[single_file_family(path)] + (INPAINTING if single_file_is_inpainting(path) else "")
     except Exception:  # noqa: BLE001 - only a hint: loading says what is wrong
         return None
     return None

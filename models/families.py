@@ -17,6 +17,10 @@ family    UNet layout      text conditioning           prediction / native size
           up_blocks[0..1]  hidden states concatenated
 ========  ===============  ==========================  ============================================
 
+Each family has an **inpainting variant**: the same layout with a 9-channel UNet input (noisy latent, mask,
+masked-image latent; ``inpaint_input``). ``Family.inpainting`` says so and the label ends in "inpainting"; only
+tasks that declare ``uses_inpainting_unet`` run on one (the Editor refuses the rest, naming the base model to pick).
+
 The feature blocks are chosen so that each method reads the same *kind* of feature on every family:
 
 - DragDiffusion's motion supervision reads the output of the up-block that ends at full latent
@@ -36,10 +40,16 @@ from dataclasses import dataclass
 
 import torch
 
+from models.choose import DEFAULT_HUB_MODEL, INPAINTING
 from models.errors import EditError
 
 FAMILIES = ("sd15", "sd2", "sdxl")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The inpainting variant's UNet input: noisy latent (4) + mask (1) + masked-image latent (4), in that order.
+LATENT_CHANNELS, INPAINT_CHANNELS = 4, 9
+# Each family's base model, for messages that send a user from an inpainting model to the one a task needs.
+BASE_MODELS = {"sd15": DEFAULT_HUB_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
+               "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,7 @@ class Family:
     bank_layers: tuple[str, ...]  # guided methods' memory bank: self-attention layer name prefixes
     text_encoders: int = 1  # 2 on SDXL
     pooled_dim: int = 0  # SDXL: width of the pooled text embedding (text_encoder_2's projection), else 0
+    inpainting: bool = False  # the inpainting variant: a 9-channel UNet input (``inpaint_input``)
 
     @property
     def conditioned_on_size(self) -> bool:
@@ -66,7 +77,8 @@ class Family:
 
     @property
     def label(self) -> str:
-        return LABELS[self.name]
+        """"Stable Diffusion 1.x", "SDXL inpainting", …: what the banner and the messages call the model."""
+        return LABELS[self.name] + (INPAINTING if self.inpainting else "")
 
 
 # Block choices per UNet layout (see the module docstring for why these are the same features).
@@ -96,8 +108,9 @@ def _found(u, te) -> str:
 def _family_name(u, text_encoders) -> str:
     te = [t for t in text_encoders if t is not None]
     why = None
-    if u.in_channels != 4 or u.out_channels != 4:
-        why = "only 4-channel latent models are supported (an inpainting or depth model has more input channels)"
+    if u.in_channels not in (4, INPAINT_CHANNELS) or u.out_channels != 4:
+        why = (f"only 4-channel latent models and {INPAINT_CHANNELS}-channel inpainting models are supported (a depth or "
+               "instruct-pix2pix model has another number of input channels)")
     elif getattr(u, "class_embed_type", None) is not None or getattr(u, "encoder_hid_dim_type", None) not in (None, "ip_image_proj"):
         why = "class / image-conditioned UNets (upscalers, unCLIP) are not supported"
     elif any("CLIPText" not in type(t).__name__ for t in te):
@@ -144,7 +157,8 @@ def detect(unet, scheduler, text_encoders, vae=None) -> Family:
         pooled = int(getattr(te2.config, "projection_dim", 0) or te2.config.hidden_size)
     return Family(name=name, prediction_type=pred, native_resolution=int(u.sample_size) * factor,
                   vae_scale_factor=factor, vae_scaling_factor=scaling, vae_upcast=upcast,
-                  text_encoders=2 if name == "sdxl" else 1, pooled_dim=pooled, **_LAYOUT_BLOCKS[name])
+                  text_encoders=2 if name == "sdxl" else 1, pooled_dim=pooled, inpainting=is_inpainting(unet),
+                  **_LAYOUT_BLOCKS[name])
 
 
 def check_same(kind: str, made_for: str, family: Family, model_name: str, error=EditError) -> None:
@@ -154,10 +168,48 @@ def check_same(kind: str, made_for: str, family: Family, model_name: str, error=
                         f"is {family.label}: use one made for {family.label}.")
 
 
+# ---- the inpainting variant ----------------------------------------------------------------------------------
+def is_inpainting(unet) -> bool:
+    """Whether ``unet`` (or its config) is an inpainting UNet: 9 input channels (latent + mask + masked image)."""
+    cfg = getattr(unet, "config", unet)
+    return int(getattr(cfg, "in_channels", LATENT_CHANNELS)) == INPAINT_CHANNELS
+
+
+def inpaint_mask_latent(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask ``(B, 1, H, W)`` (1 = fill this, 0 = keep) -> the UNet's mask channel ``(B, 1, h, w)``: binarised
+    at 1/2, then resized to the latent grid by nearest neighbour, as the inpainting models were trained (diffusers'
+    inpainting pipelines do the same)."""
+    return torch.nn.functional.interpolate((mask >= 0.5).to(mask.dtype), size=tuple(latent_size), mode="nearest")
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The picture the inpainting model sees: ``image`` ``(B, 3, H, W)`` in [-1, 1] with the area to fill set to 0
+    (mid-gray), the input its masked-image latent is encoded from (``vae.encode(·) × scaling``)."""
+    return image * (mask < 0.5).to(image.dtype)
+
+
+def inpaint_input(z_t: torch.Tensor, mask_latent: torch.Tensor, masked_image_latent: torch.Tensor) -> torch.Tensor:
+    """The 9-channel UNet input ``(B, 9, h, w)``: noisy latent (4), mask (1), masked-image latent (4), concatenated
+    on channels in that order (the order the SD inpainting checkpoints were trained with). ``mask_latent`` and
+    ``masked_image_latent`` with batch 1 are repeated to ``z_t``'s batch (CFG doubles it)."""
+    b = z_t.shape[0]
+    if z_t.shape[1] != LATENT_CHANNELS or mask_latent.shape[1] != 1 or masked_image_latent.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"inpaint_input takes 4 + 1 + 4 channels, got {z_t.shape[1]} + {mask_latent.shape[1]} + "
+                         f"{masked_image_latent.shape[1]}")
+    if mask_latent.shape[-2:] != z_t.shape[-2:] or masked_image_latent.shape[-2:] != z_t.shape[-2:]:
+        raise ValueError(f"inpaint_input: mask {tuple(mask_latent.shape[-2:])} and masked-image latent "
+                         f"{tuple(masked_image_latent.shape[-2:])} must be on the latent grid {tuple(z_t.shape[-2:])}")
+
+    def batch(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[0] == b else t.expand(b, *t.shape[1:])
+
+    return torch.cat([z_t, batch(mask_latent).to(z_t.dtype), batch(masked_image_latent).to(z_t.dtype)], dim=1)
+
+
 # ---- SDXL conditioning through one tensor ------------------------------------------------------------
 # Installed once per module; weak, so an evicted bundle's UNet / VAE is freed with its hook.
-_sdxl_hooks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_upcast_vaes: "weakref.WeakSet" = weakref.WeakSet()
+_sdxl_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_upcast_vaes: weakref.WeakSet = weakref.WeakSet()
 
 def pack_sdxl(prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
     """``(B, 77, D)`` text states + ``(B, P)`` pooled embedding -> ``(B, 78, D)``: the pooled embedding rides
@@ -233,7 +285,7 @@ def install_vae_upcast(vae) -> None:
 
 
 # ---- prediction type per UNet ----------------------------------------------------------------------------
-_predictions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_predictions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register_prediction(unet, scheduler) -> None:

@@ -1,13 +1,15 @@
 """Getting weights into memory: resolve a model spec, pick device/dtype, load once per process.
 
 A *spec* is one of
-- a built-in name: ``tiny`` / ``cpu-small`` / ``sd15-random`` / ``tiny-sdxl`` / ``tiny-sd2-v`` / ``sdxl-random``
+- a built-in name: ``tiny`` / ``tiny-inpaint`` / ``cpu-small`` / ``sd15-random`` / ``tiny-sdxl`` / ``tiny-sd2-v`` / ``sdxl-random``
   (random weights, built in code),
 - ``auto``: SD-1.5 when it is cached or downloadable, otherwise the best built-in offline model
   (``models.choose.resolve_auto``, which also names a spec's family without loading it),
 - a local diffusers folder (``model_index.json`` inside) of an SD-1.x, SD-2.x or SDXL model,
 - a single-file checkpoint ``*.safetensors`` of any of the three (configs ship in ``models/configs/<family>``;
   the family is read from the checkpoint's keys; nothing fetched),
+- any of these holding an **inpainting** model (a 9-channel UNet: ``models/configs/<family>-inpainting`` for single
+  files, the built-in ``tiny-inpaint``): it loads as its family's inpainting variant (``Family.inpainting``),
 - a Hugging Face Hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` or
   ``stabilityai/stable-diffusion-xl-base-1.0``.
 Pickle formats (``.ckpt``, ``.bin``, ``.pt``) are refused unless ``allow_pickle=True`` (``models/safety.py``).
@@ -18,32 +20,34 @@ conditioning pre-hook (``families.install_sdxl_conditioning``) so methods pass o
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-import json
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from models import families
 from models.cache import LRU
-from models.choose import DEFAULT_HUB_MODEL, TOY_DIR, toy_available
+from models.choose import TOY_DIR, toy_available
 from models.errors import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
 
-BUILTINS = {"tiny": "tiny", "cpu-small": "cpu-small", "sd15-random": "sd15", "tiny-sdxl": "tiny-sdxl",
+BUILTINS = {"tiny": "tiny", "tiny-inpaint": "tiny-inpaint", "cpu-small": "cpu-small", "sd15-random": "sd15",
+            "tiny-sdxl": "tiny-sdxl",
             "tiny-sd2-v": "tiny-sd2-v", "sdxl-random": "sdxl"}
 CONFIGS = Path(__file__).parent / "configs"
 CONFIG_DIR = CONFIGS / "sd15"
 # Where a single file's tokenizers come from (the local Hugging Face cache only), per family.
-TOKENIZER_REPOS = {"sd15": DEFAULT_HUB_MODEL, "sd2": "stabilityai/stable-diffusion-2-1",
-                   "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+TOKENIZER_REPOS = families.BASE_MODELS
+# Built-in inpainting models -> the built-in base model of the same layout (what a task that needs a base uses).
+INPAINT_BASES = {"tiny-inpaint": "tiny"}
 # Bundles kept loaded per process. Two: the model in use plus one more, so switching A -> B -> A (or a
 # benchmark comparing two models) does not reload, while a third model drops the least recent one instead
 # of piling up SD-sized weights (~2 GB each in fp16, ~4 GB in fp32) until the process runs out of memory.
@@ -243,6 +247,21 @@ def single_file_family(path: Path) -> str:
     return "sd15"
 
 
+def single_file_is_inpainting(path: Path) -> bool:
+    """Whether an LDM checkpoint holds an inpainting UNet: its first convolution takes 9 channels, not 4."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        return key in f.keys() and f.get_slice(key).get_shape()[1] == families.INPAINT_CHANNELS
+
+
+def base_model_for(bundle: ModelBundle) -> str:
+    """The base model to pick instead of an inpainting ``bundle`` for a task that needs 4 input channels: a
+    built-in's base built-in, else its family's published base (``families.BASE_MODELS``)."""
+    return INPAINT_BASES.get(bundle.name, families.BASE_MODELS[bundle.family.name])
+
+
 def _single_file_v_prediction(path: Path) -> bool:
     """SD-2.x 768-v checkpoints carry no flag; diffusers and A1111 read the ``v`` from the file's name or
     keep ε. We follow the file name (``*-v*`` / ``768-v``): the user can rename the file otherwise."""
@@ -254,6 +273,7 @@ def _load_single_file(path: Path, device, dtype) -> ModelBundle:
     import diffusers
 
     fam = single_file_family(path)
+    configs = CONFIGS / (f"{fam}-inpainting" if single_file_is_inpainting(path) else fam)
     subs = ("tokenizer", "tokenizer_2") if fam == "sdxl" else ("tokenizer",)
     toks = {s: _cached_tokenizer(TOKENIZER_REPOS[fam], s) for s in subs}
     if any(t is None for t in toks.values()):
@@ -267,10 +287,10 @@ def _load_single_file(path: Path, device, dtype) -> ModelBundle:
              {"safety_checker": None, "requires_safety_checker": False})
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / fam
-        shutil.copytree(CONFIGS / fam, cfg)
+        shutil.copytree(configs, cfg)
         for sub, tok in toks.items():
             shutil.copytree(tok, cfg / sub)
-        if fam == "sd2" and _single_file_v_prediction(path):
+        if fam == "sd2" and configs.name == "sd2" and _single_file_v_prediction(path):  # SD-2 inpainting is ε, 512²
             _set_json(cfg / "scheduler" / "scheduler_config.json", prediction_type="v_prediction")
             _set_json(cfg / "unet" / "config.json", sample_size=96)
         pipe = cls.from_single_file(str(path), config=str(cfg), torch_dtype=dtype, local_files_only=True,
@@ -281,7 +301,6 @@ def _load_single_file(path: Path, device, dtype) -> ModelBundle:
 
 
 def _set_json(path: Path, **values) -> None:
-    import json
 
     data = json.loads(path.read_text())
     data.update(values)

@@ -3,6 +3,7 @@
 Presets
 - ``tiny``      : smallest thing with the SD-1.5 block layout (4 down / 4 up blocks, cross-attention in
                   ``down_blocks[0..2]`` and ``up_blocks[1..3]``, 8x VAE). Used by the test suite.
+- ``tiny-inpaint``: ``tiny`` as an inpainting model (9-channel UNet input: latent + mask + masked-image latent).
 - ``cpu-small`` : the same layout with small widths, for the CPU benchmark at 256².
 - ``sd15``      : the full SD-1.5 architecture (860 M-parameter UNet, KL-f8 VAE, CLIP ViT-L/14 text
                   encoder) with random weights, for the GPU benchmark at 512².
@@ -104,6 +105,8 @@ PRESETS: dict[str, dict] = {
         scheduler=dict(timestep_spacing="leading"),
     ),
 }
+# The inpainting variant of ``tiny``: the same model with a 9-channel UNet input (latent + mask + masked image).
+PRESETS["tiny-inpaint"] = dict(PRESETS["tiny"], in_channels=9)
 FULL_SIZE = ("sd15", "sdxl")  # presets whose text encoders need the real CLIP vocabulary size
 
 
@@ -149,7 +152,7 @@ def build_components(preset: str = "tiny", seed: int = 0) -> dict:
     xl = p.get("family") == "sdxl"
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        in_channels=4, out_channels=4, down_block_types=_XL_DOWN if xl else _DOWN, up_block_types=_XL_UP if xl else _UP,
+        in_channels=p.get("in_channels", 4), out_channels=4, down_block_types=_XL_DOWN if xl else _DOWN, up_block_types=_XL_UP if xl else _UP,
         **p["unet"]
     )
     vae_kw = {"scaling_factor": 0.18215, **p["vae"]}
@@ -170,3 +173,41 @@ def build_components(preset: str = "tiny", seed: int = 0) -> dict:
         if k in comps:
             comps[k].eval().requires_grad_(False)
     return comps
+
+
+# ---- a tiny SAM (segment anything) for the click-mask tests ---------------------------------------------------
+TINY_SAM_SIDE = 64  # the tiny SAM's input side (real SAM: 1024); pictures are resized to it by its processor
+
+
+def tiny_sam(seed: int = 0):
+    """``(SamModel, SamProcessor)``: transformers' real SAM classes in miniature (a 2-layer 32-wide ViT on 64² inputs,
+    8×8 embeddings), seeded random weights, no network. Its masks mean nothing; the plumbing (points in picture
+    pixels, a mask of the picture's size back) is the real one."""
+    from transformers import (
+        SamConfig,
+        SamImageProcessorPil,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    side, patch = TINY_SAM_SIDE, 8
+    torch.manual_seed(seed)
+    config = SamConfig(
+        vision_config=SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=side, patch_size=patch, window_size=4, global_attn_indexes=(1,),
+                                      num_pos_feats=8, mlp_dim=64),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=16, image_size=side, patch_size=patch,
+                                                     mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 iou_head_hidden_dim=16),
+    )
+    model = SamModel(config).eval().requires_grad_(False)
+    # The PIL image processor: the default one wants torchvision, which the app does not need otherwise.
+    low = side // 4  # SAM's low-resolution mask side (256 for a 1024 input)
+    processor = SamProcessor(image_processor=SamImageProcessorPil(
+        size={"longest_edge": side}, pad_size={"height": side, "width": side},
+        mask_size={"longest_edge": low}, mask_pad_size={"height": low, "width": low}))
+    return model, processor

@@ -63,14 +63,14 @@ def test_unknown_family_names_what_was_found():
     from models.tiny import build_components
 
     c = build_components("tiny")
-    inpaint = UNet2DConditionModel(**{**c["unet"].config, "in_channels": 9})
-    with pytest.raises(EditError, match=r"found a UNet with 4 down blocks.*9 input channels.*inpainting"):
-        families.detect(inpaint, c["scheduler"], [c["text_encoder"]])
+    pix2pix = UNet2DConditionModel(**{**c["unet"].config, "in_channels": 8})  # 9 is inpainting: tests/test_inpaint_family
+    with pytest.raises(EditError, match=r"found a UNet with 4 down blocks.*8 input channels.*9-channel inpainting"):
+        families.detect(pix2pix, c["scheduler"], [c["text_encoder"]])
     with pytest.raises(EditError, match=r"1 text encoder\(s\).*SDXL-style UNet needs.*two text encoders"):
         xl = build_components("tiny-sdxl")
         families.detect(xl["unet"], xl["scheduler"], [xl["text_encoder"]])
     with pytest.raises(loader.ModelLoadError, match="Unsupported base model"):
-        loader.ModelBundle("bad", inpaint, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
+        loader.ModelBundle("bad", pix2pix, c["vae"], c["text_encoder"], c["tokenizer"], c["scheduler"],
                            torch.device("cpu"), torch.float32, "builtin")
 
 
@@ -287,7 +287,8 @@ def test_sdxl_prompt_encoding_equals_diffusers_sdxl_pipeline():
 
 
 @pytest.mark.parametrize("spec,label", [("toy", "Stable Diffusion 1.x"), ("tiny-sdxl", "SDXL"),
-                                        ("tiny-sd2-v", "Stable Diffusion 2.x")])
+                                        ("tiny-sd2-v", "Stable Diffusion 2.x"),
+                                        ("tiny-inpaint", "Stable Diffusion 1.x inpainting")])
 def test_the_app_banner_names_the_family_before_anything_loads(spec, label):
     from editing.engine import Editor
     from ui.app import build_demo

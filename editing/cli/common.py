@@ -8,6 +8,7 @@ and reason from the engine's tables ``name -> (min, max, default, why)``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -83,6 +84,48 @@ def add_common(p: argparse.ArgumentParser, *, model_default: str | None = "auto"
     p.add_argument("--out", default=out_default, metavar=out_metavar, help=out_help)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[@WEIGHT]",
                    help="LoRA to apply (repeatable): a .safetensors file, a LoRA folder, or a library name")
+
+
+def add_mask_click_flags(p: argparse.ArgumentParser, name: str = "mask", what: str = "the object",
+                         segmenter: bool = True) -> None:
+    """``--NAME-click [+|-]X,Y`` (repeatable): the mask from clicks instead of a ``--NAME`` PNG; and ``--segmenter``
+    (once per command: pass ``segmenter=False`` for a second mask flag of the same command)."""
+    p.add_argument(f"--{name.replace('_', '-')}-click", dest=f"{name}_click", action="append", default=[],
+                   metavar="[+|-]X,Y", help=f"instead of --{name.replace('_', '-')}: click {what} at X,Y (pixels) "
+                   "and its mask is found; repeat to add objects, +X,Y adds a part, -X,Y removes one")
+    if segmenter:
+        p.add_argument("--segmenter", default="auto", help="what turns clicks into masks: auto (a cached SAM model, "
+                       "else classical) | classical (OpenCV) | a SAM Hub id or folder")
+
+
+@functools.lru_cache(maxsize=2)
+def _segmenter(spec: str):
+    from editing.segment import load_segmenter
+
+    return load_segmenter(spec)  # once per command, however many masks it finds
+
+
+def resolve_mask(args, image, name: str = "mask", required: bool = False):
+    """The H×W bool mask a command was given: ``--NAME`` (a PNG) or ``--NAME-click`` (clicks on ``image``, the PIL
+    picture the mask belongs to, through ``--segmenter``); None when neither was given and it is not ``required``."""
+    from editing.images import load_mask
+    from editing.segment import mask_from_clicks, parse_click
+
+    flag_ = "--" + name.replace("_", "-")
+    path, clicks = getattr(args, name, None), getattr(args, f"{name}_click", None) or []
+    if path and clicks:
+        raise EditError(f"{flag_} and {flag_}-click were both given: pass the mask as a PNG or as clicks, not both.")
+    if path:
+        return load_mask(path, name.replace("_", " "))
+    if not clicks:
+        if required:
+            raise EditError(f"{flag_} is required: a PNG of the object (white = object), or {flag_}-click X,Y "
+                            "to click it.")
+        return None
+    result = mask_from_clicks(image, [parse_click(c) for c in clicks],
+                              _segmenter(getattr(args, "segmenter", None) or "auto"))
+    notes([result.notice])
+    return result.mask
 
 
 def lora_specs(args) -> list[tuple[str, float]]:

@@ -13,8 +13,8 @@ import json
 import logging
 from pathlib import Path
 
-from editing.cli.common import (add_common, add_fields, add_guided_flags, describe, editor, flag, given, lora_specs,
-                                progress, write)
+from editing.cli.common import (add_common, add_fields, add_guided_flags, add_mask_click_flags, describe, editor, flag,
+                                given, lora_specs, progress, resolve_mask, write)
 from editing.drag.common import parse_points
 from editing.drag.methods import API_DEFAULT_METHOD, METHODS, lookup, methods_with
 from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS
@@ -32,7 +32,7 @@ def drag_request(args):
 
     m = lookup(args.method)
     image = load_image(args.image)
-    mask = load_mask(args.mask) if args.mask else None
+    mask = resolve_mask(args, image)
     settings = given(args, ALL_FIELDS)
     wrong = sorted(set(settings) - set(m.fields))
     if wrong:
@@ -112,6 +112,7 @@ def _add_drag(sub) -> None:
     d.add_argument("--image", required=True)
     d.add_argument("--points", help='handle>target pairs: "x,y>x,y;x,y>x,y" (image pixels)')
     d.add_argument("--mask", help="PNG, white (or opaque) = region that may change (instant/region: what moves)")
+    add_mask_click_flags(d)
     d.add_argument("--prompt", default="")
     d.add_argument("--handle-region", action="append", default=[], metavar="PNG",
                    help="(region) a handle region, white = content to move; repeatable, one per --target-region")

@@ -3,6 +3,10 @@
     python -m editing move --image photo.png --mask dog.png --offset 80,-10 --scale 1.2 --out moved.png
     python -m editing paste --image beach.png --ref dog.png --ref-mask dog_mask.png --offset 40,60 --scale 0.8
     python -m editing appearance --image photo.png --mask car.png --ref other.png --ref-mask other_car.png
+    python -m editing move --image photo.png --mask-click 210,140 --mask-click +230,200 --offset 60,0
+
+Every mask flag has a ``-click`` twin (``--mask-click``, ``--ref-mask-click``): click the object instead of
+painting its PNG; ``--segmenter`` says what finds the mask (editing/segment).
 
 A guided drag is ``drag --method diffeditor`` (editing/cli/drag.py).
 """
@@ -11,9 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from editing.cli.common import add_common, add_guided_flags, editor, given, lora_specs, progress, write
-from models.errors import EditError
+from editing.cli.common import (add_common, add_guided_flags, add_mask_click_flags, editor, given, lora_specs, progress,
+                                resolve_mask, write)
 from editing.requests import GUIDED_FIELDS, GUIDED_METHODS
+from models.errors import EditError
 
 
 def _pair(text: str, what: str) -> tuple[float, float]:
@@ -47,29 +52,29 @@ def cmd_move(args) -> None:
     from editing.images import load_image, load_mask
     from editing.requests import MoveRequest
 
-    _run(MoveRequest(image=load_image(args.image), mask=load_mask(args.mask),
+    image = load_image(args.image)
+    _run(MoveRequest(image=image, mask=resolve_mask(args, image, required=True),
                      hole_mask=load_mask(args.hole_mask) if args.hole_mask else None, **_fields(args)), args)
 
 
 def cmd_paste(args) -> None:
-    from editing.images import load_image, load_mask
+    from editing.images import load_image
     from editing.requests import PasteRequest
 
-    if not args.ref_mask:
-        raise EditError("--ref-mask is required: the reference image needs a mask of the object to paste.")
-    _run(PasteRequest(image=load_image(args.image), reference=load_image(args.ref),
-                      reference_mask=load_mask(args.ref_mask), reference_prompt=args.ref_prompt, **_fields(args)), args)
+    reference = load_image(args.ref, "reference image")
+    _run(PasteRequest(image=load_image(args.image), reference=reference,
+                      reference_mask=resolve_mask(args, reference, "ref_mask", required=True),
+                      reference_prompt=args.ref_prompt, **_fields(args)), args)
 
 
 def cmd_appearance(args) -> None:
-    from editing.images import load_image, load_mask
+    from editing.images import load_image
     from editing.requests import AppearanceRequest
 
-    if not args.ref_mask:
-        raise EditError("--ref-mask is required: the reference image needs a mask of the object whose look to take.")
-    _run(AppearanceRequest(image=load_image(args.image), mask=load_mask(args.mask), reference=load_image(args.ref),
-                           reference_mask=load_mask(args.ref_mask), reference_prompt=args.ref_prompt,
-                           **_fields(args)), args)
+    image, reference = load_image(args.image), load_image(args.ref, "reference image")
+    _run(AppearanceRequest(image=image, mask=resolve_mask(args, image, required=True), reference=reference,
+                           reference_mask=resolve_mask(args, reference, "ref_mask", required=True),
+                           reference_prompt=args.ref_prompt, **_fields(args)), args)
 
 
 def _shared(p: argparse.ArgumentParser, task: str) -> None:
@@ -84,7 +89,8 @@ def _add_move(sub) -> None:
     from editing.requests import MoveRequest
 
     m = sub.add_parser("move", help="move and/or resize the masked object; the hole is filled (DiffEditor)")
-    m.add_argument("--mask", required=True, help="PNG of the object, white = object")
+    m.add_argument("--mask", help="PNG of the object, white = object (or --mask-click)")
+    add_mask_click_flags(m)
     m.add_argument("--offset", required=True, help="DX,DY in image pixels")
     m.add_argument("--scale", type=float, default=None,
                    help=f"resize factor of the object (default {_default(MoveRequest, 'scale')})")
@@ -99,7 +105,8 @@ def _add_paste(sub) -> None:
     dx, dy = _default(PasteRequest, "offset")
     p = sub.add_parser("paste", help="paste an object from a reference image (DiffEditor)")
     p.add_argument("--ref", required=True, help="reference image holding the object")
-    p.add_argument("--ref-mask", help="PNG of the object in the reference, white = object")
+    p.add_argument("--ref-mask", help="PNG of the object in the reference, white = object (or --ref-mask-click)")
+    add_mask_click_flags(p, "ref_mask", "the object in the reference")
     p.add_argument("--offset", default=None, help="DX,DY: where the object's centre moves from its place in the "
                                                   f"reference (default {dx:g},{dy:g})")
     p.add_argument("--scale", type=float, default=None,
@@ -111,9 +118,11 @@ def _add_paste(sub) -> None:
 
 def _add_appearance(sub) -> None:
     a = sub.add_parser("appearance", help="give the masked object the look of a reference object (DiffEditor)")
-    a.add_argument("--mask", required=True, help="PNG of the object to restyle")
+    a.add_argument("--mask", help="PNG of the object to restyle (or --mask-click)")
+    add_mask_click_flags(a)
     a.add_argument("--ref", required=True)
-    a.add_argument("--ref-mask", help="PNG of the reference object")
+    a.add_argument("--ref-mask", help="PNG of the reference object (or --ref-mask-click)")
+    add_mask_click_flags(a, "ref_mask", "the reference object", segmenter=False)
     a.add_argument("--ref-prompt", default="")
     _shared(a, "appearance")
     a.set_defaults(fn=cmd_appearance)
