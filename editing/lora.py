@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from editing import cuda_graphs
-from editing.sampling import add_noise, alpha_at, prediction, to_eps
+from editing.sampling import add_noise, alpha_at, prediction, to_eps, unet_dtype
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def train_identity_lora(
     from peft import get_peft_model_state_dict
 
     device = posterior[0].device
-    dtype = next(unet.parameters()).dtype
+    dtype = unet_dtype(unet)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded LoRA init without touching the global RNG
         torch.manual_seed(seed)

@@ -139,7 +139,7 @@ class IdentityLoraRequest:
 
 
 ARRIVED_CELLS = 2.0  # a handle closer than this (supervision-grid cells) to its target has arrived
-GRID_PER_LATENT = 4  # supervision-grid cells per latent cell: 256² for SD-1.5's 64² latents (half of 512²)
+SUPERVISION_CELLS_PER_LATENT = 4  # supervision-grid cells per latent cell: 256² for SD-1.5's 64² latents (half of 512²)
 
 
 def supervision_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -150,7 +150,7 @@ def supervision_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
     cell, and r_m, r_p and the arrival distance are in cells — so it is kept for any VAE factor: on a
     4× VAE (the toy model) the grid is the full image resolution, not half of it.
     """
-    return latent_hw[0] * GRID_PER_LATENT, latent_hw[1] * GRID_PER_LATENT
+    return latent_hw[0] * SUPERVISION_CELLS_PER_LATENT, latent_hw[1] * SUPERVISION_CELLS_PER_LATENT
 
 
 def _offsets(r: int, device) -> torch.Tensor:

@@ -47,7 +47,7 @@ from editing.dreambooth.request import PersonalizeRequest, check_free, names, ou
 from editing.dreambooth.runs import cancel_requested
 from editing.images import atomic_write, load_image, pil_to_tensor
 from models.errors import EditCancelled, EditError
-from editing.sampling import add_noise
+from editing.sampling import add_noise, unet_dtype
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def encode_inputs(st: TrainState) -> None:
         st.uncond = encode_text(b, [""])
     st.ids = b.tokenizer([st.prompt_i, st.prompt_c], padding="max_length", max_length=b.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(b.device)
-    st.base_dtype = next(b.unet.parameters()).dtype
+    st.base_dtype = unet_dtype(b.unet)
     req = st.req
     st.use_gc = b.device.type == "cuda" if req.gradient_checkpointing is None else req.gradient_checkpointing
 
