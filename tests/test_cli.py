@@ -48,7 +48,7 @@ def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, capsys):
     cases = [
         (["drag", "--image", img, "--points", "1,2>3"], "Cannot read point pair"),
         (["drag", "--image", img, "--points", "10,10>500,10"], "outside"),
-        (["drag", "--image", img, "--points", "10,10>10,10"], "same point"),
+        (["drag", "--image", img, "--points", "10,10>10,10"], "Every point is pinned"),
         (["drag", "--image", str(tmp_path / "junk.png"), "--points", "10,10>20,10"], "not a readable image"),
         (["drag", "--image", str(tmp_path / "nope.png"), "--points", "10,10>20,10"], "does not exist"),
         (["drag", "--image", img, "--points", "10,10>20,10", "--latent-lr", "nan"], "finite"),

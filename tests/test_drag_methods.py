@@ -76,3 +76,36 @@ def test_names_labels_and_aliases_in_any_case():
         lookup("magic")
     assert all(m.cost and m.fields for m in METHODS.values())
     assert [m.name for m in METHODS.values() if m.trains] == ["dragdiffusion", "gooddrag"]
+
+
+# ---- pins: a pair whose target is its handle ------------------------------------------------------------------
+SHORT = {"lora_steps": 1, "n_inference_steps": 4, "inversion_strength": 0.5, "max_steps": 2, "n_steps": 4}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_takes_a_pin_beside_a_drag(name, editor):
+    """A pin outside the mask is allowed (it just stays); the edit runs, and its recipe replays with the pin."""
+    mask = np.zeros((64, 64), bool)
+    mask[10:40, 10:40] = True
+    points = (((20.0, 24.0), (30.0, 24.0)), ((52.0, 52.0), (52.0, 52.0)))
+    settings = {k: v for k, v in SHORT.items() if k in METHODS[name].fields}
+    req = lookup(name).request(scene(64, 64), points, mask, "", settings)
+    assert req.points[1] == ((52.0, 52.0), (52.0, 52.0))
+    result = editor.edit(req)
+    assert result.image.size == (64, 64)
+    again = editor.replay(result.recipe)
+    assert again.recipe["params"]["points"] == result.recipe["params"]["points"]
+
+
+def test_pins_in_points_text_and_their_limits():
+    from editing.drag.common import check_points, parse_points
+
+    assert parse_points("10,20>30,20; 5,5") == (((10.0, 20.0), (30.0, 20.0)), ((5.0, 5.0), (5.0, 5.0)))
+    assert check_points((((10, 10), (10.4, 10.2)), ((3, 3), (9, 3))), (64, 64))[0] == ((10.0, 10.0), (10.0, 10.0))
+    with pytest.raises(EditError, match="Every point is pinned"):
+        check_points((((10, 10), (10, 10)),), (64, 64))
+    mask = np.zeros((64, 64), bool)
+    mask[:20, :20] = True
+    with pytest.raises(EditError, match="Handle 1 .* is outside the mask"):
+        lookup("instant").request(scene(64, 64), (((40, 40), (50, 40)),), mask)
+    lookup("instant").request(scene(64, 64), (((10, 10), (15, 10)), ((40, 40), (40, 40))), mask)  # a pin may

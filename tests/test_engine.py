@@ -82,7 +82,7 @@ def test_replay_of_a_dragged_generation(editor):
 
 @pytest.mark.parametrize("points, match", [
     ((), "No points"),
-    ((((10, 10), (10, 10)),), "same point"),
+    ((((10, 10), (10, 10)),), "Every point is pinned"),
     ((((10, 10), (500, 10)),), "outside"),
     ((((-1, 10), (20, 10)),), "outside"),
     ((((float("nan"), 10), (20, 10)),), "finite"),

@@ -65,7 +65,7 @@ def test_instant_keeps_pixels_outside_the_region_and_runs_without_mask(editor):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(points=(((10, 10), (10, 10)),)), "same point"),
+    (dict(points=(((10, 10), (10, 10)),)), "Every point is pinned"),
     (dict(points=(((10, 10), (200, 10)),)), "outside"),
     (dict(points=tuple(((10 + i, 10), (12 + i, 12)) for i in range(17))), "at most 16"),
     (dict(points=(((float("nan"), 10), (20, 10)),)), "finite"),

@@ -83,7 +83,7 @@ def test_region_drag_with_painted_regions_and_their_replay(editor):
     (dict(points=(), handle_regions=(box(),), target_regions=(None,)), "missing"),
     (dict(points=(), handle_regions=(), target_regions=()), "No regions"),
     (dict(handle_regions=(box(),), target_regions=(box(),)), "not both"),
-    (dict(points=(((10, 10), (10, 10)),)), "same point"),
+    (dict(points=(((10, 10), (10, 10)),)), "Every point is pinned"),
     (dict(points=(((30, 30), (30, 300)),)), "outside"),
     (dict(points=tuple(((20 + i, 20), (22 + i, 22)) for i in range(17))), "at most 16"),
     (dict(n_steps=float("nan")), "finite"),

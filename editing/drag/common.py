@@ -1,7 +1,9 @@
 """What the drag methods share: points (parsing, pairing, the one check every drag request makes), the latent
 cells of a pixel region and back, and pasting the original pixels outside the edit.
 
-Coordinates are ``(x, y)`` pixels of the image the user gave, origin top-left; a pair is (handle, target).
+Coordinates are ``(x, y)`` pixels of the image the user gave, origin top-left; a pair is (handle, target). A pair
+whose target is its handle is a **pin**: "this point stays" (DragBench's anchors, a chin held while the mouth
+opens). Every method takes pins: it moves nothing there, and where it can, it holds that content in place.
 """
 from __future__ import annotations
 
@@ -31,16 +33,24 @@ def pair_points(clicks: list[Point] | tuple[Point, ...]) -> tuple[PointPair, ...
     return tuple((tuple(clicks[i]), tuple(clicks[i + 1])) for i in range(0, len(clicks), 2))
 
 
-_PAIR_RE = re.compile(r"^\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*>\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*$")
+_NUM = r"\s*([-\d.eE+]+)\s*"
+_PAIR_RE = re.compile(rf"^{_NUM},{_NUM}>{_NUM},{_NUM}$")
+_PIN_RE = re.compile(rf"^{_NUM},{_NUM}$")
+PIN_PX = 1.0  # a target closer than this to its handle makes the pair a pin
 
 
 def parse_points(text: str) -> tuple[PointPair, ...]:
-    """Parse ``"x,y>x,y;x,y>x,y"`` (handle>target pairs separated by ';')."""
+    """Parse ``"x,y>x,y;x,y>x,y"`` (handle>target pairs separated by ';'); a lone ``"x,y"`` is a pin."""
     pairs = []
     for chunk in filter(None, (c.strip() for c in (text or "").split(";"))):
-        m = _PAIR_RE.match(chunk)
-        if not m:
-            raise EditError(f"Cannot read point pair {chunk!r}: write handle>target as 'x,y>x,y'.")
+        m, pin = _PAIR_RE.match(chunk), _PIN_RE.match(chunk)
+        if not (m or pin):
+            raise EditError(f"Cannot read point pair {chunk!r}: write handle>target as 'x,y>x,y' (or 'x,y' to pin a "
+                            "point).")
+        if pin:
+            x, y = (float(g) for g in pin.groups())
+            pairs.append(((x, y), (x, y)))
+            continue
         hx, hy, tx, ty = (float(g) for g in m.groups())
         pairs.append(((hx, hy), (tx, ty)))
     if not pairs:
@@ -48,8 +58,13 @@ def parse_points(text: str) -> tuple[PointPair, ...]:
     return tuple(pairs)
 
 
+def is_pin(pair: PointPair) -> bool:
+    return pair[0] == pair[1]
+
+
 def check_points(points, size: tuple[int, int]) -> tuple[PointPair, ...]:
-    """1 to ``MAX_POINT_PAIRS`` (handle, target) pairs inside an image of ``size`` = (w, h), as float tuples."""
+    """1 to ``MAX_POINT_PAIRS`` (handle, target) pairs inside an image of ``size`` = (w, h), as float tuples; a
+    target within ``PIN_PX`` of its handle is its handle (a pin), and at least one pair must move."""
     pairs = tuple(points) if points is not None else ()
     if not pairs:
         raise EditError("No points: click a handle point, then where it should go (target).")
@@ -61,9 +76,10 @@ def check_points(points, size: tuple[int, int]) -> tuple[PointPair, ...]:
             raise EditError(f"Point pair {i} must be (handle, target).")
         h = check_point(pair[0], size, f"Handle {i}")
         t = check_point(pair[1], size, f"Target {i}")
-        if math.dist(h, t) < 1.0:
-            raise EditError(f"Handle {i} and its target are the same point: move the target away.")
-        checked.append((h, t))
+        checked.append((h, h) if math.dist(h, t) < PIN_PX else (h, t))
+    if all(is_pin(p) for p in checked):
+        raise EditError("Every point is pinned (its target is its handle): drag at least one target away from its "
+                        "handle.")
     return tuple(checked)
 
 

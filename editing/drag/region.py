@@ -79,7 +79,7 @@ class RegionDragRequest:
             raise EditError("Give either handle/target regions or points, not both.")
         if not pts and not hr and not tr:
             raise EditError("No regions: paint a handle region and its target region, or give points with a radius.")
-        if pts:  # the drag checks: pairs, same point, outside the image, too many, the mask
+        if pts:  # the drag checks: pairs, pins, outside the image, too many, the mask
             img, points, mask, notices = check_drag(self.image, pts, self.mask)
             set_("points", points)
         else:

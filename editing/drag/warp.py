@@ -242,12 +242,14 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def check_handles_in_mask(mask: np.ndarray | None, points) -> None:
     """A painted mask (holes filled) must contain every handle, the content to move; EditError names the first
-    that is not."""
+    that is not. A pin (target = handle) may lie anywhere: outside the mask it just stays."""
     if mask is None:
         return
     mask = fill_holes(mask)
     h, w = mask.shape
-    for i, ((hx, hy), _) in enumerate(points, 1):
+    for i, ((hx, hy), target) in enumerate(points, 1):
+        if (hx, hy) == tuple(target):
+            continue
         x, y = min(max(int(round(hx)), 0), w - 1), min(max(int(round(hy)), 0), h - 1)
         if not mask[y, x]:
             raise EditError(f"Handle {i} ({hx:g}, {hy:g}) is outside the mask: paint over the object to drag, "
