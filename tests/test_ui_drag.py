@@ -39,6 +39,15 @@ def test_add_pair_move_delete():
     assert apply_edit(pts, {"op": "delete", "i": 2}, SIZE) == [[30, 30], [60, 40]]
 
 
+def test_a_shift_click_pins_a_point_and_it_is_drawn_apart():
+    pts = apply_edit([[10, 20]], {"op": "pin", "x": 40, "y": 30}, SIZE)  # before the handle waiting for its target
+    assert pts == [[40, 30], [40, 30], [10, 20]]
+    a = np.full((64, 96, 3), 128, np.uint8)
+    drawn = overlay.draw_points(a, pts[:2])
+    assert tuple(drawn[30, 40]) == overlay.PIN_RGB  # an amber square, no arrow, no red or blue marker
+    assert tuple(overlay.draw_points(a, [[40, 30], [60, 30]])[30, 40]) == overlay.HANDLE_RGB
+
+
 @pytest.mark.parametrize("edit, message", [
     ({"op": "move", "i": 5, "x": 1, "y": 1}, "no point 5"),
     ({"op": "delete", "i": "0"}, "no point"),

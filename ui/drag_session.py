@@ -20,8 +20,8 @@ from ui.history import BeforeAfter
 def apply_edit(points: list[list[float]], edit: dict, size: tuple[int, int]) -> list[list[float]]:
     """One point-editor edit (ui/js/point_editor.js) -> the new point list (alternating handle, target).
 
-    ``add`` appends a click; ``pair`` adds a dragged handle → target pair (before a handle still waiting for its
-    target, so the alternation holds); ``move`` moves point ``i``; ``delete`` removes point ``i`` with its pair
+    ``add`` appends a click; ``pair`` adds a dragged handle → target pair and ``pin`` a pin (a pair whose target is
+    its handle: that point stays), both before a handle still waiting for its target, so the alternation holds; ``move`` moves point ``i``; ``delete`` removes point ``i`` with its pair
     partner (removing one point alone would swap every later handle and target). Coordinates are clamped to the
     picture. EditError for an edit that names no point or no number."""
     w, h = size
@@ -42,14 +42,14 @@ def apply_edit(points: list[list[float]], edit: dict, size: tuple[int, int]) -> 
         return i
 
     op, out = edit.get("op"), [list(p) for p in points]
-    if op in ("add", "pair") and len(out) // 2 >= MAX_POINT_PAIRS:
+    if op in ("add", "pair", "pin") and len(out) // 2 >= MAX_POINT_PAIRS:
         raise EditError(f"At most {MAX_POINT_PAIRS} handle → target pairs: delete one first.")
     if op == "add":
         out.append(xy("x", "y"))
-    elif op == "pair":
-        pair = [xy("hx", "hy"), xy("tx", "ty")]
+    elif op in ("pair", "pin"):
+        pair = [xy("hx", "hy"), xy("tx", "ty")] if op == "pair" else [xy("x", "y")] * 2
         at = len(out) - len(out) % 2
-        out[at:at] = pair
+        out[at:at] = [list(p) for p in pair]
     elif op == "move":
         out[index()] = xy("x", "y")
     elif op == "delete":

@@ -347,7 +347,8 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
         w = SimpleNamespace(session=gr.State(Session(), delete_callback=Session.close))
         gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change; "
                     "the rest stays fixed. **3.** Press on a handle point and drag to its target (or click "
-                    "handle, then target); repeat for more pairs. The live preview shows the instant warp. "
+                    "handle, then target); repeat for more pairs. Shift+click pins a point that must stay. The live "
+                    "preview shows the instant warp. "
                     "**4.** Run drag.")
         with gr.Row(equal_height=False):
             with gr.Column():

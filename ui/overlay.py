@@ -15,6 +15,7 @@ from PIL import Image
 HANDLE_RGB = (230, 40, 40)  # red: where the content is now
 TARGET_RGB = (40, 100, 240)  # blue: where it should go
 ARROW_RGB = (255, 255, 255)
+PIN_RGB = (250, 200, 30)  # amber square: a pin, a point that stays
 FROZEN_BRIGHTNESS = 0.4  # frozen (unmasked) pixels are shown at 40 % brightness
 
 
@@ -79,17 +80,27 @@ def marker_radius(shape: tuple[int, ...]) -> int:
 
 
 def draw_points(rgb: np.ndarray, points: Sequence[Sequence[float]]) -> np.ndarray:
-    """Draw clicks alternating handle (red) / target (blue), with an arrow from each handle to its target."""
+    """Draw clicks alternating handle (red) / target (blue), with an arrow from each handle to its target; a pin (a
+    pair whose target is its handle) is one amber square."""
     out = np.ascontiguousarray(rgb.copy())
     r = marker_radius(out.shape)
     thick = max(1, r // 3)
+    pins = {i for i in range(0, len(points) - 1, 2) if list(points[i]) == list(points[i + 1])}
     pts = [(int(round(x)), int(round(y))) for x, y in points]
-    for h, t in zip(pts[0::2], pts[1::2]):  # arrows first so the markers sit on top
+    for i, (h, t) in enumerate(zip(pts[0::2], pts[1::2])):  # arrows first so the markers sit on top
+        if 2 * i in pins:
+            continue
         length = max(1.0, float(np.hypot(t[0] - h[0], t[1] - h[1])))
         tip = min(0.5, 2.5 * r / length)
         cv2.arrowedLine(out, h, t, (0, 0, 0), thick + 2, cv2.LINE_AA, tipLength=tip)
         cv2.arrowedLine(out, h, t, ARROW_RGB, thick, cv2.LINE_AA, tipLength=tip)
     for i, p in enumerate(pts):
+        if i in pins or i - 1 in pins:
+            if i in pins:
+                cv2.rectangle(out, (p[0] - r, p[1] - r), (p[0] + r, p[1] + r), PIN_RGB, -1, cv2.LINE_AA)
+                cv2.rectangle(out, (p[0] - r, p[1] - r), (p[0] + r, p[1] + r), (0, 0, 0), max(1, thick // 2),
+                              cv2.LINE_AA)
+            continue
         color = HANDLE_RGB if i % 2 == 0 else TARGET_RGB
         cv2.circle(out, p, r, color, -1, cv2.LINE_AA)
         cv2.circle(out, p, r, (255, 255, 255), max(1, thick // 2), cv2.LINE_AA)

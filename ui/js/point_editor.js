@@ -4,6 +4,7 @@
 //   <div class="pe" data-w data-h data-points='[[x, y], ...]' data-ack="N">
 // and this script only turns pointer and key input into edits, sent with trigger('edit', {...}):
 //   click on an empty spot               -> {op: "add", x, y}           (the click-click way: handle, then target)
+//   Shift+click on an empty spot         -> {op: "pin", x, y}           (a pin: a pair whose target is its handle)
 //   press on an empty spot, drag, release -> {op: "pair", hx, hy, tx, ty} (an arrow follows the pointer)
 //   press on a point, drag, release       -> {op: "move", i, x, y}
 //   right-click a point / Delete key      -> {op: "delete", i}          (the selected point; its pair goes too)
@@ -115,7 +116,7 @@ function finish(e) {
   drag = null;
   const [x, y] = toPicture(e);
   if (!d.moved) {
-    if (d.i < 0) { sel = -1; send({ op: "add", x, y }); }
+    if (d.i < 0) { sel = -1; send({ op: e.shiftKey ? "pin" : "add", x, y }); }
     return; // a click on a point only selects it
   }
   if (d.i >= 0) send({ op: "move", i: d.i, x, y });
@@ -123,6 +124,9 @@ function finish(e) {
   // the drawn arrow stays until the server's re-rendered picture replaces it
 }
 element.addEventListener("pointerup", finish);
+  send({ op: "undo" });
+  send({ op: "pin", x, y });
+});
 element.addEventListener("pointercancel", () => { drag = null; draw(); });
 
 element.addEventListener("contextmenu", (e) => {
