@@ -13,8 +13,20 @@ import json
 import logging
 from pathlib import Path
 
-from editing.cli.common import (add_common, add_fields, add_guided_flags, add_mask_click_flags, describe, editor, flag,
-                                given, lora_specs, progress, resolve_mask, write)
+from editing.cli.common import (
+    add_common,
+    add_fields,
+    add_guided_flags,
+    add_mask_click_flags,
+    describe,
+    editor,
+    flag,
+    given,
+    lora_specs,
+    progress,
+    resolve_mask,
+    write,
+)
 from editing.drag.common import parse_points
 from editing.drag.methods import API_DEFAULT_METHOD, METHODS, lookup, methods_with
 from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS

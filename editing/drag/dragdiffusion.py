@@ -50,6 +50,7 @@ from editing.previews import sample_previews
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
 from editing.sampling import NoisePredictor, Schedule, ddim_step, invert, unet_dtype
 from models import families
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class DragRequest:
         for k, v in (("image", img), ("points", points), ("mask", mask), ("notices", tuple(self.notices) + notices)):
             object.__setattr__(self, k, v)
 
-    def replace(self, **changes) -> "DragRequest":
+    def replace(self, **changes) -> DragRequest:
         return dataclasses.replace(self, notices=(), **changes)
 
     def params(self) -> dict:
@@ -483,7 +484,7 @@ def run_drag(ctx: EditContext, req: DragRequest) -> EditResult:
                 out = optimize_latent(
                     b.unet, z, schedule.timesteps[index], cond, schedule, handles, pts_t, grid_hw, opts, keep=keep,
                     z_ref=ref.latents[index - start].to(b.device), handles0=pts_h, track_first=j > 0,
-                    unchanged=unchanged, report=lambda f, m: run.report(span[0] + f * span[1], label + m),
+                    unchanged=unchanged, report=lambda f, m, span=span, label=label: run.report(span[0] + f * span[1], label + m),
                     trail=trail)
                 z, handles, unchanged, steps = out.latent, out.handles, out.unchanged, steps + out.steps
                 if out.arrived or out.stalled:

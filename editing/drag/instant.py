@@ -29,8 +29,16 @@ from PIL import Image
 from editing.checks import check_fields, field_table, num
 from editing.context import EditContext
 from editing.drag import warp as drag_warp
-from editing.drag.common import (PointPair, cells_to_pixels, check_drag, check_prompt, latent_region, paste_outside,
-                                 points_from_json, points_json)
+from editing.drag.common import (
+    PointPair,
+    cells_to_pixels,
+    check_drag,
+    check_prompt,
+    latent_region,
+    paste_outside,
+    points_from_json,
+    points_json,
+)
 from editing.geometry import points_to_grid
 from editing.images import tensor_to_pil
 from editing.kv_bank import AtStep, BankControl, Replace, bank_attention, invert_and_record, while_recorded
@@ -72,7 +80,7 @@ class InstantDragRequest:
             raise EditError("inversion_strength × n_steps must be at least 1 step.")
         drag_warp.check_handles_in_mask(self.mask, self.points)
 
-    def replace(self, **changes) -> "InstantDragRequest":
+    def replace(self, **changes) -> InstantDragRequest:
         return dataclasses.replace(self, notices=(), **changes)
 
     def params(self) -> dict:

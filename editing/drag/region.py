@@ -33,8 +33,16 @@ from editing.attention import self_attn_names
 from editing.checks import check_fields, check_image, field_table, normalize_mask, num
 from editing.context import EditContext
 from editing.drag import warp as drag_warp
-from editing.drag.common import (MAX_POINT_PAIRS, PointPair, check_drag, check_prompt, latent_region, paste_outside,
-                                 points_from_json, points_json)
+from editing.drag.common import (
+    MAX_POINT_PAIRS,
+    PointPair,
+    check_drag,
+    check_prompt,
+    latent_region,
+    paste_outside,
+    points_from_json,
+    points_json,
+)
 from editing.images import tensor_to_pil
 from editing.kv_bank import AtStep, BankControl, Remap, bank_attention, invert_and_record, while_recorded
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
@@ -118,7 +126,7 @@ class RegionDragRequest:
         return [(h, t, (bx - ax, by - ay)) for (h, t), ((ax, ay), (bx, by))
                 in zip(point_regions(self.image.size, self.points, self.radius, self.mask), self.points)]
 
-    def replace(self, **changes) -> "RegionDragRequest":
+    def replace(self, **changes) -> RegionDragRequest:
         return dataclasses.replace(self, notices=(), **changes)
 
     def params(self) -> dict:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from models.errors import EditError
 from editing.requests import GuidedParams
+from models.errors import EditError
 
 
 @dataclass
