@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from models import toy_world
-from models.tiny import SD15_SCHEDULER, _DOWN, _UP, _vocab
+from models.tiny import _DOWN, _UP, SD15_SCHEDULER, _vocab
 
 log = logging.getLogger("train_toy")
 
@@ -89,14 +89,16 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class SceneStream:
-    """Batches of training scenes from seeds drawn with ``rng`` (all below ``HELDOUT_SEED``)."""
+    """Batches of training scenes of ``world`` (v1 or v2) from seeds drawn with ``rng`` (all below ``HELDOUT_SEED``)."""
 
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
+    def __init__(self, rng: np.random.Generator, world: str = "v1"):
+        if world not in toy_world.WORLDS:
+            raise ValueError(f"unknown world {world!r}; choose one of {toy_world.WORLDS}")
+        self.rng, self.world = rng, world
 
     def next(self, n: int) -> tuple[torch.Tensor, list[str]]:
         seeds = self.rng.integers(0, toy_world.HELDOUT_SEED, size=n)
-        images, captions = toy_world.make_batch(seeds)
+        images, captions = toy_world.make_batch(seeds, self.world)
         return images_to_tensor(images), captions
 
 

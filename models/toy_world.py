@@ -60,11 +60,13 @@ class Shape:
     colour: str
     size: str
     center: tuple[float, float]  # (x, y) in pixels
-    radius: float
+    radius: float  # elongated kinds (v2): half the length, centre to end
     mask: np.ndarray | None = field(default=None, repr=False, compare=False)
     centroid: tuple[float, float] | None = None
+    angle: float = 0.0  # degrees, v2: the axis is (cos, sin) in (x, y) pixels, so positive turns clockwise on screen
+    width: float = 0.0  # pixels, full width across the axis: elongated kinds (v2) only
 
-    def moved(self, dx: float, dy: float) -> "Shape":
+    def moved(self, dx: float, dy: float) -> Shape:
         """The same shape translated by ``(dx, dy)`` pixels (ground truth cleared; call ``render``)."""
         return replace(self, center=(self.center[0] + dx, self.center[1] + dy), mask=None, centroid=None)
 
@@ -125,7 +127,7 @@ def render(shapes: list[Shape], background: Background | str = "gray") -> Scene:
     if isinstance(background, str):
         background = Background(background)
     img = _background_array(background)
-    covers = [_coverage(s.kind, s.center[0], s.center[1], s.radius) for s in shapes]
+    covers = [coverage(s) for s in shapes]
     for s, c in zip(shapes, covers):
         col = np.asarray(COLOURS[s.colour], np.float32)
         img = img * (1 - c[..., None]) + col * c[..., None]
@@ -183,8 +185,14 @@ def random_shapes(rng: np.random.Generator, n: int) -> list[Shape]:
     return shapes
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene of ``seed``: deterministic, one to three shapes, plain (half the time) or graded background."""
+def make_scene(seed: int, world: str = "v1") -> Scene:
+    """The scene of ``seed``: deterministic, one to three shapes, plain (half the time) or graded background.
+
+    ``world="v2"``: the continuous, deformable world (``make_scene_v2``); the default keeps v1 bit for bit."""
+    if world == "v2":
+        return make_scene_v2(seed)
+    if world != "v1":
+        raise ValueError(f"unknown world {world!r}; choose one of {WORLDS}")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, 4))
     bg = str(rng.choice(list(BACKGROUNDS)))
@@ -194,9 +202,9 @@ def make_scene(seed: int) -> Scene:
     return replace(scene, seed=seed)
 
 
-def make_batch(seeds) -> tuple[np.ndarray, list[str]]:
-    """Images (N×64×64×3 uint8) and captions of the scenes of ``seeds``."""
-    scenes = [make_scene(int(s)) for s in seeds]
+def make_batch(seeds, world: str = "v1") -> tuple[np.ndarray, list[str]]:
+    """Images (N×64×64×3 uint8) and captions of the scenes of ``seeds`` in ``world`` (v1 or v2)."""
+    scenes = [make_scene(int(s), world) for s in seeds]
     return np.stack([np.asarray(s.image) for s in scenes]), [s.caption for s in scenes]
 
 
@@ -284,3 +292,179 @@ def make_cases(n: int, seed: int = HELDOUT_SEED) -> list[Case]:
         target = (handle[0] + dx, handle[1] + dy)
         cases.append(Case(scene, shape, handle, target, _dilate(shape.mask | moved.mask, 3)))
     return cases
+
+
+# ==== world v2: continuous size, any rotation, elongated kinds, and deformation cases ==============
+# v1 above stays bit for bit (the shipped ``toy`` model, its benchmark and goldens depend on it); v2 adds
+# geometry a reshaping drag can act on. A v2 Shape uses the same dataclass: ``radius`` is continuous,
+# ``angle`` turns it, and the elongated kinds also have a ``width`` (their ``radius`` is the half-length).
+WORLDS = ("v1", "v2")
+ELONGATED = ("bar", "oval", "rectangle")  # bar = capsule (rounded ends); captions use these words
+KINDS_V2 = KINDS + ELONGATED
+RADIUS_RANGE = (5.0, 13.5)  # compact kinds' continuous radius (v1 used 6 / 9 / 12.5)
+RING_MIN_RADIUS = 6.0  # a ring's band is 0.56 r wide: below v1's small ring it would be thinner than v1 ever drew
+WIDTH_RANGE = (8.0, 13.0)  # elongated widths: at 64² with the 4× VAE, at least two latent cells
+LENGTH_RANGE = (18.0, 46.0)  # elongated full lengths
+MIN_EXTENT = 4.0  # one latent cell: no deformation case makes any part of a shape thinner than this
+GAP_V2 = 4.0  # pixels of background kept between any two v2 shapes (v1's `apart` keeps ≥ 5 for its sizes)
+V1_SHARE = 0.25  # share of v2 scenes that are exactly a v1 scene, so v1's axis-aligned sizes stay in training
+# size words by the radius of the disk of equal area; the cuts are midway between v1's 6 / 9 / 12.5
+SIZE_CUTS = ((7.5, "small"), (10.75, "medium"), (float("inf"), "large"))
+FAMILIES = ("move", "scale", "stretch", "rotate")
+# v2 case scenes start at the split's first seed plus this, so the families draw different scenes (move keeps
+# v1's seeds); 100 M apart keeps every bench seed below TUNE_SEED
+FAMILY_OFFSET = {"move": 0, "scale": 100_000_000, "stretch": 200_000_000, "rotate": 300_000_000}
+
+
+def area(shape: Shape) -> float:
+    """The shape's geometric area in pixels² (from its parameters, not its rendered mask)."""
+    r, w = shape.radius, shape.width
+    if shape.kind == "disk":
+        return math.pi * r * r
+    if shape.kind == "square":
+        return (1.7 * r) ** 2
+    if shape.kind == "ring":
+        return math.pi * (r * r - (0.44 * r) ** 2)
+    if shape.kind == "triangle":
+        return 3 * math.sqrt(3) * (0.625 * r) ** 2  # equilateral with inradius 0.625 r
+    if shape.kind == "bar":
+        return 2 * r * w - (4 - math.pi) * (w / 2) ** 2
+    if shape.kind == "oval":
+        return math.pi * r * w / 2
+    if shape.kind == "rectangle":
+        return 2 * r * w
+    raise ValueError(f"unknown shape kind {shape.kind!r}; choose one of {KINDS_V2}")
+
+
+def size_word(shape: Shape) -> str:
+    """small / medium / large: compact kinds by their radius (as v1 named them), elongated ones by the radius of
+    the disk of their area; the cuts lie midway between v1's 6 / 9 / 12.5."""
+    r = shape.radius if shape.kind in KINDS else math.sqrt(area(shape) / math.pi)
+    return next(word for cut, word in SIZE_CUTS if r < cut)
+
+
+def min_extent(shape: Shape) -> float:
+    """The thinnest part of the shape in pixels (a ring's band, a bar's width, a square's side...)."""
+    r = shape.radius
+    return {"disk": 2 * r, "square": 1.7 * r, "triangle": 1.875 * r, "ring": 0.56 * r}.get(
+        shape.kind, min(shape.width, 2 * r))
+
+
+def reach(shape: Shape) -> float:
+    """Radius of a circle about ``center`` that holds the whole shape."""
+    if shape.kind == "rectangle":
+        return math.hypot(shape.radius, shape.width / 2)
+    if shape.kind in ELONGATED:
+        return shape.radius
+    return shape.radius * (1.25 if shape.kind == "triangle" else 1.21 if shape.kind == "square" else 1.0)
+
+
+def axis(shape: Shape) -> tuple[float, float]:
+    """Unit vector of the shape's angle, in (x, y) pixels."""
+    a = math.radians(shape.angle)
+    return math.cos(a), math.sin(a)
+
+
+def ends(shape: Shape) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The two ends of an elongated shape's axis (centre ± half-length along the axis): (+ end, − end)."""
+    (cx, cy), (ux, uy), h = shape.center, axis(shape), shape.radius
+    return (cx + h * ux, cy + h * uy), (cx - h * ux, cy - h * uy)
+
+
+def coverage(shape: Shape) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of any v1 or v2 shape (v1 geometry goes through v1's ``_coverage``)."""
+    cx, cy = shape.center
+    if shape.kind in KINDS and shape.angle == 0.0:
+        return _coverage(shape.kind, cx, cy, shape.radius)  # bit for bit what v1 drew
+    if shape.kind not in KINDS_V2:
+        raise ValueError(f"unknown shape kind {shape.kind!r}; choose one of {KINDS_V2}")
+    ux, uy = (np.float32(v) for v in axis(shape))
+    dx, dy = _XX - cx, _YY - cy
+    u, v = dx * ux + dy * uy, -dx * uy + dy * ux  # along and across the axis
+    r, hw = shape.radius, shape.width / 2
+    if shape.kind in ("disk", "ring"):
+        return _coverage(shape.kind, cx, cy, r)  # rotation changes nothing
+    if shape.kind == "square":
+        d = np.maximum(np.abs(u), np.abs(v)) - r * 0.85  # v1's square in the turned frame
+    elif shape.kind == "triangle":
+        ri = r * 0.625  # v1's triangle (pointing up at angle 0) in the turned frame: v plays dy, u plays dx
+        s3 = np.float32(np.sqrt(3.0) / 2.0)
+        d = np.maximum(np.maximum(v - ri, -0.5 * v + s3 * u - ri), -0.5 * v - s3 * u - ri)
+    elif shape.kind == "bar":  # capsule: distance to the axis segment, minus the half-width
+        d = np.sqrt(np.maximum(np.abs(u) - max(r - hw, 0.0), 0.0) ** 2 + v * v) - hw
+    elif shape.kind == "rectangle":  # Chebyshev-style like v1's square: exact inside, within 0.5 px at corners
+        d = np.maximum(np.abs(u) - r, np.abs(v) - hw)
+    else:  # oval: first-order distance to the ellipse (level-set value over its gradient's length)
+        k = np.sqrt((u / r) ** 2 + (v / hw) ** 2)
+        g = np.sqrt((u / r**2) ** 2 + (v / hw**2) ** 2) / np.maximum(k, 1e-6)
+        d = (k - 1) / np.maximum(g, 1e-6)
+    return np.clip(0.5 - d, 0.0, 1.0).astype(np.float32)
+
+
+def gap(a: Shape, b: Shape) -> float:
+    """Pixels of background between two shapes' rendered footprints (0 if they touch or overlap)."""
+    import cv2
+
+    fa, fb = coverage(a) > 0, coverage(b) > 0
+    if (fa & fb).any():
+        return 0.0
+    dist = cv2.distanceTransform((~fa).astype(np.uint8), cv2.DIST_L2, 5)
+    return float(dist[fb].min()) if fb.any() else float("inf")
+
+
+def inside(shape: Shape, margin: float = 1.0) -> bool:
+    """Whether the whole shape lies at least ``margin`` px inside the frame."""
+    cx, cy, r = shape.center[0], shape.center[1], reach(shape)
+    if margin <= cx - r and cx + r <= SIZE - margin and margin <= cy - r and cy + r <= SIZE - margin:
+        return True
+    cov = coverage(shape) > 0  # the bounding circle is loose for thin turned shapes: look at the pixels
+    m = int(math.ceil(margin))
+    return bool(cov.any()) and not (cov[:m].any() or cov[-m:].any() or cov[:, :m].any() or cov[:, -m:].any())
+
+
+def fits(shape: Shape, others: list[Shape]) -> bool:
+    """Inside the frame and at least ``GAP_V2`` px from every other shape: the only placements v2 ever draws."""
+    return inside(shape, 1.5) and all(gap(shape, o) >= GAP_V2 for o in others)
+
+
+def random_shape_v2(rng: np.random.Generator, kind: str | None = None) -> Shape:
+    """One v2 shape at a random place: continuous size, any angle (compact kinds upright half the time)."""
+    kind = kind or str(rng.choice(KINDS_V2))
+    colour = str(rng.choice(list(COLOURS)))
+    if kind in ELONGATED:
+        width = float(rng.uniform(*WIDTH_RANGE))
+        length = float(rng.uniform(max(LENGTH_RANGE[0], width + 6), LENGTH_RANGE[1]))
+        radius, angle = length / 2, float(rng.uniform(0, 180))
+    else:
+        width = 0.0
+        radius = float(rng.uniform(RING_MIN_RADIUS if kind == "ring" else RADIUS_RANGE[0], RADIUS_RANGE[1]))
+        turn = kind in ("square", "triangle") and rng.random() < 0.5
+        angle = float(rng.uniform(0, 90 if kind == "square" else 120)) if turn else 0.0  # their symmetry periods
+    probe = Shape(kind, colour, "medium", (0.0, 0.0), radius, angle=angle, width=width)
+    r = reach(probe)
+    cx, cy = rng.uniform(r + 1.5, SIZE - r - 1.5, size=2) if r + 1.5 < SIZE / 2 else (SIZE / 2, SIZE / 2)
+    return replace(probe, size=size_word(probe), center=(float(cx), float(cy)))
+
+
+def random_shapes_v2(rng: np.random.Generator, n: int) -> list[Shape]:
+    """``n`` random v2 shapes that all ``fits`` (fewer if placement fails after many tries)."""
+    shapes: list[Shape] = []
+    for _ in range(n):
+        for _try in range(30):
+            s = random_shape_v2(rng)
+            if fits(s, shapes):
+                shapes.append(s)
+                break
+    return shapes
+
+
+def make_scene_v2(seed: int, v1_share: float = V1_SHARE) -> Scene:
+    """The v2 scene of ``seed``: with probability ``v1_share`` exactly v1's scene of that seed, else one to three
+    v2 shapes (any of ``KINDS_V2``) on a plain or graded background. Deterministic."""
+    rng = np.random.default_rng([seed, 2])  # a stream of its own: v2's draws never shift v1's
+    if rng.random() < v1_share:
+        return make_scene(seed)
+    n = int(rng.integers(1, 4))
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    grad = (0.0, 0.0) if rng.random() < 0.5 else tuple(float(g) for g in rng.uniform(-1, 1, 2) * GRADIENT_AMPLITUDE)
+    return replace(render(random_shapes_v2(rng, n), Background(bg, grad)), seed=seed)

@@ -39,9 +39,21 @@ import torch.nn.functional as F
 
 from models import toy_world
 from models.tiny import SD15_SCHEDULER, tiny_tokenizer
-from models.toy_parts import (TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, SceneStream, build_text_encoder,  # noqa: F401 - tests
-                               build_unet, build_vae, ema_update, images_to_tensor, lr_at, psnr, save_pipeline,
-                               tokenize)
+from models.toy_parts import (
+    TEXT_CONFIG,
+    UNET_CONFIG,
+    VAE_CONFIG,
+    SceneStream,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    ema_update,
+    images_to_tensor,
+    lr_at,
+    psnr,
+    save_pipeline,
+    tokenize,
+)
 
 log = logging.getLogger("train_toy")
 
@@ -90,13 +102,16 @@ def train_vae(args, stream: SceneStream, deadline: float, card: dict):
         z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(16)])
         rec = torch.cat([vae.decode(c).sample for c in z.split(16)])
         lat = torch.cat([vae.encode(c).latent_dist.mean for c in stream.next(256)[0].split(32)])
+        x2 = images_to_tensor(toy_world.make_batch(range(toy_world.HELDOUT_SEED, toy_world.HELDOUT_SEED + 64), "v2")[0])
+        rec2 = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x2.split(16)])
     sf = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=sf)
     card["vae"] = dict(steps=steps_done, planned_steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr,
                        kl_weight=args.vae_kl, params=n_params, minutes=round((time.time() - t0) / 60, 2),
                        s_per_step=round((time.time() - t0) / max(1, steps_done), 3),
                        final_l1=float(np.mean(losses[-100:])) if losses else None,
-                       heldout_psnr_db=round(psnr(rec, x), 2), scaling_factor=sf)
+                       heldout_psnr_db=round(psnr(rec, x), 2), heldout_v2_psnr_db=round(psnr(rec2, x2), 2),
+                       scaling_factor=sf)
     log.info("VAE done: %d steps in %.1f min, held-out PSNR %.2f dB, scaling_factor %.4f",
              steps_done, card["vae"]["minutes"], card["vae"]["heldout_psnr_db"], sf)
     return vae
@@ -246,7 +261,7 @@ def finetune_decoder(args) -> dict:
              "shape weight %g", args.out, before, before_shapes, args.vae_steps, args.vae_batch, args.vae_lr,
              args.shape_weight)
     opt = torch.optim.AdamW(train, lr=args.vae_lr, weight_decay=0.0)
-    stream = SceneStream(np.random.default_rng(args.seed + 6))
+    stream = SceneStream(np.random.default_rng(args.seed + 6), args.world)
     gen = torch.Generator().manual_seed(args.seed + 7)
     t0, losses = time.time(), []
     for step in range(args.vae_steps):
@@ -303,9 +318,17 @@ def resume_unet(args, argv) -> None:
              args.unet_lr, args.warmup)
     card.setdefault("commands", []).append(
         {"command": "python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:])})
-    stream = SceneStream(np.random.default_rng(args.seed + 100))
+    stream = SceneStream(np.random.default_rng(args.seed + 100), args.world)
     train_unet(args, vae, stream, time.time() + args.minutes * 60 - SAVE_RESERVE_S, card, out, tiny_tokenizer(),
                init=init)
+
+
+def card_world(out: Path) -> str:
+    """The world a trained folder's card records (folders from before v2 existed are v1)."""
+    try:
+        return str(json.loads((out / "card.json").read_text()).get("world", "v1"))
+    except (OSError, ValueError):
+        return "v1"  # no readable card: resume_unet says what is wrong
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -330,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--world", choices=toy_world.WORLDS, default=None,
+                   help="training scenes: v1 (the shipped toy's; the default of a fresh run) or v2 (continuous, turned "
+                        "and elongated shapes, a quarter of them v1 scenes); recorded in card.json, and --resume-unet / "
+                        "--decoder-only default to the card's")
     p.add_argument("--resume-unet", action="store_true",
                    help="continue the UNet phase from the trained folder --out (same VAE; the saved EMA weights "
                         "start the run, with fresh scenes from seed+100); recorded in card.json")
@@ -338,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-only", action="store_true",
                    help="only fine-tune the VAE decoder of the trained folder --out (keeps the UNet valid)")
     args = p.parse_args(argv)
+    if args.world is None:  # a fresh run is v1 as before; continuing a folder keeps the world it was trained on
+        args.world = card_world(args.out) if (args.resume_unet or args.decoder_only) else "v1"
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.decoder_only:
@@ -361,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     budget = args.minutes * 60
     card = dict(_start=start, command="python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:]),
-                seed=args.seed, minutes_budget=args.minutes, torch=torch.__version__, threads=args.threads,
+                seed=args.seed, world=args.world, minutes_budget=args.minutes, torch=torch.__version__, threads=args.threads,
                 machine=f"{platform.machine()} {os.cpu_count()} CPUs", started=time.strftime("%Y-%m-%d %H:%M:%S"),
                 vae_config={k: v for k, v in VAE_CONFIG.items()}, unet_config=UNET_CONFIG, text_config=TEXT_CONFIG)
     log.info("train_toy: %s", vars(args))
-    stream = SceneStream(np.random.default_rng(args.seed))
+    stream = SceneStream(np.random.default_rng(args.seed), args.world)
     tokenizer = tiny_tokenizer()
     vae = train_vae(args, stream, start + VAE_FRACTION * budget, card)
     train_unet(args, vae, stream, start + budget - SAVE_RESERVE_S, card, args.out, tokenizer)
