@@ -468,3 +468,168 @@ def make_scene_v2(seed: int, v1_share: float = V1_SHARE) -> Scene:
     bg = str(rng.choice(list(BACKGROUNDS)))
     grad = (0.0, 0.0) if rng.random() < 0.5 else tuple(float(g) for g in rng.uniform(-1, 1, 2) * GRADIENT_AMPLITUDE)
     return replace(render(random_shapes_v2(rng, n), Background(bg, grad)), seed=seed)
+
+
+# ---- deformation cases: v2 scenes, a drag that reshapes one shape, and its exact re-rendered result ------
+Point = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class DeformCase:
+    """One seeded drag case of a ``family`` (move / scale / stretch / rotate) with exact ground truth.
+
+    ``points`` are the ``((handle, target), ...)`` pairs a method gets, pins (handle == target) included;
+    ``drags`` indexes the pairs that move (their targets are where the dragged features, an end or a rim
+    point or the centroid, must land); ``mask`` is the editable area (old and new outline, dilated by 3 px);
+    ``truth`` is the scene re-rendered with the shape deformed and ``truth_shape`` that shape with its mask;
+    ``amount`` says how much: the scale factor, the length change in px, the turn in degrees (clockwise on
+    screen), or the move distance in px."""
+
+    family: str
+    scene: Scene
+    shape: Shape  # the dragged shape, as rendered in ``scene``
+    points: tuple[tuple[Point, Point], ...]
+    drags: tuple[int, ...]
+    mask: np.ndarray = field(repr=False)  # H×W bool
+    truth: Scene = field(repr=False)
+    truth_shape: Shape = field(repr=False)
+    amount: float = 0.0
+
+    @property
+    def handle(self) -> Point:
+        """The first dragged pair's handle (the only one for move, stretch and rotate)."""
+        return self.points[self.drags[0]][0]
+
+    @property
+    def target(self) -> Point:
+        """The first dragged pair's target."""
+        return self.points[self.drags[0]][1]
+
+    @property
+    def pins(self) -> tuple[Point, ...]:
+        """The points that stay (pairs whose handle is their target)."""
+        return tuple(h for h, t in self.points if h == t)
+
+    def as_move_case(self) -> Case:
+        """A move case as v1's ``Case`` (what ``make_cases`` gives), for v1's metric."""
+        return Case(self.scene, self.shape, self.handle, self.target, self.mask)
+
+
+def _turn(p: Point, pivot: Point, degrees: float) -> Point:
+    """``p`` turned about ``pivot`` by ``degrees`` (clockwise on screen: y points down)."""
+    a = math.radians(degrees)
+    dx, dy = p[0] - pivot[0], p[1] - pivot[1]
+    return pivot[0] + dx * math.cos(a) - dy * math.sin(a), pivot[1] + dx * math.sin(a) + dy * math.cos(a)
+
+
+def _in_frame(p: Point) -> bool:
+    return 0.0 <= p[0] < SIZE and 0.0 <= p[1] < SIZE
+
+
+def rim_pair(shape: Shape, rng: np.random.Generator) -> tuple[Point, Point]:
+    """Two opposite boundary points through the centre for a scale drag: a disk's or ring's rim at a random
+    angle, two opposite corners of a square, a triangle's vertex and the middle of the side facing it."""
+    cx, cy = shape.center
+    if shape.kind in ("disk", "ring"):
+        phi = rng.uniform(0, 2 * math.pi)
+        off = (shape.radius * math.cos(phi), shape.radius * math.sin(phi))
+        return (cx + off[0], cy + off[1]), (cx - off[0], cy - off[1])
+    if shape.kind == "square":
+        a = 0.85 * shape.radius
+        corner = _turn((cx + a * rng.choice([-1, 1]), cy + a), (cx, cy), shape.angle)
+        return corner, (2 * cx - corner[0], 2 * cy - corner[1])
+    if shape.kind == "triangle":  # at angle 0 the vertex points up, at 1.25 r; the facing side is 0.625 r below
+        k = int(rng.integers(0, 3))
+        vertex = _turn((cx, cy - 1.25 * shape.radius), (cx, cy), shape.angle + 120 * k)
+        return vertex, (cx - (vertex[0] - cx) / 2, cy - (vertex[1] - cy) / 2)
+    e = ends(shape)
+    return e[0], e[1]
+
+
+def _deform(family: str, shape: Shape, rng: np.random.Generator):
+    """(new shape, points, drags, amount) of one random ``family`` drag on ``shape``, or None if it has none."""
+    c = shape.center
+    if family == "scale":
+        if shape.kind not in KINDS:
+            return None
+        grow = rng.random() < 0.5
+        s = float(rng.uniform(1.25, 1.5) if grow else rng.uniform(0.67, 0.8))
+        new = replace(shape, radius=shape.radius * s, mask=None, centroid=None)
+        lo = RING_MIN_RADIUS if shape.kind == "ring" else RADIUS_RANGE[0]
+        if not lo <= new.radius <= RADIUS_RANGE[1]:  # stay within the sizes the world draws
+            return None
+        a, b = rim_pair(shape, rng)
+        pts = tuple((p, (c[0] + s * (p[0] - c[0]), c[1] + s * (p[1] - c[1]))) for p in (a, b))
+        return new, pts, (0, 1), s
+    if shape.kind not in ELONGATED:
+        return None
+    (ux, uy), h = axis(shape), shape.radius
+    sign = 1.0 if rng.random() < 0.5 else -1.0  # which end is dragged
+    end = (c[0] + sign * h * ux, c[1] + sign * h * uy)
+    other = (c[0] - sign * h * ux, c[1] - sign * h * uy)
+    if family == "stretch":  # the other end is pinned: the shape grows or shrinks from it
+        delta = float(rng.uniform(5, 12)) * (1.0 if rng.random() < 0.5 else -1.0)
+        length = 2 * h + delta
+        if not max(LENGTH_RANGE[0], shape.width + 6) <= length <= LENGTH_RANGE[1]:
+            return None
+        new_c = (other[0] + sign * length / 2 * ux, other[1] + sign * length / 2 * uy)
+        new = replace(shape, center=new_c, radius=length / 2, mask=None, centroid=None)
+        target = (end[0] + sign * delta * ux, end[1] + sign * delta * uy)
+        return new, ((end, target), (other, other)), (0,), delta
+    if family == "rotate":  # pinned at the other end or at the centre: the shape turns about the pin
+        pivot = other if rng.random() < 0.5 else c
+        turn = float(rng.uniform(25, 60)) * (1.0 if rng.random() < 0.5 else -1.0)
+        new = replace(shape, center=_turn(c, pivot, turn), angle=(shape.angle + turn) % 180, mask=None, centroid=None)
+        return new, ((end, _turn(end, pivot, turn)), (pivot, pivot)), (0,), turn
+    raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+
+
+def deform_case(family: str, seed: int) -> DeformCase | None:
+    """The ``family`` case of scene ``seed`` (a pure v2 scene), or None when that scene makes no fair case:
+    more than two shapes, a dragged shape whose colour repeats or of a kind the family cannot act on, or a
+    result that would leave the frame, touch another shape, leave the world's sizes or get thinner than
+    ``MIN_EXTENT``. The deformation is drawn from ``(seed, family)`` alone, so any process rebuilds it."""
+    scene = replace(make_scene_v2(seed, v1_share=0.0), seed=seed)
+    if len(scene.shapes) > 2:
+        return None
+    shape = scene.shapes[0]
+    if sum(o.colour == shape.colour for o in scene.shapes) > 1 or shape.mask.sum() < 20:
+        return None
+    rng = np.random.default_rng([seed, FAMILIES.index(family), 7])
+    made = _deform(family, shape, rng)
+    if made is None:
+        return None
+    new, points, drags, amount = made
+    others = scene.shapes[1:]
+    if min_extent(new) < MIN_EXTENT or not fits(new, others) or not all(_in_frame(p) for pair in points for p in pair):
+        return None
+    truth = render([new, *others], scene.background)
+    moved = truth.shapes[0]
+    if moved.mask.sum() < 20:
+        return None
+    return DeformCase(family, scene, shape, points, drags, _dilate(shape.mask | moved.mask, 3), truth, moved, amount)
+
+
+def _move_deform_case(case: Case) -> DeformCase:
+    """v1's move case with its ground truth: the same scene re-rendered with the shape translated."""
+    dx, dy = case.target[0] - case.handle[0], case.target[1] - case.handle[1]
+    others = [s for s in case.scene.shapes if s is not case.shape]
+    truth = render([case.shape.moved(dx, dy), *others], case.scene.background)
+    return DeformCase("move", case.scene, case.shape, ((case.handle, case.target),), (0,), case.mask, truth,
+                      truth.shapes[0], math.hypot(dx, dy))
+
+
+def make_deform_cases(family: str, n: int, seed: int = HELDOUT_SEED) -> list[DeformCase]:
+    """The first ``n`` cases of ``family`` whose scenes start at ``seed`` (``HELDOUT_SEED``: the benchmark's,
+    ``TUNE_SEED``: the tuning split's). ``move`` is exactly v1's ``make_cases(n, seed)``; the others use
+    pure v2 scenes from ``seed + FAMILY_OFFSET[family]`` up."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    if family == "move":
+        return [_move_deform_case(c) for c in make_cases(n, seed)]
+    cases, s = [], seed + FAMILY_OFFSET[family]
+    while len(cases) < n:
+        case, s = deform_case(family, s), s + 1
+        if case is not None:
+            cases.append(case)
+    return cases
