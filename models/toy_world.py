@@ -568,8 +568,10 @@ def _deform(family: str, shape: Shape, rng: np.random.Generator):
     end = (c[0] + sign * h * ux, c[1] + sign * h * uy)
     other = (c[0] - sign * h * ux, c[1] - sign * h * uy)
     if family == "stretch":  # the other end is pinned: the shape grows or shrinks from it
-        delta = float(rng.uniform(5, 12)) * (1.0 if rng.random() < 0.5 else -1.0)
-        length = 2 * h + delta
+        # by a length ratio beyond 0.7 either way, so the unchanged input never passes IoU >= 0.7 with the result
+        ratio = float(rng.uniform(1.45, 1.8) if rng.random() < 0.5 else rng.uniform(0.55, 0.68))
+        length = 2 * h * ratio
+        delta = length - 2 * h
         if not max(LENGTH_RANGE[0], shape.width + 6) <= length <= LENGTH_RANGE[1]:
             return None
         new_c = (other[0] + sign * length / 2 * ux, other[1] + sign * length / 2 * uy)
@@ -610,7 +612,7 @@ def deform_case(family: str, seed: int) -> DeformCase | None:
     return DeformCase(family, scene, shape, points, drags, _dilate(shape.mask | moved.mask, 3), truth, moved, amount)
 
 
-def _move_deform_case(case: Case) -> DeformCase:
+def as_deform_case(case: Case) -> DeformCase:
     """v1's move case with its ground truth: the same scene re-rendered with the shape translated."""
     dx, dy = case.target[0] - case.handle[0], case.target[1] - case.handle[1]
     others = [s for s in case.scene.shapes if s is not case.shape]
@@ -626,7 +628,7 @@ def make_deform_cases(family: str, n: int, seed: int = HELDOUT_SEED) -> list[Def
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     if family == "move":
-        return [_move_deform_case(c) for c in make_cases(n, seed)]
+        return [as_deform_case(c) for c in make_cases(n, seed)]
     cases, s = [], seed + FAMILY_OFFSET[family]
     while len(cases) < n:
         case, s = deform_case(family, s), s + 1
