@@ -14,6 +14,18 @@ Seeds: training uses seeds below ``HELDOUT_SEED``; benchmarks draw scenes from `
 
 Drag cases (``make_cases``): held-out scenes with a handle, a target and a mask, shared by the drag benchmark
 (``bench/toy_drag.py``) and the UI's examples (``ui/examples.py``), which must not import ``bench``.
+
+World v2 (``make_scene(seed, "v2")``, ``make_batch(seeds, "v2")``): the same colours, backgrounds and captions,
+with continuous sizes (captions still say small / medium / large by range, ``size_word``), squares and
+triangles at any rotation (``Shape.angle``) and three elongated kinds, ``bar`` (a capsule), ``oval`` and
+``rectangle`` (``Shape.radius`` = half-length, ``Shape.width`` ≥ 8 px = two latent cells). A quarter of v2
+scenes are exactly v1's, so what the shipped ``toy`` draws stays in training. v1 (the default everywhere) is
+bit for bit what it was: the shipped ``toy`` model, its benchmark and goldens depend on it.
+
+Deformation cases (``make_deform_cases(family, n, seed)`` -> ``DeformCase``): ``move`` (v1's ``make_cases``),
+``scale`` (two opposite rim points / corners pulled apart or together), ``stretch`` (an end pulled along the
+axis, the other end pinned), ``rotate`` (an end turned about a pin at the other end or the centre); each with
+its points (pins are pairs with handle == target), edit mask and the re-rendered true result.
 """
 from __future__ import annotations
 

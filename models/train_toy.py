@@ -19,6 +19,12 @@ the budget (a capped phase is logged and recorded in the card).
 Output (``--out``): a diffusers ``StableDiffusionPipeline`` folder in fp16 safetensors (no safety checker),
 ``training_log.txt`` and ``card.json`` (config, steps, minutes, seed, losses, metrics). The folder is
 rewritten every ``--checkpoint-minutes`` so a usable model exists if the run is stopped early.
+
+``--world v2`` trains on toy world v2 (recorded in the card). The whole training state (weights, EMA, AdamW
+moments, RNG states, step) is checkpointed at the same times, in either phase, under ``--out/.train-state``;
+``python -m models.train_toy --out DIR --resume`` continues a stopped run exactly, with the flags it was
+started with (flags given override them). A missing checkpoint says to start again; a corrupt newest one
+falls back to the one before (``--keep-checkpoints``), and when none is readable the message says what to delete.
 """
 from __future__ import annotations
 
