@@ -518,6 +518,11 @@ class DeformCase:
         return self.points[self.drags[0]][1]
 
     @property
+    def landing(self) -> tuple[Point, ...]:
+        """Where each dragged feature (the centroid, a rim point or corner, an end) must land: the drags' targets."""
+        return tuple(self.points[i][1] for i in self.drags)
+
+    @property
     def pins(self) -> tuple[Point, ...]:
         """The points that stay (pairs whose handle is their target)."""
         return tuple(h for h, t in self.points if h == t)

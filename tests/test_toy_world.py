@@ -210,6 +210,7 @@ def test_deformation_cases_carry_exact_ground_truth():
                 assert 2 * (new.radius - old.radius) == pytest.approx(case.amount)
                 assert pin in [pytest.approx(e) for e in tw.ends(new)]  # the pinned end stays put
                 assert case.target in [pytest.approx(e) for e in tw.ends(new)]  # the dragged end lands on the target
+                assert case.landing == (case.target,)
             else:  # rotate
                 (pin,) = case.pins
                 assert old.kind in tw.ELONGATED and new.radius == old.radius and 25 <= abs(case.amount) <= 60
