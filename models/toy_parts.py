@@ -200,6 +200,7 @@ def save_state(out: Path, state: TrainState, keep: int = STATE_KEEP) -> Path:
     others = sorted(p for p in root.iterdir() if p.is_dir() and p.name != name and not p.name.endswith(".staging"))
     for old in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
+    log.info("training state saved: %s (resume with --resume)", root / name)
     return root / name
 
 
