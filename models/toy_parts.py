@@ -7,13 +7,14 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import toy_world
-from models.tiny import SD15_SCHEDULER, _DOWN, _UP, _vocab
+from models.tiny import _DOWN, _UP, SD15_SCHEDULER, _vocab
 
 log = logging.getLogger("train_toy")
 
@@ -89,14 +90,16 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class SceneStream:
-    """Batches of training scenes from seeds drawn with ``rng`` (all below ``HELDOUT_SEED``)."""
+    """Batches of training scenes of ``world`` (v1 or v2) from seeds drawn with ``rng`` (all below ``HELDOUT_SEED``)."""
 
-    def __init__(self, rng: np.random.Generator):
-        self.rng = rng
+    def __init__(self, rng: np.random.Generator, world: str = "v1"):
+        if world not in toy_world.WORLDS:
+            raise ValueError(f"unknown world {world!r}; choose one of {toy_world.WORLDS}")
+        self.rng, self.world = rng, world
 
     def next(self, n: int) -> tuple[torch.Tensor, list[str]]:
         seeds = self.rng.integers(0, toy_world.HELDOUT_SEED, size=n)
-        images, captions = toy_world.make_batch(seeds)
+        images, captions = toy_world.make_batch(seeds, self.world)
         return images_to_tensor(images), captions
 
 
@@ -124,3 +127,113 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, card: dict) -> 
     log.info("saved %s (%.1f MB of safetensors)", out, size / 1e6)
 
 
+
+
+# ------------------------------------------------------------------------------------ training state
+# The whole state of a run (weights, optimiser moments, RNG states, step) so ``--resume`` continues exactly
+# where a stopped run left off: safetensors for tensors, JSON for the rest (no pickle, as everywhere here).
+STATE_DIR = ".train-state"  # inside --out
+STATE_KEEP = 2  # checkpoints kept: a corrupt newest one falls back to the one before
+PHASES = ("vae", "unet")
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is missing or unreadable; the message says what to delete or run."""
+
+
+@dataclass
+class TrainState:
+    """One checkpoint: ``phase`` ("vae" mid-phase, or "unet" once the VAE is done), ``step`` done in it,
+    ``tensors`` by prefixed name ("vae.", "unet.", "opt.0.exp_avg", ...) and ``meta`` (JSON: RNG states,
+    losses, the card so far, optimiser groups)."""
+
+    phase: str
+    step: int
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+
+def module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict under ``prefix.``, contiguous and unshared (as safetensors wants)."""
+    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+
+
+def load_module(module: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Load what ``module_tensors(prefix, ...)`` saved (strict: a mismatch is an error, not a silent reset)."""
+    n = len(prefix) + 1
+    module.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
+def optimizer_tensors(prefix: str, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    """(per-parameter moment tensors under ``prefix.<index>.<name>``, the JSON-able param groups)."""
+    sd = opt.state_dict()
+    tensors = {f"{prefix}.{i}.{k}": torch.as_tensor(v).clone().contiguous()
+               for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    """Restore what ``optimizer_tensors`` saved."""
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith(prefix + "."):
+            i, name = k[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_state(out: Path, state: TrainState, keep: int = STATE_KEEP) -> Path:
+    """Write ``state`` to ``out/.train-state/<n><phase>-<step>/`` (staged, then renamed: never half-written; the
+    names sort in training order) and drop all but the newest ``keep``."""
+    from safetensors.torch import save_file
+
+    root = out / STATE_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{PHASES.index(state.phase) + 1}{state.phase}-{state.step:07d}"  # sorts in training order
+    staging = root / (name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(state.tensors, str(staging / "tensors.safetensors"))
+    (staging / "meta.json").write_text(json.dumps({"phase": state.phase, "step": state.step, **state.meta}))
+    shutil.rmtree(root / name, ignore_errors=True)
+    os.replace(staging, root / name)
+    others = sorted(p for p in root.iterdir() if p.is_dir() and p.name != name and not p.name.endswith(".staging"))
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("training state saved: %s (resume with --resume)", root / name)
+    return root / name
+
+
+def _read_state(folder: Path) -> TrainState:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "meta.json").read_text())
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    return TrainState(meta.pop("phase"), int(meta.pop("step")), tensors, meta)
+
+
+def load_state(out: Path) -> TrainState:
+    """The newest readable checkpoint of ``out``; falls back to an older one (with a warning) if the newest is
+    corrupt. Raises CheckpointError saying what to run or delete when there is none."""
+    root = out / STATE_DIR
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.endswith(".staging")),
+                     reverse=True) if root.is_dir() else []
+    if not folders:
+        raise CheckpointError(f"no training checkpoint in {root}: the run stopped before its first checkpoint "
+                              f"(every --checkpoint-minutes). Start it again without --resume (delete {out} first "
+                              "if you want a clean folder).")
+    from safetensors import SafetensorError
+
+    errors = []
+    for folder in folders:
+        try:
+            state = _read_state(folder)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:  # try the older one, report all at the end
+            errors.append(f"{folder.name}: {type(e).__name__}: {e}")
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", folder, e)
+            continue
+        if errors:
+            log.warning("resuming from %s; delete the unreadable %s", folder, ", ".join(e.split(":")[0] for e in errors))
+        return state
+    raise CheckpointError(f"every training checkpoint in {root} is unreadable ({'; '.join(errors)}). Delete {root} "
+                          "and start the run again without --resume.")

@@ -19,6 +19,12 @@ the budget (a capped phase is logged and recorded in the card).
 Output (``--out``): a diffusers ``StableDiffusionPipeline`` folder in fp16 safetensors (no safety checker),
 ``training_log.txt`` and ``card.json`` (config, steps, minutes, seed, losses, metrics). The folder is
 rewritten every ``--checkpoint-minutes`` so a usable model exists if the run is stopped early.
+
+``--world v2`` trains on toy world v2 (recorded in the card). The whole training state (weights, EMA, AdamW
+moments, RNG states, step) is checkpointed at the same times, in either phase, under ``--out/.train-state``;
+``python -m models.train_toy --out DIR --resume`` continues a stopped run exactly, with the flags it was
+started with (flags given override them). A missing checkpoint says to start again; a corrupt newest one
+falls back to the one before (``--keep-checkpoints``), and when none is readable the message says what to delete.
 """
 from __future__ import annotations
 
@@ -39,9 +45,29 @@ import torch.nn.functional as F
 
 from models import toy_world
 from models.tiny import SD15_SCHEDULER, tiny_tokenizer
-from models.toy_parts import (TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, SceneStream, build_text_encoder,  # noqa: F401 - tests
-                               build_unet, build_vae, ema_update, images_to_tensor, lr_at, psnr, save_pipeline,
-                               tokenize)
+from models.toy_parts import (
+    TEXT_CONFIG,
+    UNET_CONFIG,
+    VAE_CONFIG,
+    CheckpointError,
+    SceneStream,
+    TrainState,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    ema_update,
+    images_to_tensor,
+    load_module,
+    load_optimizer,
+    load_state,
+    lr_at,
+    module_tensors,
+    optimizer_tensors,
+    psnr,
+    save_pipeline,
+    save_state,
+    tokenize,
+)
 
 log = logging.getLogger("train_toy")
 
@@ -50,16 +76,36 @@ SAVE_RESERVE_S = 45.0  # kept free at the end of the budget for the final save
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def train_vae(args, stream: SceneStream, deadline: float, card: dict):
-    """Phase (a): the autoencoder. Returns it frozen, with ``scaling_factor`` set from the latents' std."""
+def train_vae(args, stream: SceneStream, deadline: float, card: dict, resume: TrainState | None = None):
+    """Phase (a): the autoencoder. Returns it frozen, with ``scaling_factor`` set from the latents' std.
+
+    Saves its whole state every ``--checkpoint-minutes`` and once done (phase "unet", step 0); ``resume``
+    (a phase "vae" checkpoint) continues it exactly."""
     torch.manual_seed(args.seed)
     vae = build_vae().train()
     n_params = sum(p.numel() for p in vae.parameters())
     log.info("VAE: %.2f M params, %d steps of batch %d, lr %g", n_params / 1e6, args.vae_steps, args.vae_batch, args.vae_lr)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed + 1)
-    t0, losses, step = time.time(), [], 0
-    for step in range(args.vae_steps):
+    t0, losses, step, start = time.time(), [], 0, 0
+    if resume is not None:
+        load_module(vae, "vae", resume.tensors)
+        load_optimizer(opt, "opt", resume.tensors, resume.meta["opt_groups"])
+        gen.set_state(resume.tensors["gen"])
+        stream.rng.bit_generator.state = resume.meta["stream"]
+        losses, start = list(resume.meta["losses"]), resume.step
+        log.info("resume: VAE phase from step %d", start)
+    last_save = time.time()
+
+    def checkpoint(phase: str, step_done: int) -> None:
+        tensors = module_tensors("vae", vae)
+        meta = dict(stream=stream.rng.bit_generator.state, card=card, losses=losses)
+        if phase == "vae":
+            opt_t, meta["opt_groups"] = optimizer_tensors("opt", opt)
+            tensors |= opt_t | {"gen": gen.get_state()}
+        save_state(args.out, TrainState(phase, step_done, tensors, meta), args.keep_checkpoints)
+
+    for step in range(start, args.vae_steps):
         if time.time() > deadline:
             log.warning("VAE phase hit its time cap after %d of %d steps", step, args.vae_steps)
             card["vae_capped_at_step"] = step
@@ -79,32 +125,42 @@ def train_vae(args, stream: SceneStream, deadline: float, card: dict):
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         losses.append(l1.item())
-        if (step + 1) % args.log_every == 0 or step == 0:
-            dt = (time.time() - t0) / (step + 1)
+        if (step + 1) % args.log_every == 0 or step == start:
+            dt = (time.time() - t0) / (step + 1 - start)
             log.info("vae step %d/%d  l1 %.4f  kl %.2f  lr %.2e  %.2f s/step", step + 1, args.vae_steps,
                      np.mean(losses[-args.log_every:]), kl.item(), opt.param_groups[0]["lr"], dt)
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            checkpoint("vae", step + 1)
+            last_save = time.time()
     steps_done = len(losses)
     vae.eval().requires_grad_(False)
-    x = images_to_tensor(toy_world.make_batch(range(toy_world.HELDOUT_SEED, toy_world.HELDOUT_SEED + 64))[0])
+    held = range(toy_world.HELDOUT_SEED, toy_world.HELDOUT_SEED + args.eval_scenes)
+    x = images_to_tensor(toy_world.make_batch(held)[0])
     with torch.no_grad():
         z = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(16)])
         rec = torch.cat([vae.decode(c).sample for c in z.split(16)])
-        lat = torch.cat([vae.encode(c).latent_dist.mean for c in stream.next(256)[0].split(32)])
+        lat = torch.cat([vae.encode(c).latent_dist.mean for c in stream.next(4 * args.eval_scenes)[0].split(32)])
+        x2 = images_to_tensor(toy_world.make_batch(held, "v2")[0])
+        rec2 = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x2.split(16)])
     sf = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=sf)
     card["vae"] = dict(steps=steps_done, planned_steps=args.vae_steps, batch=args.vae_batch, lr=args.vae_lr,
                        kl_weight=args.vae_kl, params=n_params, minutes=round((time.time() - t0) / 60, 2),
                        s_per_step=round((time.time() - t0) / max(1, steps_done), 3),
                        final_l1=float(np.mean(losses[-100:])) if losses else None,
-                       heldout_psnr_db=round(psnr(rec, x), 2), scaling_factor=sf)
+                       heldout_psnr_db=round(psnr(rec, x), 2), heldout_v2_psnr_db=round(psnr(rec2, x2), 2),
+                       scaling_factor=sf)
     log.info("VAE done: %d steps in %.1f min, held-out PSNR %.2f dB, scaling_factor %.4f",
              steps_done, card["vae"]["minutes"], card["vae"]["heldout_psnr_db"], sf)
+    checkpoint("unet", 0)  # the UNet phase can start from here without redoing this one
     return vae
 
 
-def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out: Path, tokenizer, init=None):
+def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out: Path, tokenizer, init=None,
+               resume: TrainState | None = None):
     """Phase (b): UNet + text encoder, jointly, on VAE latents. Saves EMA weights periodically and at the end.
-    ``init`` = (unet, text_encoder) continues from trained weights instead of a fresh start."""
+    ``init`` = (unet, text_encoder) continues from trained weights instead of a fresh start; ``resume`` (a
+    phase "unet" checkpoint of this run, see ``--resume``) continues the phase exactly where it stopped."""
     torch.manual_seed(args.seed + 2)
     unet, text_encoder = init if init is not None else (build_unet(), build_text_encoder())
     unet, text_encoder = unet.float().train(), text_encoder.float().train()
@@ -121,8 +177,19 @@ def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out:
     gen = torch.Generator().manual_seed(args.seed + 3)
     rng = np.random.default_rng(args.seed + 4)
     empty_ids = tokenize(tokenizer, [""])
+    if resume is not None:  # the same training scenes: the stream as it stood when this phase began
+        stream.rng.bit_generator.state = resume.meta["stream"]
+    stream_at_start = stream.rng.bit_generator.state
     latents, captions_all = encode_scenes(vae, stream, args.unet_scenes)
-    t0, last_save, losses, step = time.time(), time.time(), [], 0
+    t0, last_save, losses, step, start = time.time(), time.time(), [], 0, 0
+    if resume is not None and resume.step > 0:
+        for prefix, module in (("unet", unet), ("text", text_encoder), ("ema_unet", ema_unet), ("ema_text", ema_text)):
+            load_module(module, prefix, resume.tensors)
+        load_optimizer(opt, "opt", resume.tensors, resume.meta["opt_groups"])
+        gen.set_state(resume.tensors["gen"])
+        rng.bit_generator.state = resume.meta["rng"]
+        losses, start = list(resume.meta["losses"]), resume.step
+        log.info("resume: UNet phase from step %d", start)
     card["unet"] = dict(planned_steps=args.unet_steps, scenes=args.unet_scenes, batch=args.unet_batch,
                         lr=args.unet_lr, ema=args.ema,
                         caption_dropout=args.caption_dropout, params=n_unet, text_params=n_text,
@@ -136,8 +203,17 @@ def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out:
         card["status"] = "complete" if final else f"partial (step {len(losses)})"
         card["total_minutes"] = round((time.time() - card["_start"]) / 60, 2)
         save_pipeline(out, vae, ema_unet, ema_text, tokenizer, {k: v for k, v in card.items() if k != "_start"})
+        if init is None:  # a fresh run's whole state, for --resume (--resume-unet runs restart from the folder)
+            tensors = module_tensors("vae", vae)
+            for prefix, module in (("unet", unet), ("text", text_encoder), ("ema_unet", ema_unet), ("ema_text", ema_text)):
+                tensors |= module_tensors(prefix, module)
+            opt_t, groups = optimizer_tensors("opt", opt)
+            meta = dict(stream=stream_at_start, rng=rng.bit_generator.state, losses=losses, opt_groups=groups,
+                        card={k: v for k, v in card.items() if k != "_start"})
+            save_state(out, TrainState("unet", len(losses), tensors | opt_t | {"gen": gen.get_state()}, meta),
+                       args.keep_checkpoints)
 
-    for step in range(args.unet_steps):
+    for step in range(start, args.unet_steps):
         if time.time() > deadline:
             log.warning("UNet phase hit its time cap after %d of %d steps", step, args.unet_steps)
             card["unet_capped_at_step"] = step
@@ -166,8 +242,8 @@ def train_unet(args, vae, stream: SceneStream, deadline: float, card: dict, out:
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
         losses.append(loss.item())
-        if (step + 1) % args.log_every == 0 or step == 0:
-            dt = (time.time() - t0) / (step + 1)
+        if (step + 1) % args.log_every == 0 or step == start:
+            dt = (time.time() - t0) / (step + 1 - start)
             log.info("unet step %d/%d  loss %.4f  lr %.2e  %.2f s/step  (%.1f min)", step + 1, args.unet_steps,
                      np.mean(losses[-args.log_every:]), opt.param_groups[0]["lr"], dt, (time.time() - t0) / 60)
         if time.time() - last_save > args.checkpoint_minutes * 60:
@@ -246,7 +322,7 @@ def finetune_decoder(args) -> dict:
              "shape weight %g", args.out, before, before_shapes, args.vae_steps, args.vae_batch, args.vae_lr,
              args.shape_weight)
     opt = torch.optim.AdamW(train, lr=args.vae_lr, weight_decay=0.0)
-    stream = SceneStream(np.random.default_rng(args.seed + 6))
+    stream = SceneStream(np.random.default_rng(args.seed + 6), args.world)
     gen = torch.Generator().manual_seed(args.seed + 7)
     t0, losses = time.time(), []
     for step in range(args.vae_steps):
@@ -303,13 +379,49 @@ def resume_unet(args, argv) -> None:
              args.unet_lr, args.warmup)
     card.setdefault("commands", []).append(
         {"command": "python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:])})
-    stream = SceneStream(np.random.default_rng(args.seed + 100))
+    stream = SceneStream(np.random.default_rng(args.seed + 100), args.world)
     train_unet(args, vae, stream, time.time() + args.minutes * 60 - SAVE_RESERVE_S, card, out, tiny_tokenizer(),
                init=init)
 
 
+def card_world(out: Path) -> str:
+    """The world a trained folder's card records (folders from before v2 existed are v1)."""
+    try:
+        return str(json.loads((out / "card.json").read_text()).get("world", "v1"))
+    except (OSError, ValueError):
+        return "v1"  # no readable card: resume_unet says what is wrong
+
+
+def resume_run(state: TrainState, argv: list[str]) -> int:
+    """Continue the run a checkpoint came from: its own flags (from its card's command) overridden by ``argv``'s,
+    then the rest of the phase it stopped in, then (if that was the VAE's) the whole UNet phase."""
+    card = state.meta["card"]
+    original = card["command"].split()[3:]  # "python -m models.train_toy ..."
+    args = parse_args([a for a in original if a != "--resume"] + [a for a in argv if a != "--resume"])
+    args.world = args.world or card.get("world", "v1")
+    torch.set_num_threads(args.threads)
+    card["_start"] = time.time()
+    card.setdefault("resumes", []).append({"command": "python -m models.train_toy " + " ".join(argv), "phase": state.phase,
+                                           "step": state.step, "at": time.strftime("%Y-%m-%d %H:%M:%S")})
+    log.info("resume: %s from %s step %d with %s", args.out, state.phase, state.step, vars(args))
+    stream = SceneStream(np.random.default_rng(args.seed), args.world)
+    start, budget = time.time(), args.minutes * 60
+    if state.phase == "vae":
+        vae = train_vae(args, stream, start + VAE_FRACTION * budget, card, resume=state)
+        state = None
+    else:
+        vae = build_vae()
+        load_module(vae, "vae", state.tensors)
+        vae.register_to_config(scaling_factor=card["vae"]["scaling_factor"])
+        vae.eval().requires_grad_(False)
+    train_unet(args, vae, stream, start + budget - SAVE_RESERVE_S, card, args.out, tiny_tokenizer(), resume=state)
+    log.info("done in %.1f min", (time.time() - start) / 60)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (a later flag overrides an earlier one, which ``--resume`` relies on)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("models/toy"))
     p.add_argument("--minutes", type=float, default=85.0,
@@ -328,8 +440,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="training-state checkpoints kept in --out/.train-state (a corrupt newest one falls back to "
+                        "an older one)")
+    p.add_argument("--eval-scenes", type=int, default=64,
+                   help="held-out scenes for the VAE's PSNR (and 4× as many training scenes for its scaling_factor)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--world", choices=toy_world.WORLDS, default=None,
+                   help="training scenes: v1 (the shipped toy's; the default of a fresh run) or v2 (continuous, turned "
+                        "and elongated shapes, a quarter of them v1 scenes); recorded in card.json, and --resume-unet / "
+                        "--decoder-only default to the card's")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run of --out exactly from its last checkpoint (in --out/.train-state, "
+                        "every --checkpoint-minutes, in either phase) with the flags it was started with; flags "
+                        "given here override them (e.g. --minutes, --threads)")
     p.add_argument("--resume-unet", action="store_true",
                    help="continue the UNet phase from the trained folder --out (same VAE; the saved EMA weights "
                         "start the run, with fresh scenes from seed+100); recorded in card.json")
@@ -337,7 +462,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="--decoder-only: L1 weight 1 + k·saturation, so the shapes' colours count (0 = plain L1)")
     p.add_argument("--decoder-only", action="store_true",
                    help="only fine-tune the VAE decoder of the trained folder --out (keeps the UNet valid)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.world is None:  # a fresh run is v1 as before; continuing a folder keeps the world it was trained on
+        args.world = card_world(args.out) if (args.resume_unet or args.decoder_only) else "v1"
 
     args.out.mkdir(parents=True, exist_ok=True)
     if args.decoder_only:
@@ -347,6 +478,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         finetune_decoder(args)
         return 0
+    if args.resume:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                            handlers=[logging.StreamHandler(sys.stderr),
+                                      logging.FileHandler(args.out / "training_log.txt", mode="a")])
+        try:
+            state = load_state(args.out)
+        except CheckpointError as e:
+            log.error("%s", e)
+            return 2
+        return resume_run(state, argv if argv is not None else sys.argv[1:])
     if args.resume_unet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                             handlers=[logging.StreamHandler(sys.stderr),
@@ -361,11 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     budget = args.minutes * 60
     card = dict(_start=start, command="python -m models.train_toy " + " ".join(argv if argv is not None else sys.argv[1:]),
-                seed=args.seed, minutes_budget=args.minutes, torch=torch.__version__, threads=args.threads,
+                seed=args.seed, world=args.world, minutes_budget=args.minutes, torch=torch.__version__, threads=args.threads,
                 machine=f"{platform.machine()} {os.cpu_count()} CPUs", started=time.strftime("%Y-%m-%d %H:%M:%S"),
                 vae_config={k: v for k, v in VAE_CONFIG.items()}, unet_config=UNET_CONFIG, text_config=TEXT_CONFIG)
     log.info("train_toy: %s", vars(args))
-    stream = SceneStream(np.random.default_rng(args.seed))
+    stream = SceneStream(np.random.default_rng(args.seed), args.world)
     tokenizer = tiny_tokenizer()
     vae = train_vae(args, stream, start + VAE_FRACTION * budget, card)
     train_unet(args, vae, stream, start + budget - SAVE_RESERVE_S, card, args.out, tokenizer)
