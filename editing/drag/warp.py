@@ -18,6 +18,12 @@ region (a bool ``H×W`` array) and handle → target pairs ``A_i → B_i``:
 5. ``bnni_fill``: the cells left empty take the bilateral nearest-neighbour interpolation (paper eq. 4): the
    ``1/k``-weighted mean of the nearest filled cell in each of the four axis directions, ``k`` cells away.
 
+With ``rigid`` and several pairs (pins included) the content follows the points as a shape instead
+(``shape_map``): the moving-least-squares similarity of Schaefer et al. (SIGGRAPH 2006) through the pairs — a
+uniform scale and turn for two handles, an axial stretch and turn about a pin (a pin with one handle: the end
+moves, the shape lengthens or turns, its width stays) — applied backward (``shape_warp``: every cell takes the
+value its inverse image lands on), so a growing shape has no holes. One pair stays FastDrag's rigid move.
+
 Deliberate difference from the official code: when several cells land on one cell, the one nearest to a
 handle wins (the dragged content lies on top), not the first in row-major order, which made the result
 depend on the drag direction. Holes are tracked with a bool array, not by testing ``value == 0``.
@@ -191,11 +197,67 @@ def bnni_fill(x: np.ndarray, filled: np.ndarray) -> np.ndarray:
     return out
 
 
+# ---- shapes: moving least squares ---------------------------------------------------------------------------
+def shape_map(v: np.ndarray, p: np.ndarray, q: np.ndarray, axial: bool) -> np.ndarray:
+    """Where points ``v`` (M, 2) go when control points ``p`` (N, 2) go to ``q``: MLS similarity (Schaefer et al.
+    2006, eq. 7 in complex form), per point v with w_i = 1/|p_i − v|², p* = Σw_i p_i / Σw_i (q* likewise):
+
+        c = Σ w_i conj(p̂_i) q̂_i / Σ w_i |p̂_i|²,   f(v) = c · (v − p*) + q*      (p̂_i = p_i − p*, q̂_i = q_i − q*)
+
+    ``axial``: |c| scales only along the principal direction u of the weighted p̂_i, f(v) = ĉ·((|c|−1)(v̂·u)u + v̂)
+    + q* with ĉ = c/|c| — a bar pulled away from a pin gets longer, not wider. One control point: a translation.
+    Exact at the control points for one or two of them (a global similarity / axial map, whose inverse is the same
+    map with ``p`` and ``q`` swapped)."""
+    v, p, q = (np.asarray(a, np.float64).reshape(-1, 2) for a in (v, p, q))
+    if len(p) == 1:
+        return v + (q[0] - p[0])
+    w = 1.0 / (((v[:, None] - p[None]) ** 2).sum(-1) + 1e-6)  # (M, N)
+    ws = w.sum(1, keepdims=True)
+    ps, qs = (w @ p) / ws, (w @ q) / ws  # (M, 2)
+    ph, qh = p[None] - ps[:, None], q[None] - qs[:, None]  # (M, N, 2)
+    pc, qc = ph[..., 0] + 1j * ph[..., 1], qh[..., 0] + 1j * qh[..., 1]
+    mu = (w * np.abs(pc) ** 2).sum(1)
+    c = np.where(mu > 1e-9, (w * np.conj(pc) * qc).sum(1) / np.where(mu > 1e-9, mu, 1.0), 1.0)
+    vh = (v - ps)[:, 0] + 1j * (v - ps)[:, 1]
+    if axial:
+        cxx, cyy = (w * ph[..., 0] ** 2).sum(1), (w * ph[..., 1] ** 2).sum(1)
+        cxy = (w * ph[..., 0] * ph[..., 1]).sum(1)
+        u = np.exp(0.5j * np.arctan2(2 * cxy, cxx - cyy))  # principal direction of the p̂_i
+        along = (vh * np.conj(u)).real
+        scale = np.abs(c)
+        vh = vh + (scale - 1.0) * along * u
+        c = np.where(scale > 1e-9, c / np.where(scale > 1e-9, scale, 1.0), 1.0)
+    f = c * vh
+    return np.stack([f.real, f.imag], axis=1) + qs
+
+
+def shape_warp(hwc: np.ndarray, region: np.ndarray, handles, targets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Backward warp of the ``region`` of ``hwc`` (H, W, C) by ``shape_map`` (axial when a pair is a pin): every
+    cell whose inverse image (nearest cell) lies in the region takes its value; region cells nothing lands on are
+    vacated and filled by BNNI. Returns (array, filled-before-BNNI mask, landed-cells mask)."""
+    h, w = region.shape
+    p, q = np.asarray(handles, np.float64), np.asarray(targets, np.float64)
+    axial = bool(np.any(np.all(p == q, axis=1)))
+    ys, xs = np.mgrid[0:h, 0:w]
+    grid = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    src = np.rint(shape_map(grid, q, p, axial)).astype(np.int64)
+    inside = (src[:, 0] >= 0) & (src[:, 0] < w) & (src[:, 1] >= 0) & (src[:, 1] < h)
+    ok = inside.copy()
+    ok[inside] = region[src[inside, 1], src[inside, 0]]
+    out = hwc.copy()
+    filled = ~region.copy()
+    dst = grid[ok]
+    out[dst[:, 1], dst[:, 0]] = hwc[src[ok, 1], src[ok, 0]]
+    filled[dst[:, 1], dst[:, 0]] = True
+    return out, filled, ok.reshape(h, w)
+
+
 def warp(x: np.ndarray, region: np.ndarray, handles, targets, *, layout: str = "hwc", rigid: bool = False
          ) -> tuple[np.ndarray, np.ndarray]:
     """FastDrag's warpage of ``x`` ((H, W, C) for ``layout="hwc"``, (C, H, W) for ``"chw"``, or (H, W)) over the
-    bool ``region`` (H, W), points in ``x``'s grid. Returns (warped array of ``x``'s layout and dtype kind, the
-    bool (H, W) map of every cell that changed or received a value: the vacated and the landed cells)."""
+    bool ``region`` (H, W), points in ``x``'s grid; with ``rigid`` and several pairs, ``shape_warp``. Returns (warped
+    array of ``x``'s layout and dtype kind, the bool (H, W) map of every cell that changed or received a value: the
+    vacated and the landed cells)."""
     if layout not in ("hwc", "chw"):
         raise ValueError(layout)
     arr = np.asarray(x)
@@ -203,12 +265,16 @@ def warp(x: np.ndarray, region: np.ndarray, handles, targets, *, layout: str = "
     hwc = arr[..., None] if plane else (np.moveaxis(arr, 0, -1) if layout == "chw" else arr)
     if hwc.shape[:2] != region.shape:
         raise ValueError(f"region {region.shape} does not match the array's grid {hwc.shape[:2]}")
-    cells, disp, near = warp_field(region, handles, targets, rigid)
-    moved, filled = forward_copy(hwc, cells, disp, near)
-    out = bnni_fill(moved, filled)
-    changed = region.copy()
-    dest = np.rint(cells + disp).astype(np.int64)
-    changed[np.clip(dest[:, 1], 0, region.shape[0] - 1), np.clip(dest[:, 0], 0, region.shape[1] - 1)] = True
+    if rigid and len(handles) > 1:
+        moved, filled, landed = shape_warp(hwc, region, handles, targets)
+        out, changed = bnni_fill(moved, filled), region | landed
+    else:
+        cells, disp, near = warp_field(region, handles, targets, rigid)
+        moved, filled = forward_copy(hwc, cells, disp, near)
+        out = bnni_fill(moved, filled)
+        changed = region.copy()
+        dest = np.rint(cells + disp).astype(np.int64)
+        changed[np.clip(dest[:, 1], 0, region.shape[0] - 1), np.clip(dest[:, 0], 0, region.shape[1] - 1)] = True
     if arr.dtype.kind in "ui":
         out = np.clip(np.rint(out), np.iinfo(arr.dtype).min, np.iinfo(arr.dtype).max).astype(arr.dtype)
     out = out[..., 0] if plane else (np.moveaxis(out, -1, 0) if layout == "chw" else out)
