@@ -43,7 +43,7 @@ from PIL import Image
 from models import diffusers_private, families
 from models.cache import LRU
 from models.errors import EditError
-from models.safety import PICKLE_SUFFIXES, check_weights_file
+from models.safety import PICKLE_SUFFIXES, check_weights_file, load_pickle_weights
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,10 @@ def _tiny_ip_weights(bundle) -> _IPWeights:
     u = bundle.unet.config
     cross, d = u.cross_attention_dim, enc.config.projection_dim
     g = torch.Generator().manual_seed(TINY_SEED + 3)
-    rnd = lambda *shape: torch.randn(shape, generator=g) * 0.2
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 0.2
+
     image_proj = {"proj.weight": rnd(4 * cross, d), "proj.bias": rnd(4 * cross),
                   "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
     ip, key_id = {}, 1
@@ -334,7 +337,7 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
             if head in sd:
                 sd[head][rest] = v
     else:
-        sd = torch.load(str(file), map_location="cpu", weights_only=False)  # allowed explicitly (pickle)
+        sd = load_pickle_weights(file, "IP-Adapter", AdapterError)  # the container only: weights_only=True
     if not sd.get("image_proj") or not sd.get("ip_adapter"):
         raise AdapterError(f"{file.name} is not an IP-Adapter file (no image_proj / ip_adapter weights).")
     if "proj.weight" not in sd["image_proj"]:

@@ -37,6 +37,7 @@ class Serving:
     input_in_recipe: bool = True  # False: recipes leave out the pictures sent in (they can be fetched by URL)
     time_budget_s: float = 0.0  # a run still going after this many seconds is stopped (0 = no limit)
     temp_root: Path | None = None  # parent of every session folder (app.py removes it on exit)
+    model_names: object | None = None  # models.registry.ModelNames: what web requests may name (None: the default)
 
 
 SERVING = Serving()

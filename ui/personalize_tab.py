@@ -29,7 +29,6 @@ from ui.common import notify, shows_errors, streams_errors
 from ui.fields import field_input
 from ui.zerogpu import gpu, zero_gpu
 
-
 MAIN_FIELDS = ("steps", "rank", "lr", "prior_images")
 ADVANCED_FIELDS = ("prior_weight", "prior_steps", "batch", "resolution", "checkpoint_every", "preview_every",
                    "preview_steps", "seed")
@@ -107,6 +106,7 @@ class PersonalizeHandlers:
     def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
                     session: TrainSession, progress=gr.Progress(), **settings):  # noqa: B008 - gradio injects it
         """Train a subject LoRA from the photos; streams (previews, LoRA file, card, status, signal, library)."""
+        arm(session)  # a Cancel pressed for an earlier run must not stop this one (API clients have no pre-run step)
         req = PersonalizeRequest(tuple(_paths(photos)), class_noun or "", identifier=identifier or "",
                                  name=name or "", prior_preservation=bool(prior_preservation),
                                  train_text_encoder=bool(train_text_encoder), **settings)
