@@ -161,31 +161,23 @@ def bound_queue(demo, max_waiting: int, per_session: int) -> None:
     ``per_session`` waiting, with a message saying how many are ahead; instant UI events are never refused.
 
     Gradio's own ``queue(max_size=)`` counts every event (clicks on the points too) and answers
-    "Queue is full. Max size is N and size is M."; this wraps ``Queue.push`` for the GPU queue only."""
-    queue = demo._queue
-    push = queue.push
+    "Queue is full. Max size is N and size is M."; this checks the GPU queue only (ui/gradio_compat.py)."""
+    from ui import gradio_compat
 
-    async def bounded_push(body, request, username):
-        fn = None
-        try:
-            from gradio import route_utils
+    def check(fn, body):
+        if getattr(fn, "concurrency_id", None) != GPU_QUEUE:
+            return None
+        waiting, running = gradio_compat.queue_load(demo, GPU_QUEUE)
+        mine = sum(s == gradio_compat.session_hash(body) for s in waiting)
+        if max_waiting and len(waiting) >= max_waiting:
+            return False, (f"The server is busy: {len(waiting) + running} requests are ahead of you "
+                           f"(at most {max_waiting} may wait). Try again in a minute.")
+        if per_session and mine >= per_session:
+            return False, (f"You already have {mine} requests waiting (at most {per_session} per session): "
+                           "wait for them to finish or cancel one.")
+        return None
 
-            fn = route_utils.get_fn(demo, None, body)
-        except Exception:  # noqa: BLE001 - let Gradio answer a malformed request its own way
-            pass
-        if fn is not None and getattr(fn, "concurrency_id", None) == GPU_QUEUE:
-            waiting = [e for e in getattr(queue.event_queue_per_concurrency_id.get(GPU_QUEUE), "queue", [])]
-            running = getattr(queue.event_queue_per_concurrency_id.get(GPU_QUEUE), "current_concurrency", 0)
-            mine = sum(e.session_hash == body.session_hash for e in waiting)
-            if max_waiting and len(waiting) >= max_waiting:
-                return False, (f"The server is busy: {len(waiting) + running} requests are ahead of you "
-                               f"(at most {max_waiting} may wait). Try again in a minute."), "queue_full"
-            if per_session and mine >= per_session:
-                return False, (f"You already have {mine} requests waiting (at most {per_session} per session): "
-                               "wait for them to finish or cancel one."), "queue_full"
-        return await push(body, request, username)
-
-    queue.push = bounded_push
+    gradio_compat.wrap_queue_push(demo, check)
 
 
 # ---- build and launch ----------------------------------------------------------------------------------------

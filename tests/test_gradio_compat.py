@@ -47,17 +47,26 @@ def app_url(tmp_path_factory):
     def boom():
         raise ValueError("raised by a handler that nobody wrapped")
 
+    def who():
+        request = compat.current_request()
+        return f"{request.username} {compat.queue_load(demo, 'counted')[1]}"
+
     with gr.Blocks() as demo:
         f, n, out = gr.File(label="Picture"), gr.Number(label="Count"), gr.Textbox()
         gr.Button().click(job, None, out, api_name="job")
         gr.Button().click(echo, [f, n], [f, n], api_name="echo")
         gr.Button().click(boom, None, out, api_name="boom")
+        gr.Button().click(who, None, out, api_name="who", concurrency_id="counted")
+        gr.Button().click(who, None, out, api_name="refused", concurrency_id="refused")
+        SEEN["building"] = compat.building()
 
     def count_reader(component, payload):
         if payload is None:
             return None
         raise gr.Error(f"read by the replaced reader: {payload!r}")
 
+    compat.wrap_queue_push(demo, lambda fn, body: (False, f"refused for {compat.session_hash(body) is not None}")
+                           if fn.concurrency_id == "refused" else None)
     compat.replace_preprocess(n, count_reader)
     compat.replace_data_model(f, lambda c, v: (_ for _ in ()).throw(gr.Error(f"{c.label}: wrong shape {v!r}")))
     compat.guard_calls(demo, lambda c, name: f"refused {name} ({c.label})", lambda e: f"unexpected {type(e).__name__}",
@@ -115,3 +124,22 @@ def test_outputs_users_and_file_routes_are_seen(app_url):
     client.predict(handle_file(picture), None, api_name="/echo")
     user, paths = SEEN["outputs"][-1]
     assert user == USER[0] and len(paths) == 1 and paths[0].endswith("p.png")
+
+
+def test_the_app_structure_and_the_queue_as_the_app_reads_them(app_url):
+    """Blocks.fns (fn, inputs, targets), Blocks.blocks, Block._id, Context.root_block, LocalContext.request,
+    Queue.push's signature and answer, Queue.event_queue_per_concurrency_id."""
+    url, _, demo = app_url
+    assert SEEN["building"] is demo
+    blocks = compat.blocks_by_id(demo)
+    for fn in compat.listeners(demo):
+        assert callable(fn.fn) and all(blocks[compat.block_id(c)] is c for c in fn.inputs)
+        assert all(t[0] in blocks for t in fn.targets)
+    client = Client(url, auth=USER, verbose=False)
+    assert client.predict(api_name="/who") == f"{USER[0]} 1"  # the call itself is the one running in its group
+    endpoint = next(e for e in client.endpoints.values() if getattr(e, "api_name", None) == "/refused")
+    http = httpx.Client(base_url=url, timeout=30)
+    assert http.post("login", data={"username": USER[0], "password": USER[1]}).status_code == 200
+    r = http.post("gradio_api/queue/join", json={"data": [], "fn_index": endpoint.fn_index,
+                                                 "session_hash": client.session_hash})
+    assert r.status_code == 503 and "refused for True" in r.json()["detail"]

@@ -23,7 +23,7 @@ from PIL import Image
 from editing.generation import GENERATE_FIELDS
 from editing.requests import EditCancelled, EditError
 from ui import overlay
-from ui.gradio_compat import queue_job
+from ui.gradio_compat import current_request, queue_job
 
 # The history every tab keeps is in ui/history.py; these names are part of what the tabs share from here.
 from ui.history import (  # noqa: F401
@@ -132,7 +132,7 @@ class _RunGuard:
         self._bind_history_key()
 
     def _bind_history_key(self) -> None:
-        request = gr.context.LocalContext.request.get(None)
+        request = current_request()
         headers = getattr(request, "headers", None) or {}
         try:
             key = headers.get(HISTORY_HEADER)

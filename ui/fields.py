@@ -72,7 +72,7 @@ def check_all_numbers(demo: gr.Blocks) -> int:
     """Every gr.Number / gr.Slider of the app checks its API value (those not built by ``field_input`` get their
     label and own bounds); returns how many were changed."""
     n = 0
-    for block in list(demo.blocks.values()):
+    for block in list(gradio_compat.blocks_by_id(demo).values()):
         if isinstance(block, (gr.Number, gr.Slider)) and getattr(block, "dragcanvas_check", None) is None:
             checked(block)
             n += 1
@@ -126,7 +126,7 @@ def check_inputs(demo: gr.Blocks) -> int:
     """Every input of the app answers bad API values in one line: numbers are checked (``check_all_numbers``),
     and any other component's reader failing becomes a message naming the field. Returns how many inputs."""
     check_all_numbers(demo)
-    inputs = {id(c): c for fn in demo.fns.values() for c in fn.inputs}
+    inputs = {id(c): c for fn in gradio_compat.listeners(demo) for c in fn.inputs}
     n = 0
     for c in inputs.values():
         if getattr(c, "stateful", False) or isinstance(c, gr.BrowserState) or hasattr(c, "dragcanvas_preprocess"):

@@ -211,3 +211,67 @@ def is_upload(path: str, method: str) -> bool:
 
 def normal_path(path: str) -> str:
     return os.path.normpath(os.path.abspath(path))
+
+
+# ---- the app's structure: listeners, blocks, the Blocks being built, the current request ------------------------
+def listeners(demo) -> list:
+    """Every event listener of ``demo`` (``Blocks.fns``: each has ``fn``, ``inputs``, ``outputs``, ``targets`` as
+    (block id, event name) pairs)."""
+    return list(demo.fns.values())
+
+
+def blocks_by_id(demo) -> dict:
+    """block id -> component, for every block of ``demo`` (``Blocks.blocks``)."""
+    return demo.blocks
+
+
+def block_id(block) -> int:
+    """The id Gradio gives a block (``Block._id``; what listeners' ``targets`` name)."""
+    return block._id
+
+
+def building() -> object | None:
+    """The Blocks being built (inside ``with gr.Blocks()``), or None (``gr.context.Context.root_block``)."""
+    return gr.context.Context.root_block
+
+
+def current_request():
+    """The ``gr.Request`` of the call running this handler, or None (``gr.context.LocalContext.request``)."""
+    return gr.context.LocalContext.request.get(None)
+
+
+# ---- the queue: the bound on engine requests (app.py) ---------------------------------------------------------
+def wrap_queue_push(demo, check: Callable) -> None:
+    """Before Gradio queues an event (``Queue.push(body, request, username)``), ``check(fn, body)`` (``fn`` the
+    listener the body names, or None for a body Gradio will refuse itself) may answer ``(False, message)`` to
+    refuse it with that message; None lets it through."""
+    from gradio import route_utils
+
+    queue = demo._queue
+    push = queue.push
+
+    async def checked_push(body, request, username):
+        try:
+            fn = route_utils.get_fn(demo, None, body)
+        except Exception:  # a malformed body: Gradio's own push answers it its own way
+            log.debug("an event body names no listener", exc_info=True)
+            fn = None
+        refusal = check(fn, body) if fn is not None else None
+        if refusal is not None:
+            ok, message = refusal
+            return ok, message, "queue_full"
+        return await push(body, request, username)
+
+    queue.push = checked_push
+
+
+def queue_load(demo, concurrency_id: str) -> tuple[list[str], int]:
+    """(session hash of each waiting event, number running) of one concurrency group of ``demo``'s queue."""
+    group = demo._queue.event_queue_per_concurrency_id.get(concurrency_id)
+    waiting = list(getattr(group, "queue", []))
+    return [e.session_hash for e in waiting], int(getattr(group, "current_concurrency", 0))
+
+
+def session_hash(body) -> str | None:
+    """The session an event body belongs to (one page, or one gradio_client Client)."""
+    return getattr(body, "session_hash", None)

@@ -24,7 +24,7 @@ import gradio as gr
 
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
 from editing.requests import EditError
-from ui import examples, lora_picker
+from ui import examples, gradio_compat, lora_picker
 from ui.common import notify, shows_errors, streams_errors
 from ui.fields import field_input
 from ui.zerogpu import gpu, zero_gpu
@@ -262,6 +262,6 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
     suggest_btn.click(h.suggest, [class_noun], [identifier], api_name="suggest_identifier", concurrency_id="gpu")
     upload.upload(h.add_lora, [upload, replace_lora], [upload_status, signal, library], api_name="add_lora")
     signal.change(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
-    root = gr.context.Context.root_block
+    root = gradio_compat.building()
     if root is not None and hasattr(root, "load"):
         root.load(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
