@@ -90,11 +90,11 @@ def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
         check_weights_file(path, allow_pickle, what, AdapterError)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise AdapterError(f"{what} folder {path} has no config.json: it is not a diffusers {cls.__name__}.")
+            raise AdapterError(f"{what} folder {path.name!r} has no config.json: it is not a diffusers {cls.__name__}.")
         source, local = str(path), True
     elif path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",):
         if not path.exists():
-            raise AdapterError(f"{what} file {path} does not exist.")
+            raise AdapterError(f"{what} file {path.name!r} does not exist.")
         raise AdapterError(f"{what} {path.name} is a single weight file; put it in a folder with its "
                            "config.json (the diffusers layout) and pass the folder.")
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
@@ -125,9 +125,9 @@ def _check_folder_class(path: Path, cls, what: str) -> None:
     try:
         name = json.loads((path / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError):
-        raise AdapterError(f"{what} folder {path} has an unreadable config.json.") from None
+        raise AdapterError(f"{what} folder {path.name!r} has an unreadable config.json.") from None
     if name and name != cls.__name__:
-        raise AdapterError(f"{what} folder {path} holds a {name}, not a {cls.__name__}: pass a {what} folder.")
+        raise AdapterError(f"{what} folder {path.name!r} holds a {name}, not a {cls.__name__}: pass a {what} folder.")
 
 
 def _place(module: torch.nn.Module, bundle) -> torch.nn.Module:
@@ -297,7 +297,7 @@ def _ip_files(spec: str, allow_pickle: bool, family: str = "sd15") -> tuple[Path
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) or path.exists():
         if not path.is_file():
-            raise AdapterError(f"IP-Adapter file {path} does not exist.")
+            raise AdapterError(f"IP-Adapter file {path.name!r} does not exist.")
         check_weights_file(path, allow_pickle, "IP-Adapter", AdapterError)
         enc = next((p for p in (path.parent / "image_encoder", path.parent.parent / "image_encoder") if p.is_dir()), None)
         if enc is None:
@@ -346,7 +346,7 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
     try:
         enc = CLIPVisionModelWithProjection.from_pretrained(str(enc_dir), use_safetensors=None if allow_pickle else True)
     except Exception as e:  # noqa: BLE001
-        raise AdapterError(f"Could not load the IP-Adapter image encoder from {enc_dir} ({type(e).__name__}).") from None
+        raise AdapterError(f"Could not load the IP-Adapter image encoder {enc_dir.name!r} next to {file.name} ({type(e).__name__}).") from None
     cross = sd["image_proj"]["proj.weight"].shape[0] // 4
     if cross in families.FAMILY_BY_TEXT_WIDTH and bundle.unet.config.cross_attention_dim in families.FAMILY_BY_TEXT_WIDTH:
         families.check_same(f"IP-Adapter {spec!r}", families.FAMILY_BY_TEXT_WIDTH[cross], bundle.family, bundle.name,
