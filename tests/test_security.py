@@ -153,6 +153,28 @@ def _no_filesystem():
             setattr(owner, name, original)
 
 
+def test_models_dirs_are_offered_by_name_and_hub_ids_only_with_the_flag(tmp_path):
+    from models.registry import scan
+
+    cn = tmp_path / "my-canny"
+    cn.mkdir()
+    (cn / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    (tmp_path / "my-vae").mkdir()
+    (tmp_path / "my-vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (tmp_path / "notes").mkdir()  # no config: not offered
+    names = scan([tmp_path])
+    assert names.resolve("controlnet", "my-canny") == str(cn) and "my-canny" in names.choices("controlnet")
+    assert names.resolve("vae", "my-vae") == str(tmp_path / "my-vae")
+    for refused in ("notes", str(cn), "my-vae", "someone/else"):
+        with pytest.raises(EditError, match="Unknown ControlNet"):
+            names.resolve("controlnet", refused)
+    hub = scan([tmp_path], allow_hub=True)
+    assert hub.resolve("controlnet", "someone/else") == "someone/else"
+    for refused in ("../x", "/etc", "a/b/c", "~/.cache"):
+        with pytest.raises(EditError, match=r"or any Hub id"):
+            hub.resolve("controlnet", refused)
+
+
 def _refusal(call) -> Exception:
     try:
         call()
