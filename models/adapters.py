@@ -107,14 +107,14 @@ def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
     try:
         model = cls.from_pretrained(source, torch_dtype=bundle.dtype, local_files_only=local,
                                     use_safetensors=None if allow_pickle else True)
-    except Exception as e:  # noqa: BLE001 - one actionable line for every load failure
+    except Exception as e:  # one actionable line for every load failure
         first = (str(e).splitlines() or [""])[0][:160]
         if path.is_dir():
             raise AdapterError(f"Could not load {what} from the folder {spec!r} ({type(e).__name__}: {first}): "
-                               f"it must hold a diffusers {cls.__name__} (config.json + weights).") from None
+                               f"it must hold a diffusers {cls.__name__} (config.json + weights).") from e
         raise AdapterError(f"Could not load {what} {spec!r} ({type(e).__name__}: {first}). Check the Hub id: it is "
                            "missing from the local Hugging Face cache and could not be downloaded. Download it "
-                           "once with internet, pass a local folder, or use 'tiny'.") from None
+                           "once with internet, pass a local folder, or use 'tiny'.") from e
     return model.to(bundle.device).eval().requires_grad_(False)
 
 
@@ -316,10 +316,10 @@ def _ip_files(spec: str, allow_pickle: bool, family: str = "sd15") -> tuple[Path
         file = Path(hf_hub_download(repo, weight, local_files_only=_offline()))
         sub = str(Path(weight).parent / "image_encoder") if Path(weight).parent != Path(".") else "image_encoder"
         root = snapshot_download(repo, allow_patterns=[f"{sub}/*"], local_files_only=_offline())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise AdapterError(f"Could not get IP-Adapter {repo}:{weight} and its image encoder from the Hugging Face "
                            f"Hub or its cache ({type(e).__name__}). Download it once with internet, pass a local "
-                           ".safetensors file, or use 'tiny'.") from None
+                           ".safetensors file, or use 'tiny'.") from e
     return file, Path(root) / sub
 
 
@@ -345,8 +345,8 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
                            "use the base ip-adapter_sd15.")
     try:
         enc = CLIPVisionModelWithProjection.from_pretrained(str(enc_dir), use_safetensors=None if allow_pickle else True)
-    except Exception as e:  # noqa: BLE001
-        raise AdapterError(f"Could not load the IP-Adapter image encoder {enc_dir.name!r} next to {file.name} ({type(e).__name__}).") from None
+    except Exception as e:
+        raise AdapterError(f"Could not load the IP-Adapter image encoder {enc_dir.name!r} next to {file.name} ({type(e).__name__}).") from e
     cross = sd["image_proj"]["proj.weight"].shape[0] // 4
     if cross in families.FAMILY_BY_TEXT_WIDTH and bundle.unet.config.cross_attention_dim in families.FAMILY_BY_TEXT_WIDTH:
         families.check_same(f"IP-Adapter {spec!r}", families.FAMILY_BY_TEXT_WIDTH[cross], bundle.family, bundle.name,

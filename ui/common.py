@@ -136,7 +136,7 @@ class _RunGuard:
         headers = getattr(request, "headers", None) or {}
         try:
             key = headers.get(HISTORY_HEADER)
-        except Exception:  # noqa: BLE001 - an odd request object: no key
+        except (AttributeError, TypeError):  # an odd request object: no key
             key = None
         if key:
             for o in self.owners:

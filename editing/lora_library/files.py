@@ -211,8 +211,8 @@ def _read_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     except LoraError:
         raise
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one actionable line
-        raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from None
+    except Exception as e:  # a damaged or foreign file: one actionable line
+        raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from e
 
 
 def cache_key(loras, allow_pickle: bool = False, trusted: bool = True) -> tuple:
