@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=1800,
                    help="stop a run after this many seconds (0 = no limit; default: 1800)")
     p.add_argument("--max-file-size", default="50mb", help="largest upload (default: 50mb)")
+    p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose ControlNets, T2I-Adapters, IP-Adapters, models and VAEs web users may pick by "
+                        "name (repeat for more; default: the project's models/); read once at start")
+    p.add_argument("--allow-hub-models", action="store_true",
+                   help="let web users name any Hugging Face Hub id (owner/name), not only the listed ones; the "
+                        "server then downloads what strangers ask for")
     p.add_argument("--backend", default="local", metavar="local|ray[:ADDRESS]",
                    help="where edits run: this process (default), or a `python -m editing.serve` deployment on the "
                         "Ray cluster at ADDRESS (default: the one on this machine); --model etc. are then the deployment's")
@@ -119,6 +125,9 @@ def make_temp_root() -> Path:
         log.info("removed %d temp folder(s) of DragCanvas servers that were killed", n)
     root = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-"))
     os.environ["GRADIO_TEMP_DIR"] = str(root / "gradio")
+    # torch writes its compile cache to <system temp>/torchinductor_<user> unless told otherwise: keep it in the
+    # root too, so the system temp dir holds nothing of this app after it stops
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "torchinductor"))
     atexit.register(shutil.rmtree, root, True)
     return root
 
@@ -152,31 +161,23 @@ def bound_queue(demo, max_waiting: int, per_session: int) -> None:
     ``per_session`` waiting, with a message saying how many are ahead; instant UI events are never refused.
 
     Gradio's own ``queue(max_size=)`` counts every event (clicks on the points too) and answers
-    "Queue is full. Max size is N and size is M."; this wraps ``Queue.push`` for the GPU queue only."""
-    queue = demo._queue
-    push = queue.push
+    "Queue is full. Max size is N and size is M."; this checks the GPU queue only (ui/gradio_compat.py)."""
+    from ui import gradio_compat
 
-    async def bounded_push(body, request, username):
-        fn = None
-        try:
-            from gradio import route_utils
+    def check(fn, body):
+        if getattr(fn, "concurrency_id", None) != GPU_QUEUE:
+            return None
+        waiting, running = gradio_compat.queue_load(demo, GPU_QUEUE)
+        mine = sum(s == gradio_compat.session_hash(body) for s in waiting)
+        if max_waiting and len(waiting) >= max_waiting:
+            return False, (f"The server is busy: {len(waiting) + running} requests are ahead of you "
+                           f"(at most {max_waiting} may wait). Try again in a minute.")
+        if per_session and mine >= per_session:
+            return False, (f"You already have {mine} requests waiting (at most {per_session} per session): "
+                           "wait for them to finish or cancel one.")
+        return None
 
-            fn = route_utils.get_fn(demo, None, body)
-        except Exception:  # noqa: BLE001 - let Gradio answer a malformed request its own way
-            pass
-        if fn is not None and getattr(fn, "concurrency_id", None) == GPU_QUEUE:
-            waiting = [e for e in getattr(queue.event_queue_per_concurrency_id.get(GPU_QUEUE), "queue", [])]
-            running = getattr(queue.event_queue_per_concurrency_id.get(GPU_QUEUE), "current_concurrency", 0)
-            mine = sum(e.session_hash == body.session_hash for e in waiting)
-            if max_waiting and len(waiting) >= max_waiting:
-                return False, (f"The server is busy: {len(waiting) + running} requests are ahead of you "
-                               f"(at most {max_waiting} may wait). Try again in a minute."), "queue_full"
-            if per_session and mine >= per_session:
-                return False, (f"You already have {mine} requests waiting (at most {per_session} per session): "
-                               "wait for them to finish or cancel one."), "queue_full"
-        return await push(body, request, username)
-
-    queue.push = bounded_push
+    gradio_compat.wrap_queue_push(demo, check)
 
 
 # ---- build and launch ----------------------------------------------------------------------------------------
@@ -195,9 +196,12 @@ def browser_secret(outputs: Path) -> str:
 def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     """Editor (models load lazily on first use) + UI, with the bounded shared queue. ``editor``/``settings``: an
     Editor already loaded and slider start values (tests)."""
+    from models.registry import PROJECT_MODELS, scan
     from ui import build_demo
-    from ui.common import configure, wire_history
-    from ui.fields import check_inputs
+    from ui.common import configure, unexpected_error, wire_history
+    from ui.fields import check_inputs, refused_file
+    from ui.gradio_compat import guard_calls
+    from ui.owners import OWNERS
 
     if editor is None and getattr(args, "backend", "local") != "local":
         editor = remote_editor(args.backend)
@@ -205,8 +209,9 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     outputs.mkdir(parents=True, exist_ok=True)
     root = Path(os.environ["GRADIO_TEMP_DIR"]).parent if os.environ.get("GRADIO_TEMP_DIR", "").startswith(
         str(Path(tempfile.gettempdir()) / RUN_PREFIX)) else None
+    names = scan([Path(d) for d in args.models_dir] or [PROJECT_MODELS], allow_hub=args.allow_hub_models)
     configure(outputs=outputs, input_in_recipe=not args.no_input_in_recipe, time_budget_s=float(args.time_budget),
-              temp_root=root)
+              temp_root=root, model_names=names)
     if editor is None:
         from editing.engine import Editor
 
@@ -217,6 +222,8 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     log.info("model: %s%s", editor.model_spec, f" ({editor.banner})" if editor.banner else "")
     demo = build_demo(editor, settings)
     check_inputs(demo)
+    # every refusal explained (a never-uploaded file included), and the owner of each result file recorded
+    guard_calls(demo, refused_file, lambda e: unexpected_error(e).message, OWNERS.record_outputs)
     wire_history(demo, browser_secret(outputs))
     demo.queue(default_concurrency_limit=getattr(editor, "concurrency", 1))  # a Ray pool runs several at once
     bound_queue(demo, args.max_queue, args.max_queued_per_session)
@@ -224,9 +231,18 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
 
 
 def launch_kwargs(args: argparse.Namespace) -> dict:
-    """What ``demo.launch`` gets: no ``allowed_paths`` (only Gradio's cache is served), optional login."""
-    return dict(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
-                auth=read_auth(args), allowed_paths=None)
+    """What ``demo.launch`` gets: no ``allowed_paths`` (only Gradio's cache is served), optional login; with a
+    login, each user's files are served to that user only (ui/owners.py)."""
+    auth = read_auth(args)
+    kwargs = dict(server_name=args.host, server_port=args.port, share=args.share, max_file_size=args.max_file_size,
+                  auth=auth, allowed_paths=None)
+    if auth:
+        from starlette.middleware import Middleware
+
+        from ui.owners import OWNERS, OwnerCheck
+
+        kwargs["app_kwargs"] = {"middleware": [Middleware(OwnerCheck, owners=OWNERS)]}
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,7 +43,7 @@ from PIL import Image
 from models import diffusers_private, families
 from models.cache import LRU
 from models.errors import EditError
-from models.safety import PICKLE_SUFFIXES, check_weights_file
+from models.safety import PICKLE_SUFFIXES, check_weights_file, load_pickle_weights
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,11 @@ def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
         check_weights_file(path, allow_pickle, what, AdapterError)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise AdapterError(f"{what} folder {path} has no config.json: it is not a diffusers {cls.__name__}.")
+            raise AdapterError(f"{what} folder {path.name!r} has no config.json: it is not a diffusers {cls.__name__}.")
         source, local = str(path), True
     elif path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",):
         if not path.exists():
-            raise AdapterError(f"{what} file {path} does not exist.")
+            raise AdapterError(f"{what} file {path.name!r} does not exist.")
         raise AdapterError(f"{what} {path.name} is a single weight file; put it in a folder with its "
                            "config.json (the diffusers layout) and pass the folder.")
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
@@ -107,14 +107,14 @@ def _from_pretrained(cls, spec: str, bundle, allow_pickle: bool, what: str):
     try:
         model = cls.from_pretrained(source, torch_dtype=bundle.dtype, local_files_only=local,
                                     use_safetensors=None if allow_pickle else True)
-    except Exception as e:  # noqa: BLE001 - one actionable line for every load failure
+    except Exception as e:  # one actionable line for every load failure
         first = (str(e).splitlines() or [""])[0][:160]
         if path.is_dir():
             raise AdapterError(f"Could not load {what} from the folder {spec!r} ({type(e).__name__}: {first}): "
-                               f"it must hold a diffusers {cls.__name__} (config.json + weights).") from None
+                               f"it must hold a diffusers {cls.__name__} (config.json + weights).") from e
         raise AdapterError(f"Could not load {what} {spec!r} ({type(e).__name__}: {first}). Check the Hub id: it is "
                            "missing from the local Hugging Face cache and could not be downloaded. Download it "
-                           "once with internet, pass a local folder, or use 'tiny'.") from None
+                           "once with internet, pass a local folder, or use 'tiny'.") from e
     return model.to(bundle.device).eval().requires_grad_(False)
 
 
@@ -125,9 +125,9 @@ def _check_folder_class(path: Path, cls, what: str) -> None:
     try:
         name = json.loads((path / "config.json").read_text()).get("_class_name")
     except (OSError, ValueError):
-        raise AdapterError(f"{what} folder {path} has an unreadable config.json.") from None
+        raise AdapterError(f"{what} folder {path.name!r} has an unreadable config.json.") from None
     if name and name != cls.__name__:
-        raise AdapterError(f"{what} folder {path} holds a {name}, not a {cls.__name__}: pass a {what} folder.")
+        raise AdapterError(f"{what} folder {path.name!r} holds a {name}, not a {cls.__name__}: pass a {what} folder.")
 
 
 def _place(module: torch.nn.Module, bundle) -> torch.nn.Module:
@@ -269,7 +269,10 @@ def _tiny_ip_weights(bundle) -> _IPWeights:
     u = bundle.unet.config
     cross, d = u.cross_attention_dim, enc.config.projection_dim
     g = torch.Generator().manual_seed(TINY_SEED + 3)
-    rnd = lambda *shape: torch.randn(shape, generator=g) * 0.2
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 0.2
+
     image_proj = {"proj.weight": rnd(4 * cross, d), "proj.bias": rnd(4 * cross),
                   "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
     ip, key_id = {}, 1
@@ -294,7 +297,7 @@ def _ip_files(spec: str, allow_pickle: bool, family: str = "sd15") -> tuple[Path
     path = Path(spec).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES + (".safetensors",) or path.exists():
         if not path.is_file():
-            raise AdapterError(f"IP-Adapter file {path} does not exist.")
+            raise AdapterError(f"IP-Adapter file {path.name!r} does not exist.")
         check_weights_file(path, allow_pickle, "IP-Adapter", AdapterError)
         enc = next((p for p in (path.parent / "image_encoder", path.parent.parent / "image_encoder") if p.is_dir()), None)
         if enc is None:
@@ -313,10 +316,10 @@ def _ip_files(spec: str, allow_pickle: bool, family: str = "sd15") -> tuple[Path
         file = Path(hf_hub_download(repo, weight, local_files_only=_offline()))
         sub = str(Path(weight).parent / "image_encoder") if Path(weight).parent != Path(".") else "image_encoder"
         root = snapshot_download(repo, allow_patterns=[f"{sub}/*"], local_files_only=_offline())
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise AdapterError(f"Could not get IP-Adapter {repo}:{weight} and its image encoder from the Hugging Face "
                            f"Hub or its cache ({type(e).__name__}). Download it once with internet, pass a local "
-                           ".safetensors file, or use 'tiny'.") from None
+                           ".safetensors file, or use 'tiny'.") from e
     return file, Path(root) / sub
 
 
@@ -334,7 +337,7 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
             if head in sd:
                 sd[head][rest] = v
     else:
-        sd = torch.load(str(file), map_location="cpu", weights_only=False)  # allowed explicitly (pickle)
+        sd = load_pickle_weights(file, "IP-Adapter", AdapterError)  # the container only: weights_only=True
     if not sd.get("image_proj") or not sd.get("ip_adapter"):
         raise AdapterError(f"{file.name} is not an IP-Adapter file (no image_proj / ip_adapter weights).")
     if "proj.weight" not in sd["image_proj"]:
@@ -342,8 +345,8 @@ def _load_ip_weights(bundle, spec: str, allow_pickle: bool) -> _IPWeights:
                            "use the base ip-adapter_sd15.")
     try:
         enc = CLIPVisionModelWithProjection.from_pretrained(str(enc_dir), use_safetensors=None if allow_pickle else True)
-    except Exception as e:  # noqa: BLE001
-        raise AdapterError(f"Could not load the IP-Adapter image encoder from {enc_dir} ({type(e).__name__}).") from None
+    except Exception as e:
+        raise AdapterError(f"Could not load the IP-Adapter image encoder {enc_dir.name!r} next to {file.name} ({type(e).__name__}).") from e
     cross = sd["image_proj"]["proj.weight"].shape[0] // 4
     if cross in families.FAMILY_BY_TEXT_WIDTH and bundle.unet.config.cross_attention_dim in families.FAMILY_BY_TEXT_WIDTH:
         families.check_same(f"IP-Adapter {spec!r}", families.FAMILY_BY_TEXT_WIDTH[cross], bundle.family, bundle.name,

@@ -86,7 +86,7 @@ def test_generate_endpoint_with_units(client, files):
      "must be before its end"),
     (lambda c, f: generate(c, [{"kind": "controlnet", "image": 3}], [f["edges"]]), "not an index"),
     (lambda c, f: generate(c, [{"kind": "controlnet", "model": "nobody/none", "image": 0}], [f["edges"]]),
-     "Could not load ControlNet 'nobody/none'"),
+     "Unknown ControlNet 'nobody/none'. Choose one of: tiny"),
     (lambda c, f: generate(c, [{"kind": "lora"}]), "kind must be one of"),
 ])
 def test_bad_input_is_explained_and_the_app_keeps_serving(client, files, call, match):

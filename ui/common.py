@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import random
+import re
 import threading
 import time
 
@@ -22,9 +23,21 @@ from PIL import Image
 from editing.generation import GENERATE_FIELDS
 from models.errors import EditCancelled, EditError
 from ui import overlay
+from ui.gradio_compat import current_request, queue_job
+
 # The history every tab keeps is in ui/history.py; these names are part of what the tabs share from here.
-from ui.history import (SERVING, BeforeAfter, History, Results, Serving, configure, new_history_key,  # noqa: F401
-                        on_select, unique_name, wire_history)
+from ui.history import (  # noqa: F401
+    SERVING,
+    BeforeAfter,
+    History,
+    Results,
+    Serving,
+    configure,
+    new_history_key,
+    on_select,
+    unique_name,
+    wire_history,
+)
 from ui.zerogpu import zero_gpu
 
 log = logging.getLogger(__name__)
@@ -53,16 +66,26 @@ def results_gallery(w, prefix: str, height: int) -> None:
 
 
 # ---- errors, progress, Cancel -------------------------------------------------------------------------
-def _to_ui_error(fn, e: Exception):
-    """Raise what the browser shows for ``e`` (called in an ``except``): EditError -> gr.Error with its one-line
-    message; a gr.Error as is; anything else is logged and named in one line."""
+def _to_ui_error(fn, e: Exception) -> gr.Error:
+    """What the browser shows for ``e`` (called in an ``except``, which raises it): EditError -> gr.Error with its
+    one-line message; a gr.Error as is; anything else is logged and named in one line."""
     if isinstance(e, EditError):
-        raise gr.Error(str(e)) from None
+        return gr.Error(str(e))
     if isinstance(e, gr.Error):
-        raise e
+        return e
     log.exception("%s failed", fn.__name__)
-    raise gr.Error(f"Unexpected error ({type(e).__name__}: {e}). The app is still running; "
-                   "details are in the server log.") from None
+    return unexpected_error(e)
+
+
+def unexpected_error(e: BaseException) -> gr.Error:
+    """One line for an error nobody foresaw; the traceback stays in the server log."""
+    first = (str(e).splitlines() or [""])[0][:160]
+    said = f": {_SERVER_PATH.sub('…', first)}" if first else ""
+    return gr.Error(f"Unexpected error ({type(e).__name__}{said}). The app is still running; details are in the "
+                    "server log.")
+
+
+_SERVER_PATH = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s'\"]*")  # shown to strangers as '…': no server paths
 
 
 _RUN_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("dragcanvas_run_stop",
@@ -103,17 +126,17 @@ class _RunGuard:
         self.reason: str | None = None
         self.done = threading.Event()
         self.owners = [o for o in _session_objects(args, kwargs)]
-        self.task, self.event = _gradio_job()
+        self.task, self.event = queue_job()
         self.started = time.monotonic()
         self._token = None
         self._bind_history_key()
 
     def _bind_history_key(self) -> None:
-        request = gr.context.LocalContext.request.get(None)
+        request = current_request()
         headers = getattr(request, "headers", None) or {}
         try:
             key = headers.get(HISTORY_HEADER)
-        except Exception:  # noqa: BLE001 - an odd request object: no key
+        except (AttributeError, TypeError):  # an odd request object: no key
             key = None
         if key:
             for o in self.owners:
@@ -184,27 +207,6 @@ def _session_objects(args, kwargs) -> list:
     return found
 
 
-def _gradio_job():
-    """(asyncio task, queue event) of the Gradio job running this handler, or (None, None) outside a queued job."""
-    ctx = gr.context.LocalContext
-    blocks, event_id = ctx.blocks.get(None), ctx.event_id.get(None)
-    queue = getattr(blocks, "_queue", None)
-    if queue is None or event_id is None:
-        return None, None
-    event = getattr(queue, "event_ids_to_events", {}).get(event_id)
-    suffix = f"<gradio-sep>{event_id}"
-    for _ in range(3):  # the loop thread may change the set while this thread reads it
-        try:
-            tasks = list(getattr(queue, "_asyncio_tasks", ()))
-            break
-        except RuntimeError:
-            continue
-    else:
-        tasks = []
-    task = next((t for t in tasks if t.get_name().endswith(suffix)), None)
-    return task, event
-
-
 def shows_errors(fn):
     """EditError -> gr.Error with its one-line message; Cancel -> a warning; other errors are logged.
 
@@ -221,7 +223,7 @@ def shows_errors(fn):
         except EditCancelled as e:
             return guard.cancelled(e, None)
         except Exception as e:
-            _to_ui_error(fn, e)
+            raise _to_ui_error(fn, e) from e
         finally:
             guard.finish()
 
@@ -251,7 +253,7 @@ def streams_errors(n_outputs: int):
                             item = guard.cancelled(e, n_outputs)
                         except Exception as e:
                             finished = True
-                            _to_ui_error(fn, e)
+                            raise _to_ui_error(fn, e) from e
                     yield item
             finally:
                 if not finished:  # closed by Gradio (cancel, disconnect) before the end
@@ -282,10 +284,33 @@ class GpuHandlers:
         self.can_cancel = not zero_gpu()  # a ZeroGPU worker is another process: no Event reaches it
 
     def cancel_of(self, history: History):
-        """The ``cancel=`` for the engine: this tab's Cancel button or this run's own stop (see ``_RunGuard``)."""
+        """The ``cancel=`` for the engine: this tab's Cancel button or this run's own stop (see ``_RunGuard``).
+
+        Called as the engine call starts, it forgets a Cancel pressed for an earlier run: the page clears it in its
+        own pre-run step, but an API client calling the endpoint directly has no such step, and a stale Cancel
+        would stop each of its later runs at the first step."""
+        history.cancel.clear()
         if not self.can_cancel:
             return None
         return RunCancel(history.cancel, _RUN_STOP.get())
+
+
+def model_names():
+    """The registry of model names web requests may use (``--models-dir``; models/registry.py)."""
+    return SERVING.model_names if SERVING.model_names is not None else _default_model_names()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_model_names():
+    from models.registry import scan
+
+    return scan()
+
+
+def model_spec(kind: str, name) -> str:
+    """A model field's web value (a registry name) -> the spec the engine loads; anything else is one line naming
+    what was typed and what may be chosen, without looking at the server's files."""
+    return model_names().resolve(kind, name)
 
 
 def notify(notices) -> None:

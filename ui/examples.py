@@ -8,8 +8,11 @@ seconds on a CPU; tests/test_ui_tabs.py checks that each visibly does what its l
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,20 +221,30 @@ TAB_EXAMPLES = {"move": _move_examples, "paste": _paste_examples, "appearance": 
                 "sketch": _sketch_examples, "generate": _generate_examples, "personalize": _personalize_examples}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tab_examples(tab: str) -> tuple[TabExample, ...]:
     """The ready examples of ``tab`` (a key of ``TAB_EXAMPLES``); deterministic, built once per process."""
     return tuple(TAB_EXAMPLES[tab]())
 
 
-@functools.lru_cache(maxsize=None)
-def _folder() -> Path:
-    return Path(tempfile.mkdtemp(prefix="dragcanvas-examples-"))
+@functools.cache
+def _folder(root: Path | None) -> Path:
+    """Where the thumbnails go: inside the app's own temp root (removed on exit and SIGTERM; after a kill, by the
+    next start), or, for a UI built without app.py (tests), a folder named like that root
+    (``dragcanvas-run-<pid>-…``), so a start after a kill removes it too, and removed at exit."""
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="examples-", dir=root))
+    folder = Path(tempfile.mkdtemp(prefix=f"dragcanvas-run-{os.getpid()}-examples-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def saved(image: Image.Image, name: str) -> str:
-    """``image`` as a PNG in this process's example folder (the system temp dir, which Gradio may serve)."""
-    path = _folder() / f"{name}.png"
+    """``image`` as a PNG in this process's example folder (under the app's temp root, which Gradio may serve)."""
+    from ui.history import SERVING
+
+    path = _folder(SERVING.temp_root) / f"{name}.png"
     if not path.exists():
         image.save(path)
     return str(path)
@@ -259,5 +272,8 @@ def picked(tab: str, index) -> TabExample | None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for ex in write_examples():
-        print(ex.name, ex.prompt, ex.points, ex.method)
+        logging.getLogger("dragcanvas.examples").info("%s %s %s %s", ex.name, ex.prompt, ex.points, ex.method)

@@ -7,13 +7,13 @@ No default of a request field is written in ui/: sliders and fallbacks read them
 from __future__ import annotations
 
 import math
-import types
 
 import gradio as gr
 
 from editing.checks import check_number
 from models.errors import EditError
 from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS
+from ui import gradio_compat
 
 
 # Gradio's own Number/Slider preprocess compares and rounds whatever an API client sent: text fails with the
@@ -65,7 +65,7 @@ def checked(component, name: str | None = None, spec: tuple | None = None):
     if getattr(component, "dragcanvas_check", None) is None:
         component.dragcanvas_check = (name or component.label or component.elem_id or "value",
                                       spec or (component.minimum, component.maximum, None, component.info or ""))
-        component.preprocess = types.MethodType(_checked_preprocess, component)
+        gradio_compat.replace_preprocess(component, _checked_preprocess)
     return component
 
 
@@ -73,7 +73,7 @@ def check_all_numbers(demo: gr.Blocks) -> int:
     """Every gr.Number / gr.Slider of the app checks its API value (those not built by ``field_input`` get their
     label and own bounds); returns how many were changed."""
     n = 0
-    for block in list(demo.blocks.values()):
+    for block in list(gradio_compat.blocks_by_id(demo).values()):
         if isinstance(block, (gr.Number, gr.Slider)) and getattr(block, "dragcanvas_check", None) is None:
             checked(block)
             n += 1
@@ -97,46 +97,43 @@ def _guarded_preprocess(component, payload):
     choice list) is one line naming the field instead of the generic "upstream Gradio app has raised an
     exception"."""
     try:
-        return component.dragcanvas_preprocess(payload)
+        return gradio_compat.original_preprocess(component, payload)
     except gr.Error:
         raise
-    except Exception as e:  # noqa: BLE001 - whatever Gradio's reader raised, the client sent something unreadable
-        name = component.label or component.elem_id or type(component).__name__
-        raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(payload)} ({type(e).__name__}).") from None
+    except Exception as e:  # whatever Gradio's reader raised, the client sent something unreadable
+        raise gr.Error(f"{field_name(component)} must be {_expects(component)}, got {_shown(payload)} "
+                       f"({type(e).__name__}).") from e
 
 
-def _checked_model(model, component):
-    """``model`` (the component's pydantic data model, e.g. FileData) whose ``model_validate`` answers a value of
-    the wrong shape (``False`` for a file) in one line: Gradio validates it before ``preprocess``."""
-    import pydantic
+def _wrong_shape(component, value):
+    """A value of the wrong shape for the component's data model (``False`` for a file), in one line."""
+    raise gr.Error(f"{field_name(component)} must be {_expects(component)}, got {_shown(value)}.") from None
 
-    def model_validate(cls, obj, *args, **kwargs):
-        try:
-            return super(checked_cls, cls).model_validate(obj, *args, **kwargs)
-        except pydantic.ValidationError:
-            name = component.label or component.elem_id or type(component).__name__
-            raise gr.Error(f"{name} must be {_expects(component)}, got {_shown(obj)}.") from None
 
-    # same name and module: the API page and its JSON schema still say FileData
-    checked_cls = type(model.__name__, (model,), {"model_validate": classmethod(model_validate),
-                                                  "__module__": model.__module__})
-    return checked_cls
+def field_name(component) -> str:
+    """How a refusal names an input: its label (what the page shows), else its elem_id or kind."""
+    return component.label or component.elem_id or type(component).__name__
+
+
+def refused_file(component, api_name: str | None = None) -> str:
+    """The one line for a file reference Gradio will not read (never uploaded here, outside its cache), naming the
+    field as the API page does (else as the page shows it)."""
+    name = api_name or (field_name(component) if component is not None else "A file")
+    return (f"{name}: that file was not uploaded here; upload it first (gradio_client.handle_file does, "
+            "or drop it on the page).")
 
 
 def check_inputs(demo: gr.Blocks) -> int:
     """Every input of the app answers bad API values in one line: numbers are checked (``check_all_numbers``),
     and any other component's reader failing becomes a message naming the field. Returns how many inputs."""
     check_all_numbers(demo)
-    inputs = {id(c): c for fn in demo.fns.values() for c in fn.inputs}
+    inputs = {id(c): c for fn in gradio_compat.listeners(demo) for c in fn.inputs}
     n = 0
     for c in inputs.values():
         if getattr(c, "stateful", False) or isinstance(c, gr.BrowserState) or hasattr(c, "dragcanvas_preprocess"):
             continue
-        c.dragcanvas_preprocess = c.preprocess
-        c.preprocess = types.MethodType(_guarded_preprocess, c)
-        model = getattr(c, "data_model", None)
-        if isinstance(model, type) and hasattr(model, "model_validate"):
-            c.data_model = _checked_model(model, c)
+        gradio_compat.replace_preprocess(c, _guarded_preprocess)
+        gradio_compat.replace_data_model(c, _wrong_shape)
         n += 1
     return n
 

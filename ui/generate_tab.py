@@ -10,6 +10,8 @@ Handlers first, layout, wiring last. The Generate button calls the ``/text_to_im
     # prompt, negative prompt, units JSON ("image"/"images" index the files list), condition files,
     # then any GenerateRequest.FIELDS_UI value by name (width/height 0 = the model's native size).
 
+A unit's ``model`` is a name the server lists (its dropdown's choices: ``tiny``, known Hub ids, the operator's
+``--models-dir`` folders), never a path.
 Unit keys: controlnet (model, image, preprocessor, options, scale, start, end, guess_mode),
 t2i_adapter (model, image, preprocessor, options, weight, conditioning_factor), ip_adapter (model, images, scale).
 Every result is drag-ready: "Send to Drag" opens it there and a drag starts at once.
@@ -36,9 +38,26 @@ from editing.generation import (
 from editing.images import load_image
 from models.errors import EditError
 from ui import examples
-from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
-                       pick_seed, request_cancel, results_gallery, run_controls, sender, shows_errors, status_line,
-                       streams_errors)
+from ui.common import (
+    GPU_SECONDS,
+    GpuHandlers,
+    Results,
+    details_of,
+    lora_picker,
+    lora_specs,
+    model_names,
+    model_spec,
+    notify,
+    on_select,
+    pick_seed,
+    request_cancel,
+    results_gallery,
+    run_controls,
+    sender,
+    shows_errors,
+    status_line,
+    streams_errors,
+)
 from ui.feedback import stream_to_gallery
 from ui.fields import field_input
 from ui.zerogpu import gpu
@@ -76,6 +95,8 @@ def parse_units(text: str | None, files: list | None):
         if extra:
             raise EditError(f"Unit {n} ({kind}) has unknown key(s) {', '.join(sorted(extra))}.")
         args = {k: v for k, v in u.items() if k not in ("kind", "image", "images")}
+        if "model" in args:  # a registry name from the web, never a path (models/registry.py)
+            args["model"] = model_spec(kind, args["model"])
         if kind == "controlnet":
             cns.append(ControlNetUnit(picture(u.get("image"), f"ControlNet unit {n}"), **args))
         elif kind == "t2i_adapter":
@@ -93,7 +114,7 @@ def parse_units(text: str | None, files: list | None):
 class UnitWidgets:
     kind: str
     enabled: gr.Checkbox
-    model: gr.Textbox
+    model: gr.Dropdown
     image: gr.Image
     preprocessor: gr.Dropdown | None = None
     low: gr.Slider | None = None
@@ -146,7 +167,9 @@ def _unit_widgets(editor, kind: str, title: str, index: int) -> UnitWidgets:
     eid = f"gen-{kind}-{index}"
     with gr.Accordion(title, open=False, elem_id=eid):
         enabled = gr.Checkbox(False, label="Use this unit", elem_id=f"{eid}-on")
-        model = gr.Textbox(default_spec(editor, kind), label="Model (tiny, local folder, or Hub id)")
+        # Names from the registry only (models/registry.py); typed Hub ids pass only with --allow-hub-models.
+        model = gr.Dropdown(model_names().choices(kind), value=default_spec(editor, kind), allow_custom_value=True,
+                            label="Model", elem_id=f"{eid}-model")
         with gr.Row():
             image = gr.Image(type="filepath", format="png", label="Reference image" if kind == "ip_adapter"
                              else "Condition image", sources=("upload", "clipboard"), height=200)

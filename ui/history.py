@@ -24,6 +24,7 @@ import gradio as gr
 from PIL import Image
 
 from editing.images import save_png_with_recipe
+from ui import gradio_compat
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Serving:
     input_in_recipe: bool = True  # False: recipes leave out the pictures sent in (they can be fetched by URL)
     time_budget_s: float = 0.0  # a run still going after this many seconds is stopped (0 = no limit)
     temp_root: Path | None = None  # parent of every session folder (app.py removes it on exit)
+    model_names: object | None = None  # models.registry.ModelNames: what web requests may name (None: the default)
 
 
 SERVING = Serving()
@@ -322,21 +324,22 @@ def wire_history(demo: gr.Blocks, secret: str | None = None) -> int:
     another key, so it never sees these results. API clients send their key in the ``x-dragcanvas-history``
     header instead (see ``_RunGuard``)."""
     histories: dict[int, tuple[gr.State, list]] = {}
-    for fn in demo.fns.values():
+    blocks = gradio_compat.blocks_by_id(demo)
+    for fn in gradio_compat.listeners(demo):
         if fn.fn is not on_select or not fn.inputs:
             continue
         state = fn.inputs[0]
-        galleries = [demo.blocks[t[0]] for t in fn.targets if t[0] in demo.blocks]
+        galleries = [blocks[t[0]] for t in fn.targets if t[0] in blocks]
         if not isinstance(getattr(state, "value", None), History) or not galleries:
             continue
-        histories.setdefault(state._id, (state, []))[1].extend(galleries)
+        histories.setdefault(gradio_compat.block_id(state), (state, []))[1].extend(galleries)
     if not histories:
         return 0
     with demo:
         browser = gr.BrowserState(None, storage_key="dragcanvas-history", secret=secret)
         for state, galleries in histories.values():
             if not state.value.key:
-                state.value.key = galleries[0].elem_id or f"gallery-{galleries[0]._id}"
+                state.value.key = galleries[0].elem_id or f"gallery-{gradio_compat.block_id(galleries[0])}"
             demo.load(_restorer(len(galleries)), [browser, state], [browser, *galleries], queue=False,
                       show_progress="hidden", api_visibility="private")
     return len(histories)

@@ -22,6 +22,7 @@ import time
 import gradio as gr
 
 from models.errors import EditError
+from ui import gradio_compat
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # = editing.lora_library.files.NAME_RE (what safe_name makes)
 
@@ -117,7 +118,7 @@ def build_picker(editor, links) -> gr.Dropdown:
     signal = library_signal(links)
     quiet = {"show_progress": "hidden", "api_visibility": "private", "queue": False}
     signal.change(refreshed, None, picker, **quiet)
-    root = gr.context.Context.root_block
+    root = gradio_compat.building()
     if root is not None and hasattr(root, "load"):
         root.load(refreshed, None, picker, **quiet)
     return picker

@@ -24,11 +24,10 @@ import gradio as gr
 
 from editing.dreambooth import PERSONALIZE_FIELDS, PersonalizeRequest, names, suggest_identifiers
 from models.errors import EditError
-from ui import examples, lora_picker
+from ui import examples, gradio_compat, lora_picker
 from ui.common import notify, shows_errors, streams_errors
 from ui.fields import field_input
 from ui.zerogpu import gpu, zero_gpu
-
 
 MAIN_FIELDS = ("steps", "rank", "lr", "prior_images")
 ADVANCED_FIELDS = ("prior_weight", "prior_steps", "batch", "resolution", "checkpoint_every", "preview_every",
@@ -107,6 +106,7 @@ class PersonalizeHandlers:
     def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
                     session: TrainSession, progress=gr.Progress(), **settings):  # noqa: B008 - gradio injects it
         """Train a subject LoRA from the photos; streams (previews, LoRA file, card, status, signal, library)."""
+        arm(session)  # a Cancel pressed for an earlier run must not stop this one (API clients have no pre-run step)
         req = PersonalizeRequest(tuple(_paths(photos)), class_noun or "", identifier=identifier or "",
                                  name=name or "", prior_preservation=bool(prior_preservation),
                                  train_text_encoder=bool(train_text_encoder), **settings)
@@ -262,6 +262,6 @@ def build_personalize_tab(editor, settings: dict | None = None, links=None) -> N
     suggest_btn.click(h.suggest, [class_noun], [identifier], api_name="suggest_identifier", concurrency_id="gpu")
     upload.upload(h.add_lora, [upload, replace_lora], [upload_status, signal, library], api_name="add_lora")
     signal.change(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)
-    root = gr.context.Context.root_block
+    root = gradio_compat.building()
     if root is not None and hasattr(root, "load"):
         root.load(library_rows, None, library, show_progress="hidden", api_visibility="private", queue=False)

@@ -23,8 +23,25 @@ from editing.generation import SKETCH_FIELDS, SketchRequest
 from editing.images import load_image, load_sketch
 from models.errors import EditError
 from ui import examples
-from ui.common import (GPU_SECONDS, GpuHandlers, Results, details_of, lora_picker, lora_specs, notify, on_select,
-                       pick_seed, request_cancel, results_gallery, run_controls, sender, status_line, streams_errors)
+from ui.common import (
+    GPU_SECONDS,
+    GpuHandlers,
+    Results,
+    details_of,
+    lora_picker,
+    lora_specs,
+    model_names,
+    model_spec,
+    notify,
+    on_select,
+    pick_seed,
+    request_cancel,
+    results_gallery,
+    run_controls,
+    sender,
+    status_line,
+    streams_errors,
+)
 from ui.feedback import stream_to_gallery
 from ui.fields import field_input
 from ui.zerogpu import gpu
@@ -114,6 +131,13 @@ def receive_image(path):
     return path if path else gr.skip()
 
 
+def scribble_spec(name) -> str | None:
+    """The scribble ControlNet field (empty or 'off' = none; else a registry name, never a path) -> engine spec."""
+    if name is None or (isinstance(name, str) and name.strip() in ("", "off")):
+        return None
+    return model_spec("controlnet", name)
+
+
 # ---- engine handler ----------------------------------------------------------------------------------
 class SketchHandlers(GpuHandlers):
     def __init__(self, editor):
@@ -128,7 +152,7 @@ class SketchHandlers(GpuHandlers):
             raise EditError("The sketch is blank: draw some strokes first (or upload a drawing).")
         req = SketchRequest(load_sketch(sketch), load_image(photo) if photo else None, prompt=prompt or "",
                             negative_prompt=negative_prompt or "",
-                            scribble_controlnet=(scribble_controlnet or "").strip() or None, **settings)
+                            scribble_controlnet=scribble_spec(scribble_controlnet), **settings)
         notify(req.notices)
         result = yield from stream_to_gallery(self._edit, req, results, self.cancel_of(results), progress,
                                               lora_specs(loras))
@@ -156,8 +180,9 @@ def _settings_column(w: SimpleNamespace, can_cancel: bool, start: dict, links) -
     with gr.Accordion("More settings", open=False):
         for name in ("n_inference_steps", "guidance_scale", "batch"):
             w.fields[name] = _sketch_input(name, start[name])
-        w.scribble = gr.Textbox(label="ControlNet-scribble assist (model spec; empty = off)",
-                                placeholder="tiny, or lllyasviel/sd-controlnet-scribble", elem_id="sketch-scribble")
+        w.scribble = gr.Dropdown([("off", ""), *((n, n) for n in model_names().choices("controlnet"))], value="",
+                                 allow_custom_value=True, label="ControlNet-scribble assist",
+                                 elem_id="sketch-scribble")
         w.fields["scribble_scale"] = _sketch_input("scribble_scale", start["scribble_scale"])
     w.picker = lora_picker(links)
     run_controls(w, "Generate from sketch", "sketch", can_cancel)

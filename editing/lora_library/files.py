@@ -20,7 +20,7 @@ import torch
 
 from editing.images import atomic_write
 from models.errors import EditError
-from models.safety import PICKLE_SUFFIXES, check_weights_file
+from models.safety import PICKLE_SUFFIXES, check_weights_file, load_pickle_weights
 
 ENV_DIR = "DRAGCANVAS_LORA_DIR"
 LORA_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
@@ -204,15 +204,15 @@ def _read_file(p: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
             return load_file(str(p))
         assert allow_pickle
-        obj = torch.load(str(p), map_location="cpu", weights_only=False)  # the user allowed pickle
+        obj = load_pickle_weights(p, "LoRA file", LoraError)  # the container only: weights_only=True
         obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
         if not isinstance(obj, dict):
             raise LoraError(f"{p.name} holds a {type(obj).__name__}, not a LoRA state dict.")
         return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     except LoraError:
         raise
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: one actionable line
-        raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from None
+    except Exception as e:  # a damaged or foreign file: one actionable line
+        raise LoraError(f"Cannot read LoRA file {p.name} ({type(e).__name__}: {str(e)[:120]}).") from e
 
 
 def cache_key(loras, allow_pickle: bool = False, trusted: bool = True) -> tuple:
