@@ -198,9 +198,10 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     Editor already loaded and slider start values (tests)."""
     from models.registry import PROJECT_MODELS, scan
     from ui import build_demo
-    from ui.common import configure, unexpected_error, wire_history
+    from ui.common import unexpected_error
     from ui.fields import check_inputs, refused_file
     from ui.gradio_compat import guard_calls
+    from ui.history import configure, wire_history
     from ui.owners import OWNERS
 
     if editor is None and getattr(args, "backend", "local") != "local":

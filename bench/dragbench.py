@@ -52,9 +52,9 @@ import pickle
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,9 +62,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench import methods as bm
+from editing.drag import DragRequest
 from editing.engine import Editor
 from editing.images import load_image, pil_to_tensor, save_png_with_recipe
-from editing.drag import DragRequest
 from models.errors import EditError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def read_meta(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             meta = _SafeUnpickler(f).load()
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed file
+    except Exception as e:
         raise SampleError(f"{META_NAME} cannot be read ({type(e).__name__}: {str(e)[:160]}).") from None
     if not isinstance(meta, dict):
         raise SampleError(f"{META_NAME} holds a {type(meta).__name__}, not a dict.")
@@ -174,7 +174,7 @@ class Fidelity:
             self.model = _load_lpips().to(self.device).eval()
         except ImportError as e:
             self.reason = f"the lpips package is not installed ({e}); pip install lpips"
-        except Exception as e:  # noqa: BLE001 - e.g. the AlexNet weights cannot be downloaded
+        except Exception as e:
             self.reason = f"LPIPS could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
         if self.reason:
             log.warning("Image Fidelity unavailable: %s", self.reason)
@@ -264,7 +264,7 @@ def run_sample(sample_dir: Path, out_dir: Path | None, method: str, editor: Edit
         row.eval_s = round(time.perf_counter() - t0, 4)
     except EditError as e:
         row.error = str(e)
-    except Exception as e:  # noqa: BLE001 - one broken sample must not end a 200-sample run
+    except Exception as e:
         log.exception("%s/%s failed", row.category, row.sample)
         row.error = f"{type(e).__name__}: {str(e)[:200]}"
     return row
@@ -329,7 +329,8 @@ def pooled(remote) -> Evaluate:
 
 def find_samples(data: Path) -> list[tuple[str, list[Path]]]:
     """[(category, [sample folders])] in sorted order; hidden folders and loose files are skipped."""
-    dirs = lambda p: sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))  # noqa: E731
+    def dirs(p):
+        return sorted(c for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
     return [(cat.name, dirs(cat)) for cat in dirs(data)]
 
 
@@ -339,7 +340,8 @@ def aggregate(rows: list[Row]) -> dict:
     ok = [r for r in rows if r.error is None]
     dists = [d for r in ok for d in r.distances]
     fids = [r.fidelity for r in ok if r.fidelity is not None]
-    mean = lambda v, nd: round(float(np.mean(v)), nd) if v else None  # noqa: E731
+    def mean(v, nd):
+        return round(float(np.mean(v)), nd) if v else None
     return {
         "samples": sum(r.sample is not None for r in rows),
         "ok": len(ok),
@@ -356,7 +358,8 @@ def aggregate(rows: list[Row]) -> dict:
 def markdown(report: dict) -> str:
     """One row per category and an overall row: counts, MD ↓, IF ↑, mean seconds and UNet calls per edit."""
     fid = report["lpips"]["available"]
-    cell = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
+    def cell(v, fmt):
+        return "–" if v is None else format(v, fmt)
 
     def line(name: str, s: dict) -> str:
         f = cell(s["if"], ".3f") if fid else "unavailable"

@@ -18,16 +18,16 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from editing.engine import Editor, EditResult
 from editing.drag import DragRequest
+from editing.engine import Editor, EditResult
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def make_scene(size: int, seed: int = 0) -> Scene:
     a = np.where((yy > 0.62 + 0.04 * np.sin(xx * 9))[..., None], ground, sky)
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     d = ImageDraw.Draw(img)
-    s = lambda *f: [round(v * size) for v in f]  # noqa: E731 - fractions of the side -> pixels
+    def s(*f):
+        return [round(v * size) for v in f]
     d.ellipse(s(0.15, 0.10, 0.33, 0.28), fill=(250, 215, 70))  # sun
     d.rectangle(s(0.55, 0.45, 0.85, 0.70), fill=(190, 80, 60))  # house
     d.polygon([tuple(s(0.52, 0.46)), tuple(s(0.70, 0.30)), tuple(s(0.88, 0.46))], fill=(110, 50, 40))  # roof
@@ -94,7 +95,8 @@ def make_scene(size: int, seed: int = 0) -> Scene:
     mask = np.zeros((h, w), bool)
     for x0, y0, x1, y1 in ((0.08, 0.05, 0.55, 0.40), (0.48, 0.20, 0.95, 0.75)):  # sun's path; house and roof
         mask[round(y0 * h): round(y1 * h), round(x0 * w): round(x1 * w)] = True
-    px = lambda x, y: (x * (size - 1), y * (size - 1))  # noqa: E731
+    def px(x, y):
+        return (x * (size - 1), y * (size - 1))
     points = ((px(0.24, 0.19), px(0.42, 0.19)), (px(0.70, 0.31), px(0.70, 0.22)))
     return Scene(image, mask, points)
 
@@ -238,7 +240,8 @@ def summarize(mode: str, first: Measured, repeat: Measured, max_rss_mb: float) -
     """One JSON row per mode (see README.md for every field)."""
     nfe_first, nfe_repeat = nfe(first), nfe(repeat)
     cuda = [m.peak_cuda_mb for m in (first, repeat) if m.peak_cuda_mb is not None]
-    rnd = lambda v: None if v is None else round(v, 1)  # noqa: E731
+    def rnd(v):
+        return None if v is None else round(v, 1)
     return {
         "mode": mode,
         "first_s": round(first.wall_s, 3),
@@ -270,7 +273,8 @@ def ratios(runs: list[dict], baseline: str = BASELINE) -> dict[str, dict[str, fl
     base = next((r for r in runs if r["mode"] == baseline), None)
     if base is None:
         return None
-    div = lambda a, b: round(a / b, 4) if b else None  # noqa: E731
+    def div(a, b):
+        return round(a / b, 4) if b else None
     return {r["mode"]: {"first": div(r["first_s"], base["first_s"]), "repeat": div(r["repeat_s"], base["repeat_s"])}
             for r in runs}
 
@@ -283,7 +287,8 @@ def _columns(dicts) -> list[str]:
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    cell = lambda v: "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    def cell(v):
+        return "–" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
     align = "|" + "|".join("---:" if i > 1 else "---" for i in range(len(header))) + "|"  # numbers right-aligned
     lines = ["| " + " | ".join(header) + " |", align]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -315,7 +320,8 @@ def markdown(report: dict) -> str:
     out = f"{head}\n{times}\n\n{calls}\n"
     if report.get("ratios"):
         base = report["ratios_to"]
-        g = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731 - 3 significant digits: 0.004 is not 0.00
+        def g(v):
+            return "–" if v is None else f"{v:.3g}"
         rows = [[m, g(v["first"]), g(v["repeat"])] for m, v in report["ratios"].items()]
         out += f"\n{_table(['mode', f'first wall / {base}', f'repeat wall / {base}'], rows)}\n"
     return out
@@ -354,9 +360,9 @@ def run(config: str, modes: list[str], lora_checkpointing: bool = False) -> dict
         log.info("mode %s: first (caches cleared)", name)
         clear_caches(editor)
         state: dict = {}
-        first = measure(lambda: MODES[name](editor, scene, cfg, state), cfg.device)
+        first = measure(lambda name=name, state=state: MODES[name](editor, scene, cfg, state), cfg.device)
         log.info("mode %s: first %.1f s; repeat", name, first.wall_s)
-        repeat = measure(lambda: MODES[name](editor, scene, cfg, state), cfg.device)
+        repeat = measure(lambda name=name, state=state: MODES[name](editor, scene, cfg, state), cfg.device)
         log.info("mode %s: repeat %.1f s", name, repeat.wall_s)
         runs.append(summarize(name, first, repeat, _max_rss_mb()))
     return {

@@ -46,8 +46,8 @@ import numpy as np
 from PIL import Image
 
 from bench import methods as bm
-from models.errors import EditError
 from models import toy_world as tw
+from models.errors import EditError
 from models.toy_world import Case, DeformCase, make_cases
 
 __all__ = ["Case", "DeformCase", "Job", "evaluate", "main", "make_cases", "measure", "measure_case", "run", "run_all"]

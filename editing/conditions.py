@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from models.errors import EditError
 from editing.checks import check_number
+from models.errors import EditError
 
 OPTIONS: dict[str, dict[str, tuple]] = {
     "none": {},
@@ -116,7 +116,7 @@ def _depth_model(spec: str):
 
     try:
         return AutoModelForDepthEstimation.from_pretrained(spec, local_files_only=True).eval()
-    except Exception as e:  # noqa: BLE001 - any miss means "not on this machine"
+    except Exception as e:
         raise EditError(
             f"The 'depth' preprocessor needs the depth-estimation weights {spec!r} (a transformers DPT model), "
             f"which are not on this machine ({type(e).__name__}). Download them once, set DRAGCANVAS_DEPTH_MODEL "

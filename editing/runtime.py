@@ -176,7 +176,7 @@ def encode_image(img: Image.Image) -> str:
 def decode_image(s: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(base64.b64decode(s))).convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any decoding failure is a damaged recipe
+    except Exception as e:
         raise EditError(f"The recipe holds a damaged image ({type(e).__name__}).") from None
 
 

@@ -44,7 +44,7 @@ class Schedule:
     prediction_type: str = "epsilon"  # what the model predicts: "epsilon" | "v_prediction" (see ``to_eps``)
 
     @classmethod
-    def from_scheduler(cls, scheduler, n_steps: int) -> "Schedule":
+    def from_scheduler(cls, scheduler, n_steps: int) -> Schedule:
         from diffusers import DDIMScheduler
 
         s = DDIMScheduler.from_config(scheduler.config)  # a copy: the shared scheduler is never mutated
@@ -117,7 +117,7 @@ def to_eps(model_out: torch.Tensor, x_t: torch.Tensor, a_t, prediction_type: str
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
-def prediction(unet, schedule: "Schedule | None" = None) -> tuple[str, torch.Tensor | None]:
+def prediction(unet, schedule: Schedule | None = None) -> tuple[str, torch.Tensor | None]:
     """``(prediction_type, alphas_cumprod)`` for ``unet``: the schedule's when given, else what the loader
     recorded for this UNet (``models.families.register_prediction``), else ε."""
     if schedule is not None:
@@ -138,7 +138,7 @@ def unet_dtype(unet) -> torch.dtype:
     return next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
 
 
-def unet_eps(unet, x: torch.Tensor, t: int, cond: torch.Tensor, *, schedule: "Schedule | None" = None,
+def unet_eps(unet, x: torch.Tensor, t: int, cond: torch.Tensor, *, schedule: Schedule | None = None,
              **unet_kwargs) -> torch.Tensor:
     """One noise prediction ε (``to_eps`` of the model's output); the latent is cast to the UNet's dtype and the
     result back to fp32. ``schedule`` gives the prediction type (default: what the loader recorded)."""
@@ -161,7 +161,7 @@ class NoisePredictor:
 
     def __init__(self, unet, cond: torch.Tensor, batch: int, *, uncond: torch.Tensor | None = None,
                  guidance_scale: float = 1.0, device=None, graphs: bool | None = None,
-                 schedule: "Schedule | None" = None):
+                 schedule: Schedule | None = None):
         self.unet, self.scale, self.cfg = unet, guidance_scale, uncond is not None
         self.prediction_type, self._alphas = prediction(unet, schedule)
         self.dtype = unet_dtype(unet)

@@ -21,7 +21,7 @@ def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:
         hit = try_to_load_from_cache(DEFAULT_HUB_MODEL, "unet/diffusion_pytorch_model.safetensors")
         if isinstance(hit, str) and os.path.exists(hit):
             return True, "cached"
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False, "HF_HUB_OFFLINE is set and the model is not cached"
@@ -30,7 +30,7 @@ def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:
 
         HfApi().model_info(DEFAULT_HUB_MODEL, timeout=timeout_s)
         return True, "downloadable"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return False, f"the Hugging Face Hub is unreachable ({type(e).__name__})"
 
 
@@ -63,7 +63,7 @@ def family_hint(spec: str) -> str | None:
             return families.LABELS[families.family_of_unet_config(cfg)] + inpaint
         if path.is_file() and path.suffix == ".safetensors":
             return families.LABELS[single_file_family(path)] + (INPAINTING if single_file_is_inpainting(path) else "")
-    except Exception:  # noqa: BLE001 - only a hint: loading says what is wrong
+    except Exception:
         return None
     return None
 

@@ -208,7 +208,7 @@ def _pipeline_class(spec: str, local_only: bool) -> str:
 
         index = DiffusionPipeline.load_config(spec, local_files_only=local_only)
         name = str(index.get("_class_name", ""))
-    except Exception:  # noqa: BLE001 - the load below reports a missing/bad model in one line
+    except Exception:
         return "StableDiffusionPipeline"
     return "StableDiffusionXLPipeline" if "XL" in name else "StableDiffusionPipeline"
 
@@ -314,7 +314,7 @@ def _cached_tokenizer(repo: str, sub: str = "tokenizer") -> Path | None:
         root = snapshot_download(repo, allow_patterns=[f"{sub}/*"], local_files_only=True)
         tok = Path(root) / sub
         return tok if (tok / "vocab.json").exists() else None
-    except Exception:  # noqa: BLE001 - any cache miss means "not available offline"
+    except Exception:
         return None
 
 
@@ -391,7 +391,7 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         try:
             return _load_pretrained(spec, "hub", device, dtype, allow_pickle, local_only=False)
-        except Exception as e:  # noqa: BLE001 - turn network/hub failures into one actionable line
+        except Exception as e:
             raise ModelLoadError(
                 f"Could not load {spec!r} from the Hugging Face Hub or its cache ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:160]}). Check the id and your connection, or use a local "

@@ -4,10 +4,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
 # One thread: the tiny models gain nothing from two, and OpenMP threads spin-waiting for each other
 # on oversubscribed cores (browser, server, CLI subprocesses) made runs up to 30x slower.

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, AuthenticationError
 from PIL import Image
 
 from editing.images import read_recipe
@@ -186,7 +186,7 @@ def _result(i: int):
 
 
 def test_thirty_results_are_thirty_distinct_entries_kept_and_restored(tmp_path):
-    from ui.common import BeforeAfter, Results, configure, new_history_key
+    from ui.history import BeforeAfter, Results, configure, new_history_key
 
     key = new_history_key()
     try:
@@ -222,7 +222,7 @@ def test_thirty_results_are_thirty_distinct_entries_kept_and_restored(tmp_path):
 
 
 def test_recipes_can_leave_the_input_out(tmp_path):
-    from ui.common import Results, configure
+    from ui.history import Results, configure
 
     try:
         configure(outputs=tmp_path / "out", input_in_recipe=False)
@@ -342,7 +342,7 @@ def test_a_server_killed_mid_training_leaves_no_torn_or_half_trained_lora(tmp_pa
 # ---- login and the time budget ---------------------------------------------------------------------------------
 def test_login_and_time_budget(editor, tmp_path, image_path):
     with served_app(editor, tmp_path / "out", "--auth", "ann:secret", "--time-budget", "2") as (url, *_):
-        with pytest.raises(Exception):  # noqa: B017 - gradio_client's own error for a refused login
+        with pytest.raises(AuthenticationError):
             Client(url, verbose=False)
         client = Client(url, verbose=False, auth=("ann", "secret"))
         t0 = time.monotonic()

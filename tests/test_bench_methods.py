@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from bench import dragbench, methods as bm, perf, toy_drag
+from bench import dragbench, perf, toy_drag
+from bench import methods as bm
 from models.errors import EditError
 from tests.conftest import scene
 

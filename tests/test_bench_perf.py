@@ -39,7 +39,6 @@ def test_perf_tiny_config_writes_report(tmp_path, capsys):
         assert r["nfe_first"]["inversion"] > 0 and r["nfe_repeat"]["inversion"] == 0  # inversion + bank cached
         assert r["nfe_first"]["edit"] == r["nfe_repeat"]["edit"] > 0
 
-    from bench import methods as bm
 
     for name in ("instant", "region", "gooddrag"):  # the newer methods (bench/modes_drag.py), once installed
         r = runs[name]

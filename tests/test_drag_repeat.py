@@ -2,8 +2,8 @@
 source, editing/drag_diffusion.py) and gives the pixels a cold run gives."""
 import numpy as np
 
+from editing.drag import GOODDRAG, DragRequest
 from editing.engine import Editor
-from editing.drag import DragRequest, GOODDRAG
 from tests.conftest import FAST, scene
 
 PAIR = (((30.0, 32.0), (45.0, 30.0)),)

@@ -63,7 +63,8 @@ def test_two_pairs_blend_their_displacements():
     handles = np.array([[10.0, 20.0], [30.0, 20.0]])
     targets = np.array([[10.0, 14.0], [30.0, 26.0]])  # one up, one down
     cells, disp, _ = dw.warp_field(region, handles, targets)
-    pick = lambda x, y: disp[(cells[:, 0] == x) & (cells[:, 1] == y)][0]  # noqa: E731
+    def pick(x, y):
+        return disp[(cells[:, 0] == x) & (cells[:, 1] == y)][0]
     assert pick(10, 20) == pytest.approx([0, -6], abs=1e-3)
     assert pick(30, 20) == pytest.approx([0, 6], abs=1e-3)
     assert abs(pick(20, 20)[1]) < 1e-3  # midway: equal weights, opposite moves cancel

@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-from editing.engine import Editor
 from editing.drag import DragRequest
+from editing.engine import Editor
 from models.errors import EditCancelled, EditError
 from tests.conftest import FAST, scene
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from editing.generation import ControlNetUnit, GenerateRequest, SketchRequest
-from models.errors import EditError
 from editing.sampling import NoisePredictor, Schedule, denoise, invert, to_eps
 from models import choose, families, loader
+from models.errors import EditError
 from tests.conftest import scene
 
 FAST = {"n_inference_steps": 4, "width": 64, "height": 64}

@@ -3,10 +3,9 @@ replay, and the UNet's attention processors and hooks restored afterwards. Tiny 
 import numpy as np
 import pytest
 
-
+from editing.drag import DragRequest, GuidedDragRequest
 from editing.drag.instant import InstantDragRequest
 from editing.drag.region import RegionDragRequest
-from editing.drag import DragRequest, GuidedDragRequest
 from tests.conftest import scene
 
 PAIR = (((20.0, 32.0), (32.0, 30.0)),)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from editing import dreambooth as db
-from editing.lora_library import loading
 from editing.drag import GuidedDragRequest
-from models.errors import EditError
+from editing.lora_library import loading
 from editing.requests import AppearanceRequest, MoveRequest, PasteRequest
+from models.errors import EditError
 from tests.conftest import scene
 
 SPECS = ("tiny-sdxl", "tiny-sd2-v")

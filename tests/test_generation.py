@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from editing.drag import DragRequest
 from editing.generation import (
     MAX_BATCH,
     AdapterUnit,
@@ -15,10 +16,9 @@ from editing.generation import (
     IPAdapterUnit,
     SketchRequest,
 )
-from editing.drag import DragRequest
-from models.errors import EditCancelled, EditError
 from editing.runtime import TASKS
 from models import adapters
+from models.errors import EditCancelled, EditError
 
 STEPS = 3
 FAST = {"n_inference_steps": STEPS, "width": 64, "height": 64}
@@ -326,8 +326,8 @@ def test_adapter_conditioning_factor_limits_the_steps_it_steers(ed):
 
 def test_make_drag_ready_replays_a_saved_sketch(ed, tmp_path):
     """For cmd_drag: a PNG written by `sketch` carries its recipe; replaying it makes a new Editor drag-ready."""
-    from editing.engine import Editor
     from editing.cli.drag import make_drag_ready
+    from editing.engine import Editor
     from editing.images import save_png_with_recipe
 
     r = ed.edit(SketchRequest(drawing(), prompt="x", strength=1.0, n_inference_steps=2, seed=4))

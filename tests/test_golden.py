@@ -118,8 +118,8 @@ def _sketch(ed):
 
 
 def _sketch_drag(ed):
-    from editing.generation import SketchRequest
     from editing.drag import DragRequest
+    from editing.generation import SketchRequest
 
     s = ed.edit(SketchRequest(drawing(), prompt="x", strength=0.5, n_inference_steps=4, seed=2))
     return ed.edit(DragRequest(s.image, (((20, 20), (30, 26)),), None, inversion_strength=0.25, n_inference_steps=4,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from editing.drag import DRAG_FIELDS, GOODDRAG, DragRequest
 from editing.drag import dragdiffusion as dd
-from editing.drag import DRAG_FIELDS, DragRequest, GOODDRAG
 from models.errors import EditError
 from tests.conftest import FAST, scene
 
@@ -107,7 +107,7 @@ def test_gooddrag_moves_toy_shapes_closer_than_noop(toy):
     """Real drags: the toy model knows its world, so GoodDrag's drag with its published settings must bring the
     shape nearer the target than leaving the picture alone (the benchmark's noop). The identity LoRA (DragDiffusion's
     part, not GoodDrag's) is off to keep the test short; the benchmark runs it with (report: MD 5.2 vs noop 12.4)."""
-    from bench.toy_drag import measure, make_cases
+    from bench.toy_drag import make_cases, measure
 
     cases = make_cases(3)
     got, noop = [], []

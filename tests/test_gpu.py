@@ -7,8 +7,8 @@ from editing import cuda_graphs
 from editing.drag import dragdiffusion as dd
 from editing.geometry import points_to_grid
 from editing.images import pil_to_tensor
-from editing.sampling import NoisePredictor, Schedule, invert
 from editing.lora import train_identity_lora
+from editing.sampling import NoisePredictor, Schedule, invert
 from tests.conftest import FAST, scene
 
 pytestmark = pytest.mark.gpu
@@ -70,8 +70,8 @@ def test_graphed_drag_and_lora_match_eager(cuda_bundle, monkeypatch):
 
 
 def test_drag_end_to_end_on_cuda_counts_unet_calls():
-    from editing.engine import Editor
     from editing.drag import DragRequest
+    from editing.engine import Editor
 
     ed = Editor("tiny", device="cuda")
     m = np.zeros((64, 96), bool)

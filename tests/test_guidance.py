@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from editing.drag import GuidedDragRequest
 from editing.drag.guided import cells_around
+from editing.geometry import mask_centre, place
 from editing.guidance import energies, sampler
 from editing.guidance.schedule import GuidedSchedule
 from editing.kv_bank import decoder_layers
-from editing.geometry import mask_centre, place
-from editing.drag import GuidedDragRequest
-from models.errors import EditCancelled, EditError
 from editing.requests import AppearanceRequest, MoveRequest, PasteRequest
+from models.errors import EditCancelled, EditError
 from tests.conftest import scene
 
 STEPS = dict(n_inference_steps=10)
@@ -146,7 +146,8 @@ def test_move_puts_the_objects_inverted_noise_at_the_new_place(editor, bundle, m
     editor.edit(MoveRequest(image=scene(64, 64), mask=m, offset=(24, 16), **STEPS))
     plan, inv = seen["plan"], seen["inv"]
     c = bundle.vae_scale_factor * 64 / _working_size(editor, (64, 64))[0]  # image px per latent cell
-    L = lambda v: round(v / c)  # noqa: E731
+    def L(v):
+        return round(v / c)
     z_inv, z_T = inv.latents[-1][:1], plan.z_T.cpu()
     src = z_inv[..., L(16): L(32), L(8): L(24)]
     dst = z_T[..., L(16 + 16): L(32 + 16), L(8 + 24): L(24 + 24)]

@@ -44,7 +44,7 @@ def served_app(editor, outputs: Path, *extra: str, settings: dict | None = None)
     """app.build + launch in this process; yields (url, demo, args). Serving settings are reset afterwards, and
     the shared editor gets its trust back, so other test modules see what they expect."""
     import app
-    from ui.common import configure
+    from ui.history import configure
 
     args = app.parse_args(["--model", "tiny", "--outputs", str(outputs), "--port", str(free_port()), *extra])
     trusted = editor.trust_lora_paths
@@ -163,7 +163,7 @@ def json_with_nan():
     httpx itself refuses them."""
     real = httpx.post
 
-    def post(url, *args, json=None, **kwargs):  # noqa: A002 - httpx's own keyword
+    def post(url, *args, json=None, **kwargs):
         if json is not None:
             kwargs["content"] = _json.dumps(json, allow_nan=True)
             kwargs["headers"] = {**dict(kwargs.get("headers") or {}), "content-type": "application/json"}
@@ -302,7 +302,7 @@ def run_case(client, api: str, kwargs: dict, must_refuse: bool) -> tuple[str, st
     except TimeoutError:
         job.cancel()
         return "hang", ""
-    except Exception as e:  # noqa: BLE001 - the client could not read the answer: not clear to a user
+    except Exception as e:
         return "unclear", f"{type(e).__name__}: {e}"
     return ("accepted-bad" if must_refuse else "accepted"), ""
 
@@ -359,7 +359,7 @@ def test_bad_input_matrix_over_every_endpoint_and_field(served, client, files):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "hostile_counts.json").write_text(json.dumps({"summary": summary, "failures": failures,
                                                                "slowest": slowest}, indent=1))
-    print(f"\nhostile matrix: {summary}")  # noqa: T201 - the counts go into the issue's note
+    print(f"\nhostile matrix: {summary}")  # the counts go into the issue's note
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures[:60])
     assert counts["clear"] + counts["accepted"] == len(cases)
 
@@ -397,7 +397,7 @@ def test_random_values_in_random_fields_get_a_clear_answer(served, client, files
     with json_with_nan():
         case()
     check_valid(client, "/drag", valid)
-    print(f"\nhypothesis: {len(seen)} random cases: {', '.join(f'{k} {seen.count(k)}' for k in sorted(set(seen)))}")  # noqa: T201
+    print(f"\nhypothesis: {len(seen)} random cases: {', '.join(f'{k} {seen.count(k)}' for k in sorted(set(seen)))}")
 
 
 def _must_refuse_number(comp, value) -> bool:

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image, ImageOps
 
 from editing import images
-from editing.images import MAX_PIXELS, load_image, load_mask, read_recipe
 from editing.drag import DragRequest, GuidedDragRequest, IdentityLoraRequest
-from models.errors import EditError
+from editing.images import MAX_PIXELS, load_image, load_mask, read_recipe
 from editing.requests import MoveRequest
+from models.errors import EditError
 from tests.conftest import scene
 
 

@@ -127,8 +127,8 @@ def _cli_request(*argv):
 def test_cli_builds_the_new_methods_requests_and_refuses_other_methods_flags(tmp_path):
     from PIL import Image
 
+    from editing.drag import GOODDRAG, DragRequest
     from editing.drag.region import RegionDragRequest
-    from editing.drag import DragRequest, GOODDRAG
 
     scene().save(tmp_path / "in.png")
     Image.fromarray(box().astype(np.uint8) * 255).save(tmp_path / "m.png")

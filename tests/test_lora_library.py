@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from editing import lora_library as lib
-from editing.sampling import unet_eps
-from editing.lora import lora_adapter, train_identity_lora
 from editing.drag import DragRequest
+from editing.lora import lora_adapter, train_identity_lora
+from editing.sampling import unet_eps
 from models.errors import EditError
 from tests.conftest import FAST, scene
 

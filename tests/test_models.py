@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from models.errors import EditError
 from models import loader
+from models.errors import EditError
 from models.tiny import build_components
 
 
@@ -101,8 +101,8 @@ def test_toy_drag_moves_the_shape():
     """On the trained toy model a DiffEditor drag of a held-out scene moves the shape toward the target
     (the second case of bench.toy_drag: 6.5 px -> 2.7 px with the published defaults)."""
     from bench.toy_drag import make_cases, measure
-    from editing.engine import Editor
     from editing.drag import GuidedDragRequest
+    from editing.engine import Editor
 
     toy = Editor("toy")
     case = make_cases(2)[1]

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from editing.drag import dragdiffusion as dd
-from editing.kv_bank import BankAttnProcessor, BankControl, MemoryBank, Record, Replace, bank_attention, mutual_layers
 from editing.features import FeatureCapture, run_for_features
 from editing.geometry import points_to_grid, working_size
 from editing.images import pil_to_tensor
-from editing.sampling import NoisePredictor, Schedule, ddim_step, invert, unet_eps
+from editing.kv_bank import BankAttnProcessor, BankControl, MemoryBank, Record, Replace, bank_attention, mutual_layers
 from editing.lora import lora_adapter, train_identity_lora
+from editing.sampling import NoisePredictor, Schedule, ddim_step, invert, unet_eps
 from tests.conftest import scene
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from editing.drag import DragRequest
-from models.errors import EditError
 from editing.runtime import Run
+from models.errors import EditError
 from tests.conftest import FAST, scene
 
 PAIR = (((30.0, 32.0), (45.0, 30.0)),)

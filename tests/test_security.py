@@ -312,7 +312,7 @@ def test_ci_runs_exactly_the_readme_test_block():
     """A fresh machine following the README installs the test dependencies before running the tests."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Test\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
-    assert block == ["pip install -r requirements-dev.txt", "python -m pytest -q"]
+    assert block == ["pip install -r requirements-dev.txt", "ruff check .", "python -m pytest -q"]
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
     assert ci[-len(block):] == block
     assert "pytest" in (ROOT / "requirements-dev.txt").read_text()

@@ -4,8 +4,8 @@ Same pixels as in process, cache-affine routing, cancel across the process bound
 mid-edit, and the clear messages for a bad address, a missing deployment and too many replicas.
 """
 import threading
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +15,7 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 
 from editing.drag import DragRequest
 from models.errors import EditCancelled, EditError
-from tests.conftest import FAST, scene  # noqa: E402
+from tests.conftest import FAST, scene
 
 PAIR = (((30.0, 32.0), (45.0, 30.0)),)
 APP = "dragcanvas-test"
@@ -38,7 +38,7 @@ def _in_thread(fn):
     def run():
         try:
             out["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - inspected by the test
+        except BaseException as e:
             out["error"] = e
 
     t = threading.Thread(target=run, daemon=True)

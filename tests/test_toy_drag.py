@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bench import toy_drag
-from models.errors import EditError
 from models import toy_world as tw
+from models.errors import EditError
 
 
 def test_metric_rewards_a_perfect_drag_and_not_the_input():

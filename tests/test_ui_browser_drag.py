@@ -9,8 +9,7 @@ import json
 
 import pytest
 
-from tests.test_ui_browser import (RUN_TIMEOUT_MS, PlaywrightTimeout, app_url, browser, image_path,  # noqa: F401
-                                   open_app, page)
+from tests.test_ui_browser import RUN_TIMEOUT_MS, PlaywrightTimeout, app_url, browser, image_path, open_app, page
 
 pytestmark = pytest.mark.browser
 

@@ -67,7 +67,8 @@ def test_checked_widgets_keep_their_frontend_and_read_good_values():
 def test_a_tripped_run_stops_only_itself():
     import threading
 
-    from ui.common import BeforeAfter, GpuHandlers, _RunGuard
+    from ui.common import GpuHandlers, _RunGuard
+    from ui.history import BeforeAfter
 
     session = BeforeAfter()
     guard = _RunGuard((session,), {})
@@ -83,7 +84,7 @@ def test_a_tripped_run_stops_only_itself():
 
 
 def test_result_names_never_repeat():
-    from ui.common import unique_name
+    from ui.history import unique_name
 
     names = [unique_name("after") for _ in range(200)]
     assert len(set(names)) == 200 and names == sorted(names)

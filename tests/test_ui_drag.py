@@ -10,8 +10,8 @@ from PIL import Image
 from editing.drag import GOODDRAG, MAX_POINT_PAIRS, DragRequest, InstantDragRequest, RegionDragRequest
 from models.errors import EditCancelled, EditError
 from ui import drag_methods, drag_tab, overlay
-from ui.drag_session import Session, apply_edit
 from ui.drag_methods import method_name
+from ui.drag_session import Session, apply_edit
 from ui.feedback import LiveProgress
 
 SIZE = (96, 64)
@@ -237,10 +237,10 @@ def test_draw_trail_marks_the_path():
 
 
 # ---- the /drag API: the new methods by name, any case ----------------------------------------------------
-from tests.test_ui_client import app_url, client, drag, image_path  # noqa: E402,F401 - fixtures and helper
+from tests.test_ui_client import app_url, client, drag, image_path
 
 
-def test_api_runs_instant_and_gooddrag_by_name_in_any_case(client, image_path):  # noqa: F811
+def test_api_runs_instant_and_gooddrag_by_name_in_any_case(client, image_path):
     from gradio_client.exceptions import AppError
 
     from editing.images import read_recipe

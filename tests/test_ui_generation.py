@@ -227,8 +227,8 @@ def test_generation_streams_the_sampling_preview_into_the_gallery(ed):
     import threading
 
     from editing.generation import GenerateRequest
-    from ui.common import Results
     from ui.feedback import stream_to_gallery
+    from ui.history import Results
 
     shown = threading.Event()
 

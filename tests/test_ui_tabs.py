@@ -16,8 +16,16 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from tests.test_ui_browser import (RUN_TIMEOUT_MS, app_url, browser, click_example, open_tab, page,  # noqa: F401
-                                   wait_ack, wait_status_done)
+from tests.test_ui_browser import (
+    RUN_TIMEOUT_MS,
+    app_url,
+    browser,
+    click_example,
+    open_tab,
+    page,
+    wait_ack,
+    wait_status_done,
+)
 from ui.app import check_tabs
 
 TAB_LABELS = ("Drag", "Move & Resize", "Paste", "Appearance", "Sketch", "Generate", "Personalize")

@@ -24,20 +24,7 @@ from editing.generation import GENERATE_FIELDS
 from models.errors import EditCancelled, EditError
 from ui import overlay
 from ui.gradio_compat import current_request, queue_job
-
-# The history every tab keeps is in ui/history.py; these names are part of what the tabs share from here.
-from ui.history import (  # noqa: F401
-    SERVING,
-    BeforeAfter,
-    History,
-    Results,
-    Serving,
-    configure,
-    new_history_key,
-    on_select,
-    unique_name,
-    wire_history,
-)
+from ui.history import SERVING, History
 from ui.zerogpu import zero_gpu
 
 log = logging.getLogger(__name__)

@@ -29,19 +29,35 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from editing.drag import DRAG_FIELDS, GOODDRAG, INSTANT_FIELDS, LORA_FIELDS, REGION_FIELDS
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image
-from editing.drag import DRAG_FIELDS, GOODDRAG, INSTANT_FIELDS, LORA_FIELDS, REGION_FIELDS
 from models.errors import EditCancelled, EditError
 from ui import overlay
+
+# notify and shows_errors are also imported from here by ui/personalize_tab.py.
+from ui.common import (
+    GPU_SECONDS,
+    MASK_CANVAS,
+    EngineProgress,
+    GpuHandlers,
+    arm,
+    canvas_image,
+    lora_picker,
+    lora_specs,
+    notify,
+    request_cancel,
+    shows_errors,
+    streams_errors,
+    summary,
+    timings,
+    with_loras,
+)
 from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, drag_request, method_info
 from ui.drag_session import Session, editor_html
 from ui.feedback import LiveProgress
-# notify and shows_errors are also imported from here by ui/personalize_tab.py.
-from ui.common import (GPU_SECONDS, MASK_CANVAS, EngineProgress, GpuHandlers, arm, canvas_image, lora_picker,
-                       lora_specs, notify, on_select, request_cancel, shows_errors, streams_errors, summary, timings,
-                       with_loras)
 from ui.fields import field_input, guided_input
+from ui.history import on_select
 from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
@@ -204,7 +220,7 @@ class EngineHandlers(GpuHandlers):
         self._train = gpu(GPU_SECONDS["lora"])(editor.train_identity_lora)
 
     @streams_errors(5)
-    def drag(self, image, mask, points, prompt, session: Session, progress=gr.Progress(), **settings):  # noqa: B008
+    def drag(self, image, mask, points, prompt, session: Session, progress=gr.Progress(), **settings):
         """Drag each handle point to its target. points: "[[hx, hy], [tx, ty], ...]" in image pixels.
 
         Streams while the engine works: the before/after view shows the handles' trail during the optimisation
@@ -218,7 +234,8 @@ class EngineHandlers(GpuHandlers):
         cancel = self.cancel_of(session)
         live = LiveProgress(progress)
         factor = overlay.preview_zoom(request.image.size)
-        call = lambda cb: self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        def call(cb):
+            return self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))
         try:
             for snap in live.follow(call, cancel=cancel):
                 if cancel is not None and cancel.is_set():
@@ -238,7 +255,7 @@ class EngineHandlers(GpuHandlers):
         yield *session.shown(), session.gallery(), summary(result, request.mask is not None)
 
     @shows_errors
-    def generate(self, prompt, seed, n_inference_steps, session: Session, progress=gr.Progress()):  # noqa: B008
+    def generate(self, prompt, seed, n_inference_steps, session: Session, progress=gr.Progress()):
         """Text-to-image; the result becomes the working image and is drag-ready (no inversion, no LoRA)."""
         if seed is None or n_inference_steps is None:
             raise EditError("Seed and steps must be whole numbers.")
@@ -250,7 +267,7 @@ class EngineHandlers(GpuHandlers):
                 f"Generated in {result.total_s:.1f} s. It is drag-ready: place points on it and run.")
 
     @shows_errors
-    def train_lora(self, image, prompt, session: Session, progress=gr.Progress(), **settings):  # noqa: B008
+    def train_lora(self, image, prompt, session: Session, progress=gr.Progress(), **settings):
         """Fine-tune (and cache) the identity LoRA that a drag of this image and prompt would train first."""
         if not image:
             raise EditError("No image: upload or generate an image first.")

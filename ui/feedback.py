@@ -167,7 +167,7 @@ class LiveProgress:
         def work():
             try:
                 outcome["result"] = call(self)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the handler's thread
+            except BaseException as e:
                 outcome["error"] = e
 
         # The worker runs in a copy of this handler's context, so context variables set around the handler
@@ -202,7 +202,8 @@ def stream_to_gallery(edit, req, results, cancel, progress, loras) -> Iterator[t
     generating tab — gallery, download, details, status — while it samples: the kept results plus the newest
     x̂₀ preview when the engine sends one, and "Running: …". Returns the result: ``result = yield from …``."""
     live = LiveProgress(progress)
-    call = lambda cb: edit(req, progress=cb, cancel=cancel, loras=loras)  # noqa: E731
+    def call(cb):
+        return edit(req, progress=cb, cancel=cancel, loras=loras)
     for snap in live.follow(call, cancel=cancel):
         if cancel is None or not cancel.is_set():  # else Cancel's own status line stays
             yield (_live_gallery(results, snap), gr.skip(), gr.skip(), f"Running: {snap.status}")

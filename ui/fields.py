@@ -11,8 +11,8 @@ import math
 import gradio as gr
 
 from editing.checks import check_number
-from models.errors import EditError
 from editing.requests import GUIDED_DEFAULTS, GUIDED_FIELDS
+from models.errors import EditError
 from ui import gradio_compat
 
 

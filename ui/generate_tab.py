@@ -41,14 +41,12 @@ from ui import examples
 from ui.common import (
     GPU_SECONDS,
     GpuHandlers,
-    Results,
     details_of,
     lora_picker,
     lora_specs,
     model_names,
     model_spec,
     notify,
-    on_select,
     pick_seed,
     request_cancel,
     results_gallery,
@@ -60,6 +58,7 @@ from ui.common import (
 )
 from ui.feedback import stream_to_gallery
 from ui.fields import field_input
+from ui.history import Results, on_select
 from ui.zerogpu import gpu
 
 N_CONTROLNETS = 2  # accordions in the UI; the API takes up to editing.generation.MAX_UNITS
@@ -228,7 +227,7 @@ class GenerateHandlers(GpuHandlers):
         self._edit = gpu(GPU_SECONDS["text_to_image"])(editor.edit)
 
     @streams_errors(4)
-    def generate(self, prompt, negative_prompt, units, files, results: Results, progress=gr.Progress(),  # noqa: B008
+    def generate(self, prompt, negative_prompt, units, files, results: Results, progress=gr.Progress(),
                  loras=None, **settings):
         """Text-to-image with units (see the module docstring); returns gallery, download, details, status."""
         cns, ads, ip = parse_units(units, files)

@@ -22,12 +22,26 @@ from PIL import Image
 
 from editing.geometry import mask_centre, place_object
 from editing.images import load_image, load_mask
+from editing.requests import GUIDED_FIELDS, AppearanceRequest, MoveRequest, PasteRequest
 from models.errors import EditError
-from editing.requests import AppearanceRequest, GUIDED_FIELDS, MoveRequest, PasteRequest
 from ui import examples, overlay
-from ui.common import (GPU_SECONDS, MASK_CANVAS, BeforeAfter, GpuHandlers, arm, canvas_image, lora_picker,
-                       lora_specs, notify, on_select, request_cancel, streams_errors, summary, timings, with_loras)
+from ui.common import (
+    GPU_SECONDS,
+    MASK_CANVAS,
+    GpuHandlers,
+    arm,
+    canvas_image,
+    lora_picker,
+    lora_specs,
+    notify,
+    request_cancel,
+    streams_errors,
+    summary,
+    timings,
+    with_loras,
+)
 from ui.feedback import LiveProgress
+from ui.history import BeforeAfter, on_select
 from ui.zerogpu import gpu
 
 log = logging.getLogger(__name__)
@@ -209,7 +223,8 @@ class GuidedHandlers(GpuHandlers):
         cancel = self.cancel_of(session)
         live = LiveProgress(progress)
         before = overlay.as_rgb(request.image)
-        call = lambda cb: self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))  # noqa: E731
+        def call(cb):
+            return self._edit(request, progress=cb, cancel=cancel, loras=lora_specs(loras))
         for snap in live.follow(call, cancel=cancel):
             if cancel is not None and cancel.is_set():
                 continue  # Cancel's own status line stays

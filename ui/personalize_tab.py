@@ -104,7 +104,7 @@ class PersonalizeHandlers:
 
     @streams_errors(6)
     def personalize(self, photos, class_noun, identifier, name, prior_preservation, train_text_encoder,
-                    session: TrainSession, progress=gr.Progress(), **settings):  # noqa: B008 - gradio injects it
+                    session: TrainSession, progress=gr.Progress(), **settings):
         """Train a subject LoRA from the photos; streams (previews, LoRA file, card, status, signal, library)."""
         arm(session)  # a Cancel pressed for an earlier run must not stop this one (API clients have no pre-run step)
         req = PersonalizeRequest(tuple(_paths(photos)), class_noun or "", identifier=identifier or "",
@@ -119,7 +119,7 @@ class PersonalizeHandlers:
             try:
                 outcome["result"] = self._edit(req, progress=stream if self.can_cancel else None,
                                                cancel=session.cancel if self.can_cancel else None)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the handler's thread
+            except BaseException as e:
                 outcome["error"] = e
 
         worker = threading.Thread(target=work, name=f"personalize-{lora_name}", daemon=True)

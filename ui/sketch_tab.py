@@ -26,14 +26,12 @@ from ui import examples
 from ui.common import (
     GPU_SECONDS,
     GpuHandlers,
-    Results,
     details_of,
     lora_picker,
     lora_specs,
     model_names,
     model_spec,
     notify,
-    on_select,
     pick_seed,
     request_cancel,
     results_gallery,
@@ -44,6 +42,7 @@ from ui.common import (
 )
 from ui.feedback import stream_to_gallery
 from ui.fields import field_input
+from ui.history import Results, on_select
 from ui.zerogpu import gpu
 
 BRUSH_COLOURS = ["#000000", "#e03030", "#f0a020", "#f5e040", "#30a040", "#3070e0", "#8040c0", "#8b5a2b",
@@ -146,7 +145,7 @@ class SketchHandlers(GpuHandlers):
 
     @streams_errors(4)
     def sketch(self, sketch, photo, prompt, negative_prompt, scribble_controlnet, results: Results,
-               progress=gr.Progress(), loras=None, **settings):  # noqa: B008 - gradio injects it
+               progress=gr.Progress(), loras=None, **settings):
         """Sketch (+ optional photo under it) -> image(s) with SDEdit; returns gallery, download, details, status."""
         if not sketch:
             raise EditError("The sketch is blank: draw some strokes first (or upload a drawing).")
@@ -227,7 +226,7 @@ def build_sketch_tab(editor, settings: dict | None = None, links=None) -> None:
 
 
 def _wire(w: SimpleNamespace, h: SketchHandlers, links) -> None:
-    instant = dict(show_progress="hidden", api_visibility="private")  # noqa: C408
+    instant = dict(show_progress="hidden", api_visibility="private")
     w.gallery.select(on_select, [w.results], [w.download, w.details], **instant)
     for ev in (w.canvas.upload, w.canvas.change):
         ev(sketch_received, [w.canvas], [w.info], trigger_mode="always_last", concurrency_id="sketch-info",

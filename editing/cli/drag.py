@@ -72,7 +72,7 @@ def make_drag_ready(ed, image_path) -> bool:
 
     try:
         recipe = read_recipe(image_path)
-    except Exception:  # noqa: BLE001 - a PNG without a readable recipe is just a photo
+    except Exception:
         log.debug("no readable recipe in %s", image_path, exc_info=True)
         return False
     if not recipe or recipe.get("task") not in ("generate", "sketch"):

@@ -190,8 +190,8 @@ def _add_sketch(sub) -> None:
 
 
 def _add_generate(sub) -> None:
-    from editing.generation import ADAPTER_FIELDS, CONTROLNET_FIELDS, GENERATE_FIELDS, IP_FIELDS
     from editing.drag import DRAG_FIELDS
+    from editing.generation import ADAPTER_FIELDS, CONTROLNET_FIELDS, GENERATE_FIELDS, IP_FIELDS
 
     g = sub.add_parser("generate", help="text-to-image with ControlNet / T2I-Adapter / IP-Adapter units; drag-ready")
     g.add_argument("--prompt", required=True)

@@ -15,8 +15,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from editing.cli.common import (add_common, add_guided_flags, add_mask_click_flags, editor, given, lora_specs, progress,
-                                resolve_mask, write)
+from editing.cli.common import (
+    add_common,
+    add_guided_flags,
+    add_mask_click_flags,
+    editor,
+    given,
+    lora_specs,
+    progress,
+    resolve_mask,
+    write,
+)
 from editing.requests import GUIDED_FIELDS, GUIDED_METHODS
 from models.errors import EditError
 

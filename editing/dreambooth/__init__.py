@@ -28,7 +28,15 @@ from editing.dreambooth.identifier import (
     suggest_identifiers,
 )
 from editing.dreambooth.loss import prior_preservation_loss
-from editing.dreambooth.photos import IMAGE_SUFFIXES, MAX_PHOTOS, MIN_PHOTO_SIDE, MIN_PHOTOS, augment, load_photos, square
+from editing.dreambooth.photos import (
+    IMAGE_SUFFIXES,
+    MAX_PHOTOS,
+    MIN_PHOTO_SIDE,
+    MIN_PHOTOS,
+    augment,
+    load_photos,
+    square,
+)
 from editing.dreambooth.priors import class_prior_images, encode_text, prior_dir, sample
 from editing.dreambooth.request import PERSONALIZE_FIELDS, PersonalizeRequest, names, output_dir, work_dir
 from editing.dreambooth.task import personalize_from_recipe, run_personalize  # registers "personalize"

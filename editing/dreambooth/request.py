@@ -6,11 +6,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from editing.checks import check_flag, check_number
 from editing.dreambooth.identifier import check_identifier
 from editing.dreambooth.photos import load_photos
-from editing.checks import check_flag
 from models.errors import EditError
-from editing.checks import check_number
 
 # name -> (min, max, default, one-line why). The UI builds its sliders from this table.
 PERSONALIZE_FIELDS: dict[str, tuple[float, float, float, str]] = {

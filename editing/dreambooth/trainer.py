@@ -46,8 +46,8 @@ from editing.dreambooth.priors import class_prior_images, encode_text, sample
 from editing.dreambooth.request import PersonalizeRequest, check_free, names, output_dir, work_dir
 from editing.dreambooth.runs import cancel_requested
 from editing.images import atomic_write, load_image, pil_to_tensor
-from models.errors import EditCancelled, EditError
 from editing.sampling import add_noise, unet_dtype
+from models.errors import EditCancelled, EditError
 
 log = logging.getLogger(__name__)
 

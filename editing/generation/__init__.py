@@ -17,8 +17,48 @@ Design notes (where we differ from diffusers' defaults):
 - Strength (SDEdit t0) 0 returns the sketch itself (no model call); 1 starts from (almost) pure noise.
 - Image ``i`` of a batch uses seed ``seed + i``, so any one image can be remade alone.
 """
-from editing.generation.requests import (ADAPTER_FIELDS, CONTROLNET_FIELDS, GENERATE_FIELDS, IP_FIELDS,  # noqa: F401
-                                         MAX_BATCH, MAX_SIDE, MAX_UNITS, SKETCH_FIELDS, AdapterUnit,
-                                         ControlNetUnit, GenerateRequest, IPAdapterUnit, SketchRequest)
-from editing.generation.tasks import (generate_from_recipe, output_size, replace, run_generate,  # noqa: F401 - registers
-                                      run_sketch, sketch_from_recipe)
+from editing.generation.requests import (
+                                         ADAPTER_FIELDS,
+                                         CONTROLNET_FIELDS,
+                                         GENERATE_FIELDS,
+                                         IP_FIELDS,
+                                         MAX_BATCH,
+                                         MAX_SIDE,
+                                         MAX_UNITS,
+                                         SKETCH_FIELDS,
+                                         AdapterUnit,
+                                         ControlNetUnit,
+                                         GenerateRequest,
+                                         IPAdapterUnit,
+                                         SketchRequest,
+)
+from editing.generation.tasks import (
+                                         generate_from_recipe,
+                                         output_size,
+                                         replace,
+                                         run_generate,
+                                         run_sketch,
+                                         sketch_from_recipe,
+)
+
+__all__ = [
+    "ADAPTER_FIELDS",
+    "AdapterUnit",
+    "CONTROLNET_FIELDS",
+    "ControlNetUnit",
+    "GENERATE_FIELDS",
+    "GenerateRequest",
+    "IPAdapterUnit",
+    "IP_FIELDS",
+    "MAX_BATCH",
+    "MAX_SIDE",
+    "MAX_UNITS",
+    "SKETCH_FIELDS",
+    "SketchRequest",
+    "generate_from_recipe",
+    "output_size",
+    "replace",
+    "run_generate",
+    "run_sketch",
+    "sketch_from_recipe",
+]

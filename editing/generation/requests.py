@@ -143,7 +143,9 @@ class SketchRequest:
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)
+        def set_(k, v):
+            object.__setattr__(self, k, v)
+
         sketch = _check_image(self.sketch, "The sketch")
         notices = list(self.notices)
         base = None if self.image is None else _check_image(self.image, "The photo under the sketch").convert("RGB")
@@ -203,7 +205,9 @@ class GenerateRequest:
     notices: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)
+        def set_(k, v):
+            object.__setattr__(self, k, v)
+
         set_("prompt", check_text(self.prompt, "prompt"))
         set_("negative_prompt", check_text(self.negative_prompt, "negative prompt"))
         _check_fields(self, GENERATE_FIELDS)

@@ -16,12 +16,20 @@ import torch
 from PIL import Image
 
 from editing import conditions
-from editing.generation.requests import (GENERATE_FIELDS, SKETCH_FIELDS, AdapterUnit, ControlNetUnit,
-                                         GenerateRequest, IPAdapterUnit, SketchRequest)
+from editing.generation.requests import (
+    GENERATE_FIELDS,
+    SKETCH_FIELDS,
+    AdapterUnit,
+    ControlNetUnit,
+    GenerateRequest,
+    IPAdapterUnit,
+    SketchRequest,
+)
 from editing.images import tensor_to_pil
 from editing.runtime import EditResult, Task, decode_image, register
 from editing.sampling import Schedule
 from models import families
+
 
 # ---- the shared denoise run ------------------------------------------------------------------------
 def _components(b, scheduler) -> dict:
@@ -343,7 +351,9 @@ def generate_from_recipe(recipe: dict) -> GenerateRequest:
         return GenerateRequest(recipe["prompt"], width=w, height=h, seed=recipe["seed"],
                                guidance_scale=recipe["guidance_scale"], n_inference_steps=recipe["n_inference_steps"])
     p = recipe["params"]
-    img = lambda k: decode_image(recipe[f"{k}_png"])
+    def img(k):
+        return decode_image(recipe[f"{k}_png"])
+
     cns = tuple(ControlNetUnit(img(f"controlnet{i}"), **{k: v for k, v in u.items()})
                 for i, u in enumerate(p.get("controlnets") or ()))
     ads = tuple(AdapterUnit(img(f"adapter{i}"), **u) for i, u in enumerate(p.get("adapters") or ()))

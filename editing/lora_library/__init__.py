@@ -13,9 +13,51 @@ shared model computes exactly what it did before.
 Clients of the app (UI, API) name LoRAs by library name only: ``resolve(..., trusted=False)`` /
 ``activate(..., trusted=False)`` / ``Editor(trust_lora_paths=False)`` (files.py says why).
 """
-from editing.lora_library.files import (ENV_DIR, LORA_SUFFIXES, MAX_LORAS, WEIGHT_LIMIT, LoraError,  # noqa: F401
-                                        LoraInfo, add_to_library, cache_key, check_loras, library_dir,
-                                        library_file, list_loras, read_card, resolve, safe_name)
-from editing.lora_library.loading import BASE_BY_CONTEXT_DIM, LoadedLora, check_fits, guess_base, load_lora  # noqa: F401
-from editing.lora_library.stack import (activate, active_loras, clear_prompt_cache, delete_adapter, load,  # noqa: F401
-                                        set_active)
+from editing.lora_library.files import (
+                                        ENV_DIR,
+                                        LORA_SUFFIXES,
+                                        MAX_LORAS,
+                                        WEIGHT_LIMIT,
+                                        LoraError,
+                                        LoraInfo,
+                                        add_to_library,
+                                        cache_key,
+                                        check_loras,
+                                        library_dir,
+                                        library_file,
+                                        list_loras,
+                                        read_card,
+                                        resolve,
+                                        safe_name,
+)
+from editing.lora_library.loading import BASE_BY_CONTEXT_DIM, LoadedLora, check_fits, guess_base, load_lora
+from editing.lora_library.stack import activate, active_loras, clear_prompt_cache, delete_adapter, load, set_active
+
+__all__ = [
+    "BASE_BY_CONTEXT_DIM",
+    "ENV_DIR",
+    "LORA_SUFFIXES",
+    "LoadedLora",
+    "LoraError",
+    "LoraInfo",
+    "MAX_LORAS",
+    "WEIGHT_LIMIT",
+    "activate",
+    "active_loras",
+    "add_to_library",
+    "cache_key",
+    "check_fits",
+    "check_loras",
+    "clear_prompt_cache",
+    "delete_adapter",
+    "guess_base",
+    "library_dir",
+    "library_file",
+    "list_loras",
+    "load",
+    "load_lora",
+    "read_card",
+    "resolve",
+    "safe_name",
+    "set_active",
+]

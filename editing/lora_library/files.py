@@ -97,11 +97,13 @@ def add_to_library(src: str | Path, name: str | None = None, allow_pickle: bool 
         raise LoraError(f"A LoRA named {dest.stem!r} is already in the library: choose another name, or ask to "
                         "replace it.")
     if src.suffix.lower() == ".safetensors":
-        write = lambda tmp: shutil.copyfile(src, tmp)  # noqa: E731
+        def write(tmp):
+            return shutil.copyfile(src, tmp)
     else:  # store converted: the library only ever holds safetensors
         from safetensors.torch import save_file
 
-        write = lambda tmp: save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))  # noqa: E731
+        def write(tmp):
+            return save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     try:
         atomic_write(dest, write, replace=replace)
     except FileExistsError:

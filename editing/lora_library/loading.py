@@ -82,7 +82,7 @@ def _convert(path: Path, raw: dict[str, torch.Tensor]) -> LoadedLora:
         else:
             Loader = StableDiffusionLoraLoaderMixin
         state, alphas = Loader.lora_state_dict(dict(raw))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise LoraError(f"{path.name} is not a LoRA diffusers can read ({type(e).__name__}: {str(e)[:120]}).") from None
     unet_sd, te_sd, te2_sd, foreign = {}, {}, {}, []
     for k, v in state.items():
@@ -161,7 +161,7 @@ def _file_metadata(path: Path) -> dict | None:
             meta = f.metadata() or {}
         raw = meta.get("lora_adapter_metadata")
         return json.loads(raw) if raw else None
-    except Exception:  # noqa: BLE001 - metadata is optional
+    except Exception:
         return None
 
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from editing.lora_library.files import LoraError, check_loras, library_file, safe_name
 from editing.lora_library.loading import LoadedLora, check_fits, check_stack, load_lora
+from editing.sampling import unet_dtype
 
 log = logging.getLogger(__name__)
 
 # model -> [(adapter name, weight)] of the library LoRAs active while ``activate`` runs (nothing is stuck on the
 # shared model itself; weak keys, so a dropped model leaves no entry)
-_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def active_loras(unet) -> list[tuple[str, float]]:
@@ -123,8 +124,11 @@ def activate(bundle, loras, allow_pickle: bool = False, model_name: str | None =
             name = f"lib{next(_counter)}_{safe_name(lo.path.stem)}"
             names.append((name, w))
             if lo.unet:
-                dtype = next(p for n, p in unet.named_parameters() if ".lora_" not in n).dtype
-                prefixed = lambda d: {f"unet.{k}": v for k, v in d.items()} if d else None
+                dtype = unet_dtype(unet)
+
+                def prefixed(d):
+                    return {f"unet.{k}": v for k, v in d.items()} if d else None
+
                 StableDiffusionLoraLoaderMixin.load_lora_into_unet(
                     prefixed(lo.unet), None if lo.unet_metadata else prefixed(lo.unet_alphas), unet=unet,
                     adapter_name=name, metadata=prefixed(lo.unet_metadata))

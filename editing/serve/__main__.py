@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         log.error("Ray Serve is not installed: pip install -r requirements-ray.txt")
         return 2
-    from models.errors import EditError
     from editing.serve import APP_NAME, cluster
+    from models.errors import EditError
 
     app = args.app or APP_NAME
     started = False

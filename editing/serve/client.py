@@ -26,11 +26,11 @@ from ray import serve
 from ray.exceptions import OutOfMemoryError, RayActorError, TaskCancelledError
 
 from editing.context import EngineOptions
-from editing.images import image_hash
 from editing.drag import DragRequest
-from models.errors import EditCancelled, EditError
+from editing.images import image_hash
 from editing.runtime import EditResult, Progress, decode_image
 from editing.serve import APP_NAME, cluster
+from models.errors import EditCancelled, EditError
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class RemoteEditor:
                 for ev in gen:
                     events.put(ev)
                 events.put(("eos",))
-            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            except BaseException as e:
                 events.put(("raised", e))
 
         threading.Thread(target=pump, name="serve-stream", daemon=True).start()

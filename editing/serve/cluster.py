@@ -13,8 +13,8 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from models.errors import EditError
 from editing.serve import APP_NAME
+from models.errors import EditError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def app_alive(app: str = APP_NAME) -> bool:
     """False once the application is gone or being deleted (an unhealthy app is replacing replicas: alive)."""
     try:
         status = serve.status().applications.get(app)
-    except Exception:  # noqa: BLE001 - the controller itself is gone
+    except Exception:
         return False
     return status is not None and str(status.status).split(".")[-1] not in ("DELETING", "DEPLOY_FAILED")
 
@@ -118,10 +118,10 @@ def deploy(model: str, *, replicas: int = 1, gpus_per_replica: float = 0.0, cpus
     try:
         return serve.run(build_app(model, replicas=replicas, gpus_per_replica=gpus_per_replica,
                                    cpus_per_replica=cpus_per_replica, **options), name=app, route_prefix=None)
-    except Exception as e:  # noqa: BLE001 - a replica failed to start: its first line is the reason
+    except Exception as e:
         try:
             serve.delete(app)
-        except Exception:  # noqa: BLE001 - nothing was left to delete
+        except Exception:
             pass
         lines = [ln for ln in str(e).splitlines() if "DragCanvas replica" in ln or "Error" in ln]
         raise EditError(f"The deployment did not start: {(lines or [type(e).__name__])[-1].strip()}") from None

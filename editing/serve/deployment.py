@@ -154,7 +154,7 @@ class EditorReplica:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return ("error", oom_message(self.name))
-        except Exception as e:  # noqa: BLE001 - a bug: reported as such, with the replica's log for details
+        except Exception as e:
             log.exception("%s failed", method)
             return ("failure", f"{type(e).__name__} on replica {self.name}: {e}")
         finally:
