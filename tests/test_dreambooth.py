@@ -270,9 +270,9 @@ def test_cli_personalize(tmp_path, lora_dir, capsys, photos):
     assert cli.main(argv + ["--replace"]) == 2 and f"at least {db.MIN_PHOTO_SIDE} px" in capsys.readouterr().err
     (folder / "tiny.png").unlink()
     # the multi-GPU entry point is the same code path in one process
-    from editing import personalize
+    from editing.cli import main
 
-    assert personalize.main(argv[1:-2] + ["--name", "entry", "--steps", "1"]) == 0
+    assert main(["personalize", *argv[1:-2], "--name", "entry", "--steps", "1"]) == 0
     assert (out / "entry.safetensors").is_file()
 
 

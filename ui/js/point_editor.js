@@ -124,9 +124,6 @@ function finish(e) {
   // the drawn arrow stays until the server's re-rendered picture replaces it
 }
 element.addEventListener("pointerup", finish);
-  send({ op: "undo" });
-  send({ op: "pin", x, y });
-});
 element.addEventListener("pointercancel", () => { drag = null; draw(); });
 
 element.addEventListener("contextmenu", (e) => {
