@@ -277,7 +277,7 @@ def test_a_killed_server_loses_nothing_and_sigterm_cleans_up(tmp_path, image_pat
     killed = server.pid
     assert temp_roots(killed), "the killed server's temp folder is left behind (until the next start)"
     kept = sorted(outputs.rglob("*-after.png"))
-    assert len(kept) == 2 and all(read_recipe(p)["task"] == "drag" for p in kept)
+    assert len(kept) == 2 and all(read_recipe(p)["task"] == "dragdiffusion" for p in kept)
     assert not list(outputs.rglob("*.tmp")), "no torn file"
 
     server = start_server(outputs, port)
