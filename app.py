@@ -37,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="auto",
                    help="model spec: 'auto', a named built-in ('tiny', ...), a Hub id, a diffusers folder "
                         "or a single .safetensors file (default: auto)")
+    p.add_argument("--inpaint-model", default=None, metavar="SPEC",
+                   help="the inpainting model (9-channel UNet, same family as --model) the Inpaint drag fills with "
+                        "(default: toy-inpaint beside toy, tiny-inpaint beside tiny, else the base model's "
+                        "blended-latent fill)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle weights (.bin/.ckpt/.pt) of the model you name here; only for files "
                         "you trust (never applies to files a client sends or names)")
@@ -217,7 +221,7 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
         from editing.engine import Editor
 
         editor = Editor(args.model, allow_pickle=args.allow_pickle, max_side=args.max_side, offload=args.offload,
-                        trust_lora_paths=False)  # clients name LoRAs by library name only
+                        trust_lora_paths=False, inpaint_model=args.inpaint_model)  # clients name LoRAs by library name only
     else:
         editor.trust_lora_paths = False
     log.info("model: %s%s", editor.model_spec, f" ({editor.banner})" if editor.banner else "")

@@ -30,6 +30,8 @@ class EngineOptions:
     lora_checkpointing: bool = False  # trade identity-LoRA speed for memory
     bank_on_cpu: bool = False  # guided editing: keep the attention memory bank in host memory
     preview_decoder: str | None = None  # local folder of an AutoencoderTiny (TAESD) for previews; None = own VAE
+    inpaint_model: str | None = None  # the inpainting model the inpainting drag fills with; None = the built-in
+    # companion of a built-in base (toy -> toy-inpaint), else the base model's blended-latent fill
 
 
 @dataclass

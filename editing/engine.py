@@ -41,7 +41,7 @@ class Editor:
     def __init__(self, model_spec: str = "auto", *, allow_pickle: bool = False, max_side: int = 2048,
                  device: str | None = None, dtype: torch.dtype | None = None, offload: bool = False,
                  resolution: int | None = None, lora_checkpointing: bool = False, bank_on_cpu: bool = False,
-                 trust_lora_paths: bool = True, preview_decoder: str | None = None):
+                 trust_lora_paths: bool = True, preview_decoder: str | None = None, inpaint_model: str | None = None):
         """``trust_lora_paths``: whether the ``loras`` of a request may be server paths (and, with
         ``allow_pickle``, pickles). True for the CLI and scripts; the app passes False, so its clients (UI and
         API) choose LoRAs by library name only (editing/lora_library/files.py). A call's ``trusted=`` overrides."""
@@ -51,7 +51,7 @@ class Editor:
         if model_spec == "auto":
             model_spec, self.banner = resolve_auto()
         self.options = EngineOptions(model_spec, allow_pickle, int(max_side), resolution, lora_checkpointing,
-                                     bank_on_cpu, preview_decoder)
+                                     bank_on_cpu, preview_decoder, inpaint_model)
         self.device, self.dtype, self.offload = device, dtype, offload
         self.trust_lora_paths = bool(trust_lora_paths)
         self.caches = Caches()

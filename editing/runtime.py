@@ -108,6 +108,11 @@ class Run:
         finally:
             self._paused = False
 
+    def count_unet(self, unet: torch.nn.Module) -> None:
+        """Count another UNet's calls as evaluations of the method too (an inpainting model beside the base)."""
+        if unet is not self._unet:
+            self._hooks.append(unet.register_forward_pre_hook(self._counter(self.nfe, pausable=True), with_kwargs=True))
+
     def count_module(self, module: torch.nn.Module, name: str) -> None:
         """Also count the batch elements ``module`` is called with (removed by ``close``)."""
         table = self.calls.setdefault(name, {})

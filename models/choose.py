@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_DIR = Path(__file__).resolve().parent / "toy"
+TOY_INPAINT_DIR = Path(__file__).resolve().parent / "toy-inpaint"  # only its unet/: the rest is toy's
 INPAINTING = " inpainting"  # the label's tail for an inpainting model (families.Family.label adds the same)
 
 
@@ -37,6 +38,11 @@ def sd15_available(timeout_s: float = 5.0) -> tuple[bool, str]:
 def toy_available() -> bool:
     """The trained toy model ships in the repo (models/toy, fp16 safetensors) once training completed."""
     return (TOY_DIR / "model_index.json").is_file() and (TOY_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def toy_inpaint_available() -> bool:
+    """The toy inpainting UNet (``python -m models.train_toy_inpaint``) ships beside ``toy``."""
+    return toy_available() and (TOY_INPAINT_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def best_offline_builtin() -> str:

@@ -35,6 +35,7 @@ The feature blocks are chosen so that each method reads the same *kind* of featu
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -204,6 +205,24 @@ def inpaint_input(z_t: torch.Tensor, mask_latent: torch.Tensor, masked_image_lat
         return t if t.shape[0] == b else t.expand(b, *t.shape[1:])
 
     return torch.cat([z_t, batch(mask_latent).to(z_t.dtype), batch(masked_image_latent).to(z_t.dtype)], dim=1)
+
+
+@contextlib.contextmanager
+def inpainting_conditioning(unet, mask_latent: torch.Tensor, masked_image_latent: torch.Tensor):
+    """While open, every call of the inpainting ``unet`` with a 4-channel latent gets the mask and masked-image
+    latent appended (``inpaint_input``, by a forward pre-hook), so the one denoise loop drives it unchanged."""
+    def pre_hook(module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        if sample.shape[1] != LATENT_CHANNELS:
+            return None
+        full = inpaint_input(sample, mask_latent.to(sample.device), masked_image_latent.to(sample.device))
+        return ((full, *args[1:]), kwargs) if args else (args, {**kwargs, "sample": full})
+
+    handle = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---- SDXL conditioning through one tensor ------------------------------------------------------------

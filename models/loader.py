@@ -33,7 +33,7 @@ import torch
 
 from models import families
 from models.cache import LRU
-from models.choose import TOY_DIR, toy_available
+from models.choose import TOY_DIR, TOY_INPAINT_DIR, toy_available, toy_inpaint_available
 from models.errors import EditError
 from models.safety import PICKLE_SUFFIXES, check_weights_file
 
@@ -47,7 +47,9 @@ CONFIG_DIR = CONFIGS / "sd15"
 # Where a single file's tokenizers come from (the local Hugging Face cache only), per family.
 TOKENIZER_REPOS = families.BASE_MODELS
 # Built-in inpainting models -> the built-in base model of the same layout (what a task that needs a base uses).
-INPAINT_BASES = {"tiny-inpaint": "tiny"}
+INPAINT_BASES = {"tiny-inpaint": "tiny", "toy-inpaint": "toy"}
+# ... and the other way: the inpainting model a task that wants one (the inpainting drag) runs beside a base.
+INPAINT_COMPANIONS = {base: inpainting for inpainting, base in INPAINT_BASES.items()}
 # Bundles kept loaded per process. Two: the model in use plus one more, so switching A -> B -> A (or a
 # benchmark comparing two models) does not reload, while a third model drops the least recent one instead
 # of piling up SD-sized weights (~2 GB each in fp16, ~4 GB in fp32) until the process runs out of memory.
@@ -262,6 +264,26 @@ def base_model_for(bundle: ModelBundle) -> str:
     return INPAINT_BASES.get(bundle.name, families.BASE_MODELS[bundle.family.name])
 
 
+def inpainting_companion(bundle: ModelBundle, spec: str | None = None) -> ModelBundle | None:
+    """The inpainting model to fill holes with beside ``bundle``: ``bundle`` itself when it is one, else ``spec``
+    (the ``--inpaint-model`` flag), else the built-in companion of a built-in base (``toy`` → ``toy-inpaint``,
+    ``tiny`` → ``tiny-inpaint``) when it is here; None when there is none (the caller falls back to the base).
+    It must be an inpainting model of the base's family: ModelLoadError says which to pick otherwise."""
+    if bundle.family.inpainting:
+        return bundle
+    spec = spec or INPAINT_COMPANIONS.get(bundle.name)
+    if spec is None or (spec == "toy-inpaint" and not toy_inpaint_available()):
+        return None
+    other = load_bundle(spec, device=bundle.device, dtype=bundle.dtype)
+    if not other.family.inpainting:
+        raise ModelLoadError(f"The inpainting model {spec!r} is not an inpainting model ({other.family.label}, "
+                             f"{other.unet.config.in_channels} UNet input channels): give a 9-channel one.")
+    if other.family.name != bundle.family.name:
+        raise ModelLoadError(f"The inpainting model {spec!r} is {other.family.label}, but the model is "
+                             f"{bundle.family.label}: give the {bundle.family.label} inpainting model.")
+    return other
+
+
 def _single_file_v_prediction(path: Path) -> bool:
     """SD-2.x 768-v checkpoints carry no flag; diffusers and A1111 read the ``v`` from the file's name or
     keep ε. We follow the file name (``*-v*`` / ``768-v``): the user can rename the file otherwise."""
@@ -363,6 +385,18 @@ def _resolve(spec: str, device, dtype, allow_pickle: bool) -> ModelBundle:
                                  "'python -m models.train_toy --out models/toy' (see models/toy/README.md).")
         bundle = _load_pretrained(str(TOY_DIR), "builtin", device, dtype, allow_pickle=False, local_only=True)
         bundle.name = "toy"
+        return bundle
+    if spec == "toy-inpaint":
+        if not toy_inpaint_available():
+            raise ModelLoadError("The built-in 'toy-inpaint' model is not in this checkout (models/toy-inpaint); "
+                                 "train it with 'python -m models.train_toy_inpaint' (see models/toy-inpaint/README.md).")
+        from diffusers import UNet2DConditionModel
+
+        bundle = _load_pretrained(str(TOY_DIR), "builtin", device, dtype, allow_pickle=False, local_only=True)
+        bundle.unet = UNet2DConditionModel.from_pretrained(TOY_INPAINT_DIR / "unet", torch_dtype=dtype,
+                                                           use_safetensors=True, local_files_only=True)
+        bundle.name, bundle.family = "toy-inpaint", None
+        bundle.__post_init__()  # the family again, from the 9-channel UNet
         return bundle
     if spec in BUILTINS:
         from models.tiny import build_components

@@ -18,6 +18,7 @@ from typing import Any
 
 from editing.drag.dragdiffusion import DRAG_FIELDS, GOODDRAG, DragRequest
 from editing.drag.guided import GuidedDragRequest
+from editing.drag.inpaint import INPAINT_FIELDS, InpaintDragRequest
 from editing.drag.instant import INSTANT_FIELDS, InstantDragRequest
 from editing.drag.region import REGION_FIELDS, RegionDragRequest
 from editing.requests import GUIDED_FIELDS
@@ -51,6 +52,8 @@ class DragMethod:
 METHODS: dict[str, DragMethod] = {m.name: m for m in (
     DragMethod("instant", "Instant", "~0.3 s on toy, no training: one warp of the inverted latent, then denoising "
                "(FastDrag)", InstantDragRequest, INSTANT_FIELDS, aliases=("fastdrag",)),
+    DragMethod("inpaint", "Inpaint", "~0.3 s on toy, no training: the object warped in pixels, an inpainting model "
+               "fills what it uncovered (Inpaint4Drag)", InpaintDragRequest, INPAINT_FIELDS, aliases=("inpaint4drag",)),
     DragMethod("region", "Region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied "
                "along the drag (RegionDrag)", RegionDragRequest, REGION_FIELDS, aliases=("regiondrag",),
                inputs=("handle_regions", "target_regions")),

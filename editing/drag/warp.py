@@ -357,3 +357,40 @@ def preview(image: Image.Image, mask: np.ndarray | None, points: Sequence, rigid
     out, _ = warp(np.asarray(work), region, [a for a, _ in pairs], [b for _, b in pairs], rigid=rigid)
     res = Image.fromarray(out)
     return res.resize(img.size, Image.BILINEAR) if res.size != img.size else res
+
+
+# ---- pixels: the bidirectional warp of the inpainting drag ---------------------------------------------------
+def bidirectional_warp(hwc: np.ndarray, region: np.ndarray, handles, targets
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Move the ``region`` of ``hwc`` (H, W, C) so its points follow handles → targets, in pixels (Inpaint4Drag's
+    bidirectional warp, with ``shape_map`` as the deformation: one pair translates, two scale and turn, a pin makes
+    it axial about the pin). Returns (warped array, where the object now is, the uncovered holes), both masks H×W.
+
+    Forward: every region pixel v goes to f(v) (rounded), marking the object's new footprint; backward: every pixel
+    u whose inverse image f⁻¹(u) falls in the region belongs to it too (so a grown object has no pinholes), and a
+    morphological closing joins the two. Every footprint pixel then takes the bilinear sample at f⁻¹(u): the object
+    keeps its own pixels, resampled, and the holes are what the region lost and nothing covered."""
+    h, w = region.shape
+    p, q = np.asarray(handles, np.float64).reshape(-1, 2), np.asarray(targets, np.float64).reshape(-1, 2)
+    axial = bool(np.any(np.all(p == q, axis=1)))
+    ys, xs = np.nonzero(region)
+    fwd = np.rint(shape_map(np.stack([xs, ys], 1), p, q, axial)).astype(np.int64)
+    keep = (fwd[:, 0] >= 0) & (fwd[:, 0] < w) & (fwd[:, 1] >= 0) & (fwd[:, 1] < h)
+    placed = np.zeros((h, w), bool)
+    placed[fwd[keep, 1], fwd[keep, 0]] = True
+    gy, gx = np.mgrid[0:h, 0:w]
+    src = shape_map(np.stack([gx.ravel(), gy.ravel()], 1), q, p, axial).astype(np.float32)
+    sx, sy = src[:, 0].reshape(h, w), src[:, 1].reshape(h, w)
+    rx, ry = np.rint(sx).astype(np.int64), np.rint(sy).astype(np.int64)
+    ok = (rx >= 0) & (rx < w) & (ry >= 0) & (ry < h)
+    back = np.zeros((h, w), bool)
+    back[ok] = region[ry[ok], rx[ok]]
+    obj = cv2.morphologyEx((placed | back).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8)) > 0
+    sampled = cv2.remap(np.ascontiguousarray(hwc, dtype=np.float32), sx, sy, cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    sampled = sampled.reshape(hwc.shape)
+    out = hwc.astype(np.float32, copy=True)
+    out[obj] = sampled[obj]
+    if hwc.dtype.kind in "ui":
+        out = np.clip(np.rint(out), 0, np.iinfo(hwc.dtype).max).astype(hwc.dtype)
+    return out, obj, region & ~obj
