@@ -15,7 +15,8 @@ from tests.conftest import scene
 from ui import drag_methods
 
 POINTS = (((22.0, 30.0), (40.0, 28.0)),)
-UI_PREFIX = {"instant": "instant_", "region": "region_", "diffeditor": "guided_", "dragondiffusion": "guided_"}
+UI_PREFIX = {"instant": "instant_", "region": "region_", "inpaint": "inpaint_", "diffeditor": "guided_",
+             "dragondiffusion": "guided_"}
 
 
 def _changed(name: str) -> dict:

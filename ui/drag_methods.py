@@ -18,7 +18,8 @@ COSTS = {m.label: m.cost for m in TABLE.values()}
 DEFAULT_METHOD = lookup("default").label
 API_DEFAULT_METHOD = lookup(None).label
 FIELDS = TABLE["dragdiffusion"].fields  # the DragDiffusion sliders (GoodDrag shares them)
-PREFIXES = {"instant": "instant_", "region": "region_", "diffeditor": "guided_", "dragondiffusion": "guided_"}
+PREFIXES = {"instant": "instant_", "region": "region_", "inpaint": "inpaint_", "diffeditor": "guided_",
+            "dragondiffusion": "guided_"}
 
 
 def method_name(choice) -> str:
@@ -59,12 +60,12 @@ def drag_request(image, mask, points, prompt, settings: dict):
     """The /drag inputs -> the request of the chosen method, through its row of the one method table.
 
     ``settings``: DragRequest values by name, ``method``, and the other methods' values as ``guided_<name>``,
-    ``instant_<name>``, ``region_<name>``."""
+    ``instant_<name>``, ``region_<name>``, ``inpaint_<name>``."""
     if not image:
         raise EditError("No image: upload or generate an image first.")
     settings = dict(settings)
     m = lookup(settings.pop("method", None))
-    own = {p: _prefixed(settings, p) for p in ("guided_", "instant_", "region_")}
+    own = {p: _prefixed(settings, p) for p in set(PREFIXES.values())}
     if m.name in PREFIXES:
         values = own[PREFIXES[m.name]]
         if m.request_type is TABLE["diffeditor"].request_type:

@@ -76,7 +76,7 @@ class Session(BeforeAfter):
         self.redo: list[list[list[float]]] = []
         self.ack = 0  # the last point-editor edit (its seq) applied: the browser waits for it
         self.version = 0  # bumped when the picture, mask or points change: the live preview follows it
-        self.live_version = -1  # the version the live preview shows
+        self.live_version = -1  # (version, method) the live preview shows
 
     def use_image(self, image: Image.Image | None) -> None:
         """Start over on ``image`` (upload, generation, continue-from-result): no mask, no points."""

@@ -29,7 +29,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from editing.drag import DRAG_FIELDS, GOODDRAG, INSTANT_FIELDS, LORA_FIELDS, REGION_FIELDS
+from editing.drag import DRAG_FIELDS, GOODDRAG, INPAINT_FIELDS, INSTANT_FIELDS, LORA_FIELDS, REGION_FIELDS
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image
 from models.errors import EditCancelled, EditError
@@ -127,29 +127,32 @@ def button_edit(op: str):
     return handler
 
 
-def live_preview(session: Session, enabled: bool):
-    """The instant warp of the current points and mask (editing.drag.warp.preview): what Instant starts from.
+def live_preview(session: Session, enabled: bool, method: str | None = None):
+    """The chosen method's live preview of the current points and mask (its row's ``preview`` in the method table;
+    Instant's warp for methods without one): what Run starts from.
 
     Queued previews of states already shown are skipped, so a burst of edits costs one warp."""
     if not enabled or session.image is None:
         session.live_version = -1
         return None, "Live preview off." if not enabled else "Live preview: upload an image and place points."
-    if session.live_version == session.version:
-        return gr.skip(), gr.skip()
-    from editing.drag.warp import preview
+    from editing.drag.methods import live_preview as method_preview
 
-    session.live_version = session.version
+    preview, of = method_preview(method)
+    if session.live_version == (session.version, of.name):
+        return gr.skip(), gr.skip()
+    session.live_version = (session.version, of.name)
     pairs = session.pairs()
     t0 = time.perf_counter()
     try:
-        out = preview(session.image, session.mask, pairs, rigid=bool(INSTANT_FIELDS["rigid"].default))
+        out = preview(session.image, session.mask, pairs)
     except EditError as e:
         return overlay.zoom(overlay.as_rgb(session.image), session.zoom), f"Live preview: {e}"
     ms = 1000 * (time.perf_counter() - t0)
     n = len(pairs)
+    what = "hatched: what the inpainting fills" if of.name == "inpaint" else f"what {of.label} starts from"
     rgb = overlay.zoom(overlay.as_rgb(out), session.zoom)
-    return rgb, (f"Live preview of {n} pair{'s' * (n != 1)} (the instant warp, {ms:.0f} ms): "
-                 "what Instant starts from." if n else "Live preview: add a handle → target pair.")
+    return rgb, (f"Live preview of {n} pair{'s' * (n != 1)} ({of.label}'s warp, {ms:.0f} ms): {what}."
+                 if n else "Live preview: add a handle → target pair.")
 
 
 def prepare_run(session: Session, method: str):
@@ -338,6 +341,7 @@ def _points_column(w: SimpleNamespace, can_cancel: bool, start: dict, links) -> 
         w.guided_fields = {f"guided_{n}": guided_input(n) for n in GUIDED_UI}
     w.method_fields = {}
     for table, prefix, title in ((INSTANT_FIELDS, "instant", "Instant settings"),
+                                 (INPAINT_FIELDS, "inpaint", "Inpaint settings"),
                                  (REGION_FIELDS, "region", "Region settings")):
         if table:
             with gr.Accordion(title, open=False, elem_id=f"{prefix}-settings"):
@@ -398,6 +402,7 @@ def _wire_instant(w: SimpleNamespace, links) -> None:
     for btn, op in ((w.undo_btn, "undo"), (w.redo_btn, "redo"), (w.clear_btn, "clear")):
         btn.click(button_edit(op), [w.session], shown, **instant).then(**live)
     w.live_on.change(**live)
+    w.method.change(**live)
     w.gallery.select(on_select, [w.session], [w.result, w.download, w.details], **instant)
     w.example_set.select(load_example, [w.session], [w.canvas, *shown, w.prompt, w.method], **instant).then(**live)
     w.continue_btn.click(continue_from_result, [w.session], [w.canvas, *shown], **instant).then(**live)
@@ -428,5 +433,5 @@ def _wire_engine(w: SimpleNamespace, h: EngineHandlers) -> None:
 
 def _live(w: SimpleNamespace) -> dict:
     """The live-preview step that follows every change of picture, mask or points."""
-    return dict(fn=live_preview, inputs=[w.session, w.live_on], outputs=[w.live, w.live_info],
+    return dict(fn=live_preview, inputs=[w.session, w.live_on, w.method], outputs=[w.live, w.live_info],
                 concurrency_id="live", concurrency_limit=1, show_progress="hidden", api_visibility="private")

@@ -131,20 +131,23 @@ def _add_drag(sub) -> None:
     d.add_argument("--target-region", action="append", default=[], metavar="PNG",
                    help="(region) where the matching --handle-region goes; repeatable")
     # One flag per setting name; a setting several methods have (steps, guidance, seed) gives every range in its help.
-    drag_fields, instant, region = (METHODS[n].fields for n in ("dragdiffusion", "instant", "region"))
+    drag_fields = METHODS["dragdiffusion"].fields
+    others = [m for m in METHODS.values() if m.fields is not drag_fields and m.fields is not GUIDED_FIELDS]
     shared = {n: "; diffeditor/dragondiffusion: " + describe(GUIDED_FIELDS, n, GUIDED_DEFAULTS["guided_drag"].get(n))
               for n in drag_fields if n in GUIDED_FIELDS}
     for n in drag_fields:
-        for name, table in (("instant", instant), ("region", region)):
-            if n in table:
-                shared[n] = shared.get(n, "") + f"; {name}: " + describe(table, n)
+        for m in others:
+            if n in m.fields:
+                shared[n] = shared.get(n, "") + f"; {m.name}: " + describe(m.fields, n)
     add_fields(d, drag_fields, unset=True, extra=shared)
     add_guided_flags(d, "guided_drag", skip=drag_fields)
     taken = set(drag_fields) | set(GUIDED_FIELDS)
-    instant_own = [n for n in instant if n not in taken]
-    region_shared = {n: "; region: " + describe(region, n) for n in instant_own if n in region}
-    add_fields(d, instant, instant_own, unset=True, note="(instant) ", extra=region_shared)
-    add_fields(d, region, [n for n in region if n not in taken | set(instant)], unset=True, note="(region) ")
+    for m in others:  # each method's own settings, once, with the other methods' ranges of a shared name
+        own = [n for n in m.fields if n not in taken]
+        extra = {n: "".join(f"; {o.name}: " + describe(o.fields, n) for o in others if o is not m and n in o.fields)
+                 for n in own}
+        add_fields(d, m.fields, own, unset=True, note=f"({m.name}) ", extra=extra)
+        taken |= set(own)
     add_common(d)
     d.set_defaults(fn=cmd_drag)
 
