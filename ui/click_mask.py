@@ -51,7 +51,7 @@ CLICK_CSS = """
           image-rendering: pixelated; }
 .cm-empty { padding: 1em; line-height: 1.4; color: var(--body-text-color-subdued); }
 """
-MODES = [("New object", "add"), ("Add a part (Shift+click)", "add-part"), ("Remove a part (Alt+click)", "remove")]
+MODES = [("New object", "add"), ("Add a part (Shift)", "add-part"), ("Remove a part (Alt)", "remove")]
 SAID = {"add": "new object", "add-part": "add a part", "remove": "remove a part"}
 ADD_RGB, REMOVE_RGB = (40, 200, 80), (230, 40, 40)  # click markers: green adds, red takes off
 CLICK_QUEUE = "clicks"  # the CPU segmenter's queue: milliseconds a click, ordered (see queue_kwargs)
