@@ -97,6 +97,8 @@ def test_a_background_click_is_one_line_and_keeps_the_mask(two_shapes):
     assert len(state.clicks) == 1  # the refused click is not kept: the next one builds on the first
     _, html, status = on_click(state, value, "add", gr.EventData(None, {"x": 70, "y": 10, "mode": "", "seq": 5}))
     assert "outside the picture" in status and 'data-ack="5"' in html
+    _, html, status = on_click(state, value, "add", gr.EventData(None, {"x": "left", "y": 1, "seq": 6}))
+    assert status == "A click needs numbers x, y." and 'data-ack="6"' in html
     _, status = apply_click(ClickState(), canvas_value(image, None), *RED_AT, "remove")
     assert "no object is selected yet" in status and "Nothing is selected" in status
     new, status = apply_click(state, value, *GREEN_AT)

@@ -276,14 +276,14 @@ def on_canvas(state: ClickState, value):
 def on_click(state: ClickState, value, mode: str, evt: gr.EventData):
     """One click from the view's script (``{x, y, mode, seq}``; an empty mode is the radio's)."""
     data = evt._data if isinstance(getattr(evt, "_data", None), dict) else {}
+    seq = data.get("seq")
+    if isinstance(seq, int) and seq > state.ack:
+        state.ack = seq  # answered, whatever the answer: the script (and a browser test) waits for it
     try:
         x, y = float(data["x"]), float(data["y"])
     except (KeyError, TypeError, ValueError):
-        return gr.skip(), gr.skip(), "A click needs numbers x, y."
+        return gr.skip(), view_html(state, value), "A click needs numbers x, y."
     new_value, status = apply_click(state, value, x, y, data.get("mode") or mode or "add")
-    seq = data.get("seq")
-    if isinstance(seq, int) and seq > state.ack:
-        state.ack = seq
     return new_value, view_html(state, new_value if isinstance(new_value, dict) else value), status
 
 
