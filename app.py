@@ -4,6 +4,7 @@
     python app.py --model tiny         # tiny random-weight model: fast, for trying the UI on a CPU
     python app.py --model ./my-model   # a diffusers folder, a .safetensors checkpoint or a Hub id
     python app.py --auth me:secret     # a shared server: log in first (or --auth-file FILE, one user:pass a line)
+    python app.py --segmenter facebook/sam-vit-base   # click to select with SAM (default: classical, OpenCV)
 
 Also the Hugging Face Space entry point (``app_file: app.py``; Spaces run ``python app.py``).
 
@@ -74,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-hub-models", action="store_true",
                    help="let web users name any Hugging Face Hub id (owner/name), not only the listed ones; the "
                         "server then downloads what strangers ask for")
+    p.add_argument("--segmenter", default="classical", metavar="classical|auto|SAM",
+                   help="what turns a click on a mask picture into the object's mask: classical (OpenCV, no weights; "
+                        "default), auto (a SAM model already cached here, else classical), or a SAM Hub id or folder "
+                        "(e.g. facebook/sam-vit-base); one that cannot be loaded is one line in the log, and classical "
+                        "answers instead")
     p.add_argument("--backend", default="local", metavar="local|ray[:ADDRESS]",
                    help="where edits run: this process (default), or a `python -m editing.serve` deployment on the "
                         "Ray cluster at ADDRESS (default: the one on this machine); --model etc. are then the deployment's")
@@ -202,6 +208,7 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     Editor already loaded and slider start values (tests)."""
     from models.registry import PROJECT_MODELS, scan
     from ui import build_demo
+    from ui.click_mask import configure as configure_clicks
     from ui.common import unexpected_error
     from ui.fields import check_inputs, refused_file
     from ui.gradio_compat import guard_calls
@@ -225,6 +232,7 @@ def build(args: argparse.Namespace, editor=None, settings: dict | None = None):
     else:
         editor.trust_lora_paths = False
     log.info("model: %s%s", editor.model_spec, f" ({editor.banner})" if editor.banner else "")
+    configure_clicks(getattr(args, "segmenter", "classical"))  # before the UI: it picks the clicks' queue
     demo = build_demo(editor, settings)
     check_inputs(demo)
     # every refusal explained (a never-uploaded file included), and the owner of each result file recorded

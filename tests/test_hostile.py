@@ -153,6 +153,7 @@ def valid_requests(f) -> dict[str, dict]:
                              prior_preservation=False, train_text_encoder=False, **PERSONALIZE_FAST),
         "/suggest_identifier": dict(class_noun="dog"),
         "/add_lora": None,  # no valid LoRA file here: every case of it must be refused
+        "/mask_from_click": dict(image=img, clicks="33,32"),  # the red disk of scene(96, 64)
     }
 
 
@@ -223,6 +224,8 @@ TEXT_MUST = {  # fields where a bad text must be refused, with their own cases
     "units": (("not JSON", "{{"), ("unknown unit", '[{"kind": "nope"}]')),
     "class_noun": (("empty", ""),),
     "scribble_controlnet": (("unknown Hub id", "no-such-owner/no-such-model"), ("a server folder", "/etc")),
+    "clicks": (("garbage", "not a click"), ("outside", "500,5"), ("background", "3,3"), ("unknown mode", "33,32:grow"),
+               ("None", None)),
 }
 TEXT_MAY = {"method": (("lowercase", "diffeditor"),)}
 LORA_CASES = (("server path", ["/etc/passwd"]), ("parent path", ["../loras/x"]), ("50 LoRAs", ["a"] * 50),

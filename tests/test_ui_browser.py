@@ -212,8 +212,11 @@ def upload_canvas(page, selector: str, path: str, shows: str | None = None, tab:
 
 
 def paint(page, selector: str, fx: float = 0.3, fy: float = 0.5, length: int = 60):
-    """A short horizontal brush stroke on an ImageEditor at a fraction of its canvas."""
-    box = page.locator(f"{selector} canvas").first.bounding_box()
+    """A short horizontal brush stroke on an ImageEditor at a fraction of its canvas (scrolled into view first: the
+    mouse only reaches what the viewport shows, and a tab's second canvas may sit below it)."""
+    canvas = page.locator(f"{selector} canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
     x, y = box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
     page.mouse.move(x, y)
     page.mouse.down()

@@ -182,3 +182,38 @@ def test_trail_and_sampling_preview_show_before_the_result(page, image_path):
     assert any(seen[i]["imgs"] for i in trail), "the before/after view shows the trail while it runs"
     assert any("left in this phase" in s["status"] for s in seen[:done])
     assert page.locator("#history img").count() == 1
+
+
+# The point editor's picture: its pixel (r + g + b) at a picture pixel, frozen (unmasked) pixels shown at 40 %.
+BRIGHTNESS_JS = """([x, y]) => { const i = document.querySelector('#points .pe img');
+    if (!i || !i.complete || !i.naturalWidth) return -1;
+    const c = document.createElement('canvas'); c.width = i.naturalWidth; c.height = i.naturalHeight;
+    const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+    const k = i.naturalWidth / Number(i.closest('.pe').dataset.w);
+    const d = g.getImageData(Math.floor((x + 0.5) * k), Math.floor((y + 0.5) * k), 1, 1).data;
+    return d[0] + d[1] + d[2]; }"""
+
+
+def test_click_to_select_masks_the_object_on_the_drag_canvas(page, image_path):
+    """A click on the red block in the click view: the server answers (status, data-ack), the canvas's mask reaches
+    the Drag session (the point editor dims everything else); Shift+click adds a part; Clear clicks undoes it."""
+    load_picture(page, image_path)
+    view = page.locator("#canvas-click-view .cm img")
+    view.wait_for()
+    corner = page.evaluate(BRIGHTNESS_JS, [90, 60])
+    assert corner > 400  # nothing frozen yet: the gradient's bright corner (180, 180, 150)
+    box = view.bounding_box()
+    view.click(position={"x": box["width"] * 22.5 / 96, "y": box["height"] * 30.5 / 64})
+    page.wait_for_function("() => document.querySelector('#canvas-click-view .cm')?.dataset.ack === '1'")
+    status = page.inner_text("#canvas-click-status")
+    assert "by the classical segmenter" in status and "1 object" in status, status
+    # the mask went onto the canvas and from there, as a brush stroke does, into the Drag session
+    page.wait_for_function(f"() => ({BRIGHTNESS_JS})([90, 60]) > 0 && ({BRIGHTNESS_JS})([90, 60]) < 300")
+    assert page.evaluate(BRIGHTNESS_JS, [22, 30]) >= 290  # the block itself is not frozen (220, 40, 40)
+    view.click(position={"x": box["width"] * 16.5 / 96, "y": box["height"] * 22.5 / 64}, modifiers=["Shift"])
+    page.wait_for_function("() => document.querySelector('#canvas-click-view .cm')?.dataset.ack === '2'")
+    status = page.inner_text("#canvas-click-status")
+    assert "2 clicks" in status and "add a part" in status, status
+    page.click("#canvas-click-clear")
+    page.wait_for_function("() => document.querySelector('#canvas-click-status').innerText.includes('cleared')")
+    page.wait_for_function(f"() => ({BRIGHTNESS_JS})([90, 60]) > 400")

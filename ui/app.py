@@ -12,6 +12,7 @@ import importlib
 
 import gradio as gr
 
+from ui import click_mask
 from ui.links import Links, make_inboxes
 
 INTRO = ("# DragCanvas\n"
@@ -60,6 +61,7 @@ def build_demo(editor, settings: dict | None = None) -> gr.Blocks:
         gr.HTML(f'<div style="{BANNER_STYLE}">⚠️ {html.escape(editor.banner)}</div>' if editor.banner else "",
                 visible=bool(editor.banner), elem_id="banner")
         inboxes = make_inboxes()
+        click_mask.build_endpoint()  # /mask_from_click: hidden, built before the tab bar (see check_tabs)
         with gr.Tabs() as tabs:
             links = Links(editor, tabs, inboxes)
             for spec in TABS:

@@ -33,7 +33,7 @@ from editing.drag import DRAG_FIELDS, GOODDRAG, INPAINT_FIELDS, INSTANT_FIELDS, 
 from editing.generation import GENERATE_FIELDS
 from editing.images import load_image
 from models.errors import EditCancelled, EditError
-from ui import overlay
+from ui import click_mask, overlay
 
 # notify and shows_errors are also imported from here by ui/personalize_tab.py.
 from ui.common import (
@@ -291,6 +291,7 @@ def _source_column(w: SimpleNamespace) -> None:
     from ui.examples import load_examples
 
     w.canvas = gr.ImageEditor(label="Image: paint the area that may change", elem_id="canvas", **MASK_CANVAS)
+    w.click = click_mask.panel("canvas", "the area that may change")
     examples = load_examples()
     w.example_set = gr.Dataset(
         components=[gr.Image(type="filepath", visible=False), gr.Textbox(visible=False)],
@@ -366,8 +367,8 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     start = {name: spec[2] for name, spec in FIELDS.items()} | (settings or {})
     with gr.Tab("Drag", id="drag"):
         w = SimpleNamespace(session=gr.State(Session(), delete_callback=Session.close))
-        gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change; "
-                    "the rest stays fixed. **3.** Press on a handle point and drag to its target (or click "
+        gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change, or "
+                    "click the object under the picture to select it; the rest stays fixed. **3.** Press on a handle point and drag to its target (or click "
                     "handle, then target); repeat for more pairs. Shift+click pins a point that must stay. The live "
                     "preview shows the instant warp. "
                     "**4.** Run drag.")
@@ -410,6 +411,7 @@ def _wire_instant(w: SimpleNamespace, links) -> None:
         links.inboxes["drag"].change(receive_image, [links.inboxes["drag"], w.session], [w.canvas, *shown],
                                      **instant).then(**live)
     w.cancel_btn.click(request_cancel, [w.session], [w.status], queue=False, api_visibility="private")
+    click_mask.wire(w.click, w.canvas)  # a click's mask lands on the canvas: its .change above takes it in
 
 
 def _wire_engine(w: SimpleNamespace, h: EngineHandlers) -> None:

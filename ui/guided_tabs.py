@@ -24,7 +24,7 @@ from editing.geometry import mask_centre, place_object
 from editing.images import load_image, load_mask
 from editing.requests import GUIDED_FIELDS, AppearanceRequest, MoveRequest, PasteRequest
 from models.errors import EditError
-from ui import examples, overlay
+from ui import click_mask, examples, overlay
 from ui.common import (
     GPU_SECONDS,
     MASK_CANVAS,
@@ -363,11 +363,12 @@ def _tab(t: SimpleNamespace, label: str, tab_id: str):
 
 def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with _tab(t, "Move & Resize", "move"):
-        gr.Markdown("**1.** Upload a picture and paint the object. **2.** Click the preview where its centre should go "
+        gr.Markdown("**1.** Upload a picture and paint the object (or click it to select it). **2.** Click the preview where its centre should go "
                     "(or use the sliders) and pick a size. **3.** Run: the object moves and the hole is filled.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 canvas = gr.ImageEditor(label="Picture: paint the object", elem_id="move-canvas", **MASK_CANVAS)
+                clicks = click_mask.panel("move-canvas", "the object to move")
                 dx, dy, scale = _placement_sliders("move")
                 table = examples.example_table("move", "move-examples", "picture, object, placement and prompt")
             with gr.Column():
@@ -383,6 +384,7 @@ def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     for ev in (canvas.upload, canvas.change, dx.change, dy.change, scale.change):
         ev(move_preview, [canvas, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
     preview.select(move_click, [canvas], [dx, dy], **t.instant)
+    click_mask.wire(clicks, canvas)
     table.select(load_move_example, None, [canvas, dx, dy, scale, t.controls.prompt, t.controls.method],
                  **t.instant)
     _wire_run(t, prepare_move, [canvas], h.move, [dx, dy, scale], "move")
@@ -390,12 +392,13 @@ def _move_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
 
 def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with _tab(t, "Paste", "paste"):
-        gr.Markdown("**1.** Upload the photo, and a reference picture on which you paint the object. **2.** Click the "
+        gr.Markdown("**1.** Upload the photo, and a reference picture on which you paint (or click) the object. **2.** Click the "
                     "preview where the object should go; pick its size. **3.** Run: it is pasted and blended in.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 base = gr.Image(label="Photo to paste into", type="numpy", format="png", elem_id="paste-base")
                 ref = gr.ImageEditor(label="Reference: paint the object", elem_id="paste-ref", **MASK_CANVAS)
+                clicks = click_mask.panel("paste-ref", "the object to paste")
                 table = examples.example_table("paste", "paste-examples", "photo, reference, object, placement and "
                                                                           "prompt")
             with gr.Column():
@@ -411,6 +414,7 @@ def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     for ev in (base.change, ref.upload, ref.change, dx.change, dy.change, scale.change):
         ev(paste_preview, [base, ref, dx, dy, scale], [preview, info], trigger_mode="always_last", **t.instant)
     preview.select(paste_click, [base, ref], [dx, dy], **t.instant)
+    click_mask.wire(clicks, ref)  # the photo pasted into takes no mask
     table.select(load_paste_example, None, [base, ref, dx, dy, scale, t.controls.prompt, t.controls.method],
                  **t.instant)
     _wire_run(t, prepare_paste, [base, ref], h.paste, [dx, dy, scale], "paste")
@@ -418,13 +422,15 @@ def _paste_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
 
 def _appearance_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> None:
     with _tab(t, "Appearance", "appearance"):
-        gr.Markdown("**1.** Paint the object whose look should change. **2.** Upload a reference and paint the object "
-                    "whose look to take. **3.** Run.")
+        gr.Markdown("**1.** Paint (or click) the object whose look should change. **2.** Upload a reference and paint "
+                    "(or click) the object whose look to take. **3.** Run.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 base = gr.ImageEditor(label="Photo: paint the object", elem_id="look-base", **MASK_CANVAS)
+                base_clicks = click_mask.panel("look-base", "the object whose look changes")
                 ref = gr.ImageEditor(label="Reference: paint the object with the look", elem_id="look-ref",
                                      **MASK_CANVAS)
+                ref_clicks = click_mask.panel("look-ref", "the object with the look")
                 table = examples.example_table("appearance", "look-examples", "photo, reference, both objects and "
                                                                               "prompt")
             with gr.Column():
@@ -437,6 +443,8 @@ def _appearance_tab(t: SimpleNamespace, h: GuidedHandlers, settings: dict) -> No
     for ev in (base.upload, base.change, ref.upload, ref.change):
         ev(appearance_received, [base, ref], [info], trigger_mode="always_last", **t.instant)
     table.select(load_appearance_example, None, [base, ref, t.controls.prompt, t.controls.method], **t.instant)
+    click_mask.wire(base_clicks, base)
+    click_mask.wire(ref_clicks, ref)
     _wire_run(t, prepare_appearance, [base, ref], h.appearance, [], "appearance")
 
 
