@@ -134,9 +134,10 @@ def measure_case(case: DeformCase, out: Image.Image) -> dict:
     blob = tw.largest_blob(tw.segment_colour(out, case.shape.colour))
     iou = _iou(blob, case.truth_shape.mask)
     drags = [case.points[i] for i in case.drags]
+    vac = vacated_error(case, out)
     if case.family == "move":
         row = measure(case.as_move_case(), out)
-        return row | {"handle_md": row["md"], "iou": iou}
+        return row | {"handle_md": row["md"], "iou": iou, "vacated_err": vac}
     lost = blob.sum() < 0.3 * min(case.shape.mask.sum(), case.truth_shape.mask.sum())
     if lost:
         handle_md = float(np.mean([math.dist(h, t) for h, t in drags]))
@@ -151,7 +152,17 @@ def measure_case(case: DeformCase, out: Image.Image) -> dict:
         kept = max(_iou(blob, r) for r in refs) >= 0.5
     return {"md": handle_md, "handle_md": handle_md, "iou": iou, "success": iou >= SUCCESS_IOU,
             "bg_psnr": bg_psnr(case.scene.image, out, case.mask),
-            "lost": bool(lost), "kept": bool(kept)}
+            "lost": bool(lost), "kept": bool(kept), "vacated_err": vac}
+
+
+def vacated_error(case: DeformCase, out: Image.Image) -> float:
+    """Mean absolute RGB error (0–255) against the true result over the area the shape left (its old pixels that
+    the true deformed shape does not cover): how well the hole was filled with background. NaN if it left none."""
+    vac = case.shape.mask & ~case.truth_shape.mask
+    if not vac.any():
+        return float("nan")
+    diff = np.abs(np.asarray(out.convert("RGB"), np.float32) - np.asarray(case.truth.image, np.float32))
+    return float(diff[vac].mean())
 
 
 # ---- one case, and the map over all of them (the seam a worker pool replaces) --------------------
@@ -232,6 +243,11 @@ def pooled(remote) -> Evaluate:
     return evaluate_on_pool
 
 
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def summarize(method: str, rows: list[dict], noop_md: float | None = None, family: str = "move") -> dict:
     """Means over the cases (pure); ``md_vs_noop`` when noop's MD on the same cases is given."""
     finite = [r["bg_psnr"] for r in rows if r["bg_psnr"] < 99]
@@ -244,6 +260,7 @@ def summarize(method: str, rows: list[dict], noop_md: float | None = None, famil
         "refused": int(sum(r.get("refused", False) for r in rows)),
         "bg_psnr": float(np.mean(finite)) if finite else float("inf"),
         "kept_rate": float(np.mean([r["kept"] for r in rows])), "lost": int(sum(r["lost"] for r in rows)),
+        "vacated_err": _finite_mean([r.get("vacated_err", float("nan")) for r in rows]),
         "wall_s": float(np.mean([r["wall_s"] for r in rows])), "unet_calls": float(np.mean([r["unet_calls"] for r in rows])),
         "cases": rows,
     }
@@ -300,12 +317,13 @@ def markdown(runs: list[dict], model: str, n: int, split: str = "bench") -> str:
         else:
             lines = [f"### toy drag benchmark, {family} — model {model}, {n} {scenes}\n",
                      "| method | success (IoU ≥ 0.7) | IoU | handle MD px | MD / noop | bg PSNR dB | kept colour+class | "
-                     "lost | refused | s/edit | UNet calls |",
-                     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                     "lost | refused | vacated err | s/edit | UNet calls |",
+                     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
                 lines.append(f"| {_label(r)} | {r['success_rate']:.0%} | {r['iou']:.2f} | {r['handle_md']:.2f} | "
                              f"{r['md_vs_noop']:.2f} | {r['bg_psnr']:.1f} | {r['kept_rate']:.0%} | {r['lost']} | "
-                             f"{r['refused']} | {r['wall_s']:.2f} | {r['unet_calls']:.0f} |")
+                             f"{r['refused']} | {r.get('vacated_err', float('nan')):.1f} | {r['wall_s']:.2f} | "
+                             f"{r['unet_calls']:.0f} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 

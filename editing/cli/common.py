@@ -80,6 +80,9 @@ def add_common(p: argparse.ArgumentParser, *, model_default: str | None = "auto"
         p.add_argument("--recipe", help="also write the recipe JSON here")
     p.add_argument("--model", default=model_default, help="auto | tiny | Hub id | diffusers folder | .safetensors")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.bin pickle weights")
+    p.add_argument("--inpaint-model", default=None, metavar="SPEC",
+                   help="the inpainting model (same family as --model) the inpaint drag fills with (default: the "
+                        "built-in companion of toy / tiny, else the base model's blended-latent fill)")
     p.add_argument("--resolution", type=int, default=None, help="working long side in px (default: the model's)")
     p.add_argument("--out", default=out_default, metavar=out_metavar, help=out_help)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[@WEIGHT]",
@@ -166,6 +169,8 @@ def editor(args, **kwargs):
     """The Editor for ``--model --allow-pickle --resolution`` (models load lazily); its banner on stderr."""
     from editing.engine import Editor
 
+    if getattr(args, "inpaint_model", None):
+        kwargs.setdefault("inpaint_model", args.inpaint_model)
     ed = Editor(args.model, allow_pickle=args.allow_pickle, resolution=args.resolution, **kwargs)
     if ed.banner:
         sys.stderr.write(ed.banner + "\n")
