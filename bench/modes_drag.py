@@ -1,4 +1,5 @@
-"""The newer drag methods as ``bench/perf.py`` modes: instant (FastDrag-style), region (RegionDrag-style), gooddrag.
+"""The newer drag methods as ``bench/perf.py`` modes: instant (FastDrag-style), inpaint (Inpaint4Drag-style), region
+(RegionDrag-style), gooddrag.
 
 Each builds its request through the shared method table (``bench/methods.py``) from the benchmark
 scene's points and mask, with the method's published defaults; of the configuration's request
@@ -12,7 +13,7 @@ from __future__ import annotations
 from bench import methods as bm
 from bench.perf import DRAG_PROMPT, Edit, _phase_logger
 
-NAMES = ("instant", "region", "gooddrag")
+NAMES = ("instant", "inpaint", "region", "gooddrag")  # inpaint fills with the model's built-in companion
 
 
 def _settings(name: str, cfg) -> dict:

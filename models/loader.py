@@ -39,7 +39,8 @@ from models.safety import PICKLE_SUFFIXES, check_weights_file
 
 log = logging.getLogger(__name__)
 
-BUILTINS = {"tiny": "tiny", "tiny-inpaint": "tiny-inpaint", "cpu-small": "cpu-small", "sd15-random": "sd15",
+BUILTINS = {"tiny": "tiny", "tiny-inpaint": "tiny-inpaint", "cpu-small": "cpu-small",
+            "cpu-small-inpaint": "cpu-small-inpaint", "sd15-random": "sd15",
             "tiny-sdxl": "tiny-sdxl",
             "tiny-sd2-v": "tiny-sd2-v", "sdxl-random": "sdxl"}
 CONFIGS = Path(__file__).parent / "configs"
@@ -47,7 +48,7 @@ CONFIG_DIR = CONFIGS / "sd15"
 # Where a single file's tokenizers come from (the local Hugging Face cache only), per family.
 TOKENIZER_REPOS = families.BASE_MODELS
 # Built-in inpainting models -> the built-in base model of the same layout (what a task that needs a base uses).
-INPAINT_BASES = {"tiny-inpaint": "tiny", "toy-inpaint": "toy"}
+INPAINT_BASES = {"tiny-inpaint": "tiny", "cpu-small-inpaint": "cpu-small", "toy-inpaint": "toy"}
 # ... and the other way: the inpainting model a task that wants one (the inpainting drag) runs beside a base.
 INPAINT_COMPANIONS = {base: inpainting for inpainting, base in INPAINT_BASES.items()}
 # Bundles kept loaded per process. Two: the model in use plus one more, so switching A -> B -> A (or a

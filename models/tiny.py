@@ -107,6 +107,7 @@ PRESETS: dict[str, dict] = {
 }
 # The inpainting variant of ``tiny``: the same model with a 9-channel UNet input (latent + mask + masked image).
 PRESETS["tiny-inpaint"] = dict(PRESETS["tiny"], in_channels=9)
+PRESETS["cpu-small-inpaint"] = dict(PRESETS["cpu-small"], in_channels=9)  # the inpaint drag's bench.perf companion
 FULL_SIZE = ("sd15", "sdxl")  # presets whose text encoders need the real CLIP vocabulary size
 
 
