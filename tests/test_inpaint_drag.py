@@ -104,3 +104,24 @@ def test_an_inpaint_model_of_another_family_or_kind_is_named(spec, match):
     else:
         with pytest.raises(EditError, match="Stable Diffusion 2"):
             Editor("tiny-sd2-v", inpaint_model=spec).edit(req)
+
+
+def test_the_widened_unet_predicts_what_the_base_did_and_examples_are_seeded():
+    import torch
+
+    from models.families import inpaint_input
+    from models.tiny import build_components
+    from models.train_toy_inpaint import make_example, widen_conv_in
+
+    unet = build_components("tiny")["unet"].eval()
+    x, cond = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        before = unet(x, 10, encoder_hidden_states=cond).sample
+        widen_conv_in(unet)
+        after = unet(inpaint_input(x, torch.ones(1, 1, 8, 8), torch.randn(1, 4, 8, 8)), 10,
+                     encoder_hidden_states=cond).sample
+    assert unet.config.in_channels == 9 and torch.allclose(before, after, atol=1e-5)
+    a, b = make_example(123), make_example(123)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    vacated = next(make_example(s) for s in range(50) if make_example(s)[3])
+    assert vacated[1].any() and vacated[0].shape == (64, 64, 3)
