@@ -110,11 +110,20 @@ def preview(image: Image.Image, mask: np.ndarray | None, points, seam: int = INP
         return img
     if mask is not None and not np.asarray(mask).any():
         mask = None
-    w = warp_for_fill(img, None if mask is None else np.asarray(mask, bool), pairs, seam)
-    yy, xx = np.mgrid[0:img.height, 0:img.width]
-    stripe = ((xx + yy) // max(1, HATCH_PX * max(img.size) // SEAM_AT)) % 2 == 0
+    work, scale = img, min(1.0, drag_warp.PREVIEW_SIDE / max(img.size))
+    if scale < 1.0:  # a big picture is previewed at PREVIEW_SIDE and resized back, as Instant's preview
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        work = img.resize(size, Image.BILINEAR)
+        mask = None if mask is None else _resized(np.asarray(mask, bool), size)
+        pairs = [tuple(((p[0] + 0.5) * size[0] / img.width - 0.5, (p[1] + 0.5) * size[1] / img.height - 0.5)
+                       for p in pair) for pair in pairs]
+    w = warp_for_fill(work, None if mask is None else np.asarray(mask, bool), pairs, seam)
+    yy, xx = np.mgrid[0:work.height, 0:work.width]
+    stripe = ((xx + yy) // max(1, HATCH_PX * max(work.size) // SEAM_AT)) % 2 == 0
     out = w.image.copy()
     out[w.fill] = np.where(stripe[w.fill, None], 255, 160).astype(np.uint8)
+    if work.size != img.size:
+        return Image.fromarray(out).resize(img.size, Image.BILINEAR)
     return Image.fromarray(out)
 
 
@@ -179,12 +188,13 @@ def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
     with run.step("encode"), torch.no_grad():
         known = ib.vae.encode(x).latent_dist.mean.float() * s
         paint_t = torch.from_numpy(paint)[None, None].to(ib.device, ib.dtype)
-        masked = ib.vae.encode(x * (1 - paint_t)).latent_dist.mean.float() * s if ib.family.inpainting else None
+        masked = ib.vae.encode(x * (1 - paint_t)).latent_dist.mean.float() * s  # the hole blanked (mid-gray)
     schedule = Schedule.from_scheduler(ib.scheduler, req.n_steps)
     start = schedule.start_index(req.strength)
     gen = torch.Generator().manual_seed(req.seed)
     noise = torch.randn(known.shape, generator=gen).to(ib.device)
-    x_t = noise if req.strength >= 1.0 else add_noise(known, noise, torch.tensor(schedule.alpha(
+    # strength < 1 starts from the picture with the hole blanked: under the hole lie the object's old pixels
+    x_t = noise if req.strength >= 1.0 else add_noise(masked, noise, torch.tensor(schedule.alpha(
         int(schedule.timesteps[start]))))
     cells = cells.to(ib.device)
     cfg = req.guidance_scale > 1.0
