@@ -163,6 +163,9 @@ def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
     b, run = ctx.bundle, ctx.run
     work, (image, mask, points), notices = ctx.fit(req.image, req.mask, req.points)
     notices = list(req.notices) + notices
+    if mask is not None and mask.all():
+        notices.append("The mask covers the whole picture, so all of it moves and only the edge it uncovers is "
+                       "filled: paint just the object to move it alone.")
     with run.step("warp"):
         w = warp_for_fill(image, mask, points, req.seam)
     if not w.fill.any():
