@@ -214,7 +214,9 @@ def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
     decode, decoder = _decoder(ctx, ib, bool(req.fast_decode))
     with run.step("decode"), torch.no_grad():
         filled = tensor_to_pil(decode(z0).float()).resize(image.size, Image.LANCZOS)
-    paint_full = _resized(paint, image.size)
+    # the model repainted whole cells; only the fill (hole + seam) is taken from it, the rest of those cells keeps
+    # the warped picture's pixels (measured on the tune split: see the method's note)
+    paint_full = w.fill
     result = np.where(paint_full[..., None], np.asarray(filled), w.image)
     recipe = ctx.recipe("inpaint", req.params(), images={"image": req.image}, masks={"mask": req.mask})
     extra = {"fill": filler, "filled_px": int(paint_full.sum()), "object_px": int(w.obj.sum()), "decoder": decoder}
