@@ -69,7 +69,7 @@ def load_examples(folder: Path = EXAMPLES_DIR) -> list[Example]:
     return out
 
 
-EXAMPLE_METHODS = ("Instant", "Instant", "Region", "DiffEditor")  # the default first; each lands its example
+EXAMPLE_METHODS = ("Inpaint", "Instant", "Region", "DiffEditor")  # the default first; each lands its example
 
 
 def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
