@@ -15,9 +15,9 @@ from bench import methods as bm
 from models.errors import EditError
 from tests.conftest import scene
 
-ISSUE_METHODS = {"dragdiffusion", "gooddrag", "diffeditor", "dragondiffusion", "instant", "region", "noop"}
+ISSUE_METHODS = {"dragdiffusion", "gooddrag", "diffeditor", "dragondiffusion", "instant", "region", "inpaint", "noop"}
 # Short schedules, so each edit is a second or two on the tiny model; only fields the method's request has.
-SHORT = {"lora_steps": 1, "n_inference_steps": 4, "inversion_strength": 0.5, "max_steps": 2}
+SHORT = {"lora_steps": 1, "n_inference_steps": 4, "inversion_strength": 0.5, "max_steps": 2, "n_steps": 2}
 
 
 def _short(name: str) -> dict:
@@ -31,7 +31,7 @@ def test_both_benchmarks_know_every_method():
     assert set(bm.METHODS) == ISSUE_METHODS
     assert set(dragbench.METHODS) == ISSUE_METHODS  # DragBench's mask is the editable area: no move there
     assert set(toy_drag.METHODS) == ISSUE_METHODS | {"move"}
-    for name in ("instant", "region", "gooddrag"):  # perf offers each newer method as a mode
+    for name in ("instant", "region", "gooddrag", "inpaint"):  # perf offers each newer method as a mode
         assert name in perf.MODES
     assert all(m.about for m in toy_drag.METHODS.values())
 
