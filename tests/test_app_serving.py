@@ -259,6 +259,7 @@ def temp_roots(pid: int) -> list[Path]:
     return list(Path(tempfile.gettempdir()).glob(f"dragcanvas-run-{pid}-*"))
 
 
+@pytest.mark.slow  # 25-30 s each: a server started and killed
 def test_a_killed_server_loses_nothing_and_sigterm_cleans_up(tmp_path, image_path):
     outputs, port = tmp_path / "outputs", free_port()
     key = "k" * 32
@@ -302,6 +303,7 @@ def test_a_killed_server_loses_nothing_and_sigterm_cleans_up(tmp_path, image_pat
     assert not temp_roots(server.pid), "SIGTERM removes the temp folder"
 
 
+@pytest.mark.slow  # 25-30 s each: a server started and killed
 def test_a_server_killed_mid_training_leaves_no_torn_or_half_trained_lora(tmp_path):
     """Personalize killed mid-training: the library holds no file of that name (nothing torn, nothing
     half-trained) and, after a restart, the same name trains and saves normally."""

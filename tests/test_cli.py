@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from editing.images import read_recipe
@@ -64,6 +65,7 @@ def test_bad_inputs_exit_nonzero_with_one_line(tmp_path, capsys):
         assert last.startswith("error:") and words in last, (args, last)
 
 
+@pytest.mark.slow  # ~35 s: three guided edits through the CLI
 def test_guided_commands_move_and_drag_method_then_replay(tmp_path):
     scene(64, 64).save(tmp_path / "in.png")
     m = np.zeros((64, 64), np.uint8)

@@ -161,6 +161,7 @@ def test_error_messages_then_app_keeps_serving(page, image_path):
     assert "No mask" in status
 
 
+@pytest.mark.slow  # 30-50 s; the API cancel test stays in the default run
 def test_cancel_stops_a_run_and_keeps_inputs(page, image_path):
     upload(page, image_path)
     click_point(page, 0.3, 0.5, "now click its")
@@ -305,6 +306,7 @@ def test_paste_tab_live_preview_and_run(page, image_path):
     assert "Done" in wait_status_done(page, "paste")
 
 
+@pytest.mark.slow  # 30-50 s; the API cancel test stays in the default run
 def test_appearance_tab_needs_both_masks_then_runs(page, image_path):
     open_tab(page, "Appearance")
     upload_canvas(page, "#look-base", image_path, tab="Appearance", ack=("#look-info", "Photo 96×64"))

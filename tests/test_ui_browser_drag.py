@@ -103,6 +103,7 @@ def test_move_and_delete_points(page, image_path):
     assert wait_ack(page, 5)["points"] == []
 
 
+@pytest.mark.slow  # 40-60 s; the default run keeps the pointer, live preview and click tests
 def test_undo_redo_with_keys_and_buttons(page, image_path):
     load_picture(page, image_path)
     pointer_drag(page, (0.25, 0.5), (0.5, 0.5))
@@ -159,6 +160,7 @@ WATCH_JS = """() => {
 }"""
 
 
+@pytest.mark.slow  # 40-60 s; the default run keeps the pointer, live preview and click tests
 def test_trail_and_sampling_preview_show_before_the_result(page, image_path):
     load_picture(page, image_path)
     pointer_drag(page, (0.25, 0.5), (0.5, 0.5))

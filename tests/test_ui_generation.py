@@ -119,6 +119,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 @pytest.mark.browser
+@pytest.mark.slow  # ~35 s in a browser; the sketch API tests stay in the default run
 def test_draw_on_the_sketch_canvas_and_get_an_image(app_url, files, request):
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():

@@ -106,6 +106,7 @@ def test_picker_specs():
 
 
 @pytest.mark.browser
+@pytest.mark.slow  # ~20 s: a training in the browser
 def test_browser_train_and_new_lora_appears_in_every_picker(app_url, photo_files, lora_dir):
     sync_api = pytest.importorskip("playwright.sync_api")
     from tests.test_ui_browser import ARGS, ARTIFACTS, CHROMIUM, RUN_TIMEOUT_MS
