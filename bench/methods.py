@@ -51,13 +51,14 @@ class Method:
     about: str  # one line: what it does and what it costs
     build: Builder | None  # None: the baseline, no request at all
     fields: Callable[[], dict]  # {field: FieldSpec} of the settings its request takes
+    mask: str = "area"  # what its mask is: the editable "area" or the "object" that moves (DragMethod.mask)
 
 
 def _row(m: DragMethod) -> Method:
     def build(image, points, mask, prompt, settings):
         return m.request(image, points, mask, prompt, settings)
 
-    return Method(m.name, m.cost, build, lambda: dict(m.fields))
+    return Method(m.name, m.cost, build, lambda: dict(m.fields), m.mask)
 
 
 def _move(image, points, mask, prompt, settings):
@@ -76,7 +77,7 @@ METHODS: dict[str, Method] = {
 # editable area): bench.toy_drag offers it, bench.dragbench does not.
 EXTRA: dict[str, Method] = {
     "move": Method("move", "DiffEditor move of the object's own mask by the handle->target offset", _move,
-                   lambda: dict(GUIDED_FIELDS)),
+                   lambda: dict(GUIDED_FIELDS), "object"),
 }
 
 

@@ -180,13 +180,15 @@ class Job:
 
 
 def run_case(editor, method: str, case: Case | DeformCase, settings: dict) -> dict:
-    """Edit one case with one method and score it (the Move tool gets the shape's own mask).
+    """Edit one case with one method and score it: a method whose mask is the object (the Move tool, Inpaint,
+    as in Inpaint4Drag's own DragBench evaluation, whose masks are re-drawn around the objects) gets the shape's own
+    mask, where the app's one click gives it (bench.click_masks); the others get the editable area.
 
     A method that refuses the case (an EditError, e.g. a pin it does not take) is scored on the input
     unchanged, as a failure, with ``refused`` set and the message kept: one refusal never stops the run."""
     if isinstance(case, Case):
         case = tw.as_deform_case(case)
-    mask = case.shape.mask if method == "move" else case.mask
+    mask = case.shape.mask if table_for(method)[method].mask == "object" else case.mask
     try:
         img, calls, seconds = bm.run_method(method, editor, case.scene.image, case.points, mask, case.scene.caption,
                                             settings, table=table_for(method))

@@ -123,6 +123,20 @@ def test_fill_holes_and_handle_checks():
         dw.check_handles_in_mask(ring, [((15, 15), (20, 20)), ((2, 2), (5, 5))])
 
 
+def test_a_handle_on_the_rim_of_a_tight_mask_counts_as_on_it():
+    """A point put on an object's end or corner may land a pixel or two off its mask (edge_px: 2 at 64², 4 at 512²);
+    farther off it is outside."""
+    assert dw.edge_px((64, 64)) == 2 and dw.edge_px((512, 384)) == 4
+    obj = box(64, 64, 20, 40, 20, 40)  # rows and columns 20..39
+    dw.check_handles_in_mask(obj, [((41.0, 30.0), (50.0, 30.0)), ((30.0, 18.2), (30.0, 10.0))])
+    with pytest.raises(EditError, match="Handle 1 .* outside the mask"):
+        dw.check_handles_in_mask(obj, [((43.0, 30.0), (50.0, 30.0))])
+    big = box(512, 512, 160, 320, 160, 320)
+    dw.check_handles_in_mask(big, [((323.0, 200.0), (400.0, 200.0))])
+    with pytest.raises(EditError, match="outside the mask"):
+        dw.check_handles_in_mask(big, [((326.0, 200.0), (400.0, 200.0))])
+
+
 def test_preview_matches_the_size_moves_pixels_and_is_fast():
     img = scene(512, 512)
     mask = np.zeros((512, 512), bool)

@@ -10,7 +10,7 @@ from PIL import Image
 from editing.drag import GOODDRAG, MAX_POINT_PAIRS, DragRequest, InstantDragRequest, RegionDragRequest
 from models.errors import EditCancelled, EditError
 from ui import drag_methods, drag_tab, overlay
-from ui.drag_methods import method_name
+from ui.drag_methods import canvas_label, method_name
 from ui.drag_session import Session, apply_edit
 from ui.feedback import LiveProgress
 
@@ -24,6 +24,17 @@ def session_with_image() -> Session:
 
 
 # ---- point edits ---------------------------------------------------------------------------------------
+def test_the_canvas_asks_for_what_the_method_takes():
+    """Inpaint moves every masked pixel, so its canvas asks for the object; the others for the area that may change.
+    The benchmark gives each method the same kind of mask (toy_drag: the shape's own for an object method)."""
+    from bench import toy_drag
+
+    assert canvas_label("Inpaint") == canvas_label("inpaint4drag") and "the object to move" in canvas_label("Inpaint")
+    for m in ("Instant", "Region", "DragDiffusion", "GoodDrag", "DiffEditor", "DragonDiffusion"):
+        assert canvas_label(m) == "Image: paint the area that may change"
+    assert {n for n, m in toy_drag.METHODS.items() if m.mask == "object"} == {"inpaint", "move"}
+
+
 def test_add_pair_move_delete():
     pts = apply_edit([], {"op": "add", "x": 10, "y": 20}, SIZE)
     assert pts == [[10, 20]]

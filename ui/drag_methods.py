@@ -22,6 +22,14 @@ PREFIXES = {"instant": "instant_", "region": "region_", "inpaint": "inpaint_", "
             "dragondiffusion": "guided_"}
 
 
+def canvas_label(choice) -> str:
+    """What the Drag canvas asks for under ``choice``: the object itself for a method that moves what is masked
+    (Inpaint), the area that may change for the others."""
+    if lookup(choice).mask == "object":
+        return "Image: paint or click the object to move (just the object: all of the mask moves)"
+    return "Image: paint the area that may change"
+
+
 def method_name(choice) -> str:
     """A METHODS label or an engine name, any case ("DiffEditor", "diffeditor", "FastDrag") -> the engine name;
     none given -> API_DEFAULT_METHOD's."""

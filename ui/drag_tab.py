@@ -53,7 +53,7 @@ from ui.common import (
     timings,
     with_loras,
 )
-from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, drag_request, method_info
+from ui.drag_methods import API_DEFAULT_METHOD, DEFAULT_METHOD, METHODS, canvas_label, drag_request, method_info
 from ui.drag_session import Session, editor_html
 from ui.feedback import LiveProgress
 from ui.fields import field_input, guided_input
@@ -290,7 +290,7 @@ def _source_column(w: SimpleNamespace) -> None:
     """The canvas, the examples and the text-to-image accordion."""
     from ui.examples import load_examples
 
-    w.canvas = gr.ImageEditor(label="Image: paint the area that may change", elem_id="canvas", **MASK_CANVAS)
+    w.canvas = gr.ImageEditor(label=canvas_label(DEFAULT_METHOD), elem_id="canvas", **MASK_CANVAS)
     w.click = click_mask.panel("canvas", "the area that may change")
     examples = load_examples()
     w.example_set = gr.Dataset(
@@ -367,11 +367,11 @@ def build_drag_tab(editor, settings: dict | None = None, links=None) -> None:
     start = {name: spec[2] for name, spec in FIELDS.items()} | (settings or {})
     with gr.Tab("Drag", id="drag"):
         w = SimpleNamespace(session=gr.State(Session(), delete_callback=Session.close))
-        gr.Markdown("**1.** Upload (or generate) an image. **2.** Optionally paint the area that may change, or "
-                    "click the object under the picture to select it; the rest stays fixed. **3.** Press on a handle point and drag to its target (or click "
-                    "handle, then target); repeat for more pairs. Shift+click pins a point that must stay. The live "
-                    "preview shows the instant warp. "
-                    "**4.** Run drag.")
+        gr.Markdown("**1.** Upload (or generate) an image. **2.** Click the object under the picture to select it, "
+                    "or paint a mask: for Inpaint the object itself (all of it moves), for the other methods the "
+                    "area that may change; the rest stays fixed. **3.** Press on a handle point and drag to its "
+                    "target (or click handle, then target); repeat for more pairs. Shift+click pins a point that "
+                    "must stay. The live preview shows what the method starts from. **4.** Run drag.")
         with gr.Row(equal_height=False):
             with gr.Column():
                 _source_column(w)
@@ -404,6 +404,8 @@ def _wire_instant(w: SimpleNamespace, links) -> None:
         btn.click(button_edit(op), [w.session], shown, **instant).then(**live)
     w.live_on.change(**live)
     w.method.change(**live)
+    w.method.change(lambda m: gr.update(label=canvas_label(m)), [w.method], [w.canvas], queue=False,
+                    api_visibility="private")
     w.gallery.select(on_select, [w.session], [w.result, w.download, w.details], **instant)
     w.example_set.select(load_example, [w.session], [w.canvas, *shown, w.prompt, w.method], **instant).then(**live)
     w.continue_btn.click(continue_from_result, [w.session], [w.canvas, *shown], **instant).then(**live)

@@ -42,6 +42,9 @@ class DragMethod:
     inputs: tuple[str, ...] = ()  # other inputs its request takes besides image, points, mask and prompt
     # the live preview, (image, mask, pairs) -> image in ≤ 0.2 s: what the method starts from (None: Instant's warp)
     preview: Callable | None = None
+    # what its mask means: "area" (True = may change; DragDiffusion's and DragBench's) or "object" (True = the thing
+    # that moves, Inpaint4Drag's: the warp carries every masked pixel, so a loose mask drags background along)
+    mask: str = "area"
 
     def settings(self, given: dict | None = None) -> dict:
         """The one merge rule: the preset, then what the caller gave."""
@@ -60,7 +63,7 @@ METHODS: dict[str, DragMethod] = {m.name: m for m in (
                preview=partial(warp.preview, rigid=bool(INSTANT_FIELDS["rigid"].default))),
     DragMethod("inpaint", "Inpaint", "~0.3 s on toy, no training: the object warped in pixels, an inpainting model "
                "fills what it uncovered (Inpaint4Drag)", InpaintDragRequest, INPAINT_FIELDS, aliases=("inpaint4drag",),
-               preview=inpaint.preview),
+               preview=inpaint.preview, mask="object"),
     DragMethod("region", "Region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied "
                "along the drag (RegionDrag)", RegionDragRequest, REGION_FIELDS, aliases=("regiondrag",),
                inputs=("handle_regions", "target_regions")),

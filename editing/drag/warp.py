@@ -306,18 +306,28 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | enclosed
 
 
+def edge_px(size: tuple[int, int]) -> int:
+    """How far (pixels) off a mask a handle may be and still be on it: 2 px at 64², 4 at 512², with the picture."""
+    return max(2, round(max(size) / 128))
+
+
 def check_handles_in_mask(mask: np.ndarray | None, points) -> None:
     """A painted mask (holes filled) must contain every handle, the content to move; EditError names the first
-    that is not. A pin (target = handle) may lie anywhere: outside the mask it just stays."""
+    that is not. A handle within ``edge_px`` of the mask counts as on it: a point put on an object's rim (its end,
+    its corner) often lands a pixel outside a tight mask. A pin (target = handle) may lie anywhere: outside the mask
+    it just stays."""
     if mask is None:
         return
     mask = fill_holes(mask)
     h, w = mask.shape
+    r = edge_px((w, h))
     for i, ((hx, hy), target) in enumerate(points, 1):
         if (hx, hy) == tuple(target):
             continue
         x, y = min(max(int(round(hx)), 0), w - 1), min(max(int(round(hy)), 0), h - 1)
-        if not mask[y, x]:
+        yy, xx = np.ogrid[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1]
+        near = mask[max(0, y - r):y + r + 1, max(0, x - r):x + r + 1] & ((yy - y) ** 2 + (xx - x) ** 2 <= r * r)
+        if not near.any():
             raise EditError(f"Handle {i} ({hx:g}, {hy:g}) is outside the mask: paint over the object to drag, "
                             "or clear the mask.")
 
