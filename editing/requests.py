@@ -118,13 +118,16 @@ def _scale(value) -> float:
 @dataclass(frozen=True)
 class MoveRequest(GuidedParams):
     """Move (and resize) the object under ``mask`` by ``offset`` pixels; the hole is filled like the
-    background, or like ``hole_mask``'s region when given."""
+    background, or like ``hole_mask``'s region when given. With ``inpaint_hole`` (and no ``hole_mask``), an
+    inpainting model, when there is one (the loaded model, ``--inpaint-model``, ``toy-inpaint`` beside ``toy``),
+    then repaints the area the object left as background (``editing.fill``)."""
 
     image: Image.Image
     mask: np.ndarray
     offset: tuple[float, float] = (0.0, 0.0)
     scale: float = 1.0
     hole_mask: np.ndarray | None = None
+    inpaint_hole: bool = True
 
     TASK = "move"
 
@@ -136,6 +139,9 @@ class MoveRequest(GuidedParams):
         self._set("scale", _scale(self.scale))
         if abs(self.offset[0]) < 1 and abs(self.offset[1]) < 1 and abs(self.scale - 1) < 1e-3:
             raise EditError("Nothing to do: give an offset or a scale other than 1.")
+        if not isinstance(self.inpaint_hole, (bool, np.bool_)):
+            raise EditError(f"inpaint_hole must be true or false, not {self.inpaint_hole!r}.")
+        self._set("inpaint_hole", bool(self.inpaint_hole))
         if self.hole_mask is not None:
             hole, notices = normalize_mask(self.hole_mask, img.size)
             self._set("hole_mask", hole)

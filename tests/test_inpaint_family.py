@@ -190,3 +190,27 @@ def tiny_image():
     from tests.conftest import scene
 
     return scene(64, 64)
+
+
+def test_move_repaints_its_hole_with_the_inpainting_companion_and_nothing_else(tiny_image):
+    """Move on tiny: tiny-inpaint repaints the area the object left (widened by the seam); every other pixel is the
+    guided move's own; off, or with a hole mask (DiffEditor's own fill from that region), it does not run."""
+    import cv2
+
+    from editing.engine import Editor
+    from editing.requests import MoveRequest
+
+    ed = Editor("tiny", device="cpu")
+    mask = np.zeros((64, 64), bool)
+    mask[20:36, 16:32] = True
+    req = MoveRequest(image=tiny_image, mask=mask, offset=(16, 4), n_inference_steps=4, seed=3)
+    plain = ed.edit(req.replace(inpaint_hole=False))
+    filled = ed.edit(req)
+    assert "hole" not in plain.extra and filled.extra["hole"] == "tiny-inpaint"
+    changed = (np.asarray(plain.image) != np.asarray(filled.image)).any(-1)
+    near_old = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert changed.any() and not changed[~near_old].any() and changed.sum() <= filled.extra["hole_px"]
+    assert filled.unet_calls["fill"] == 4 and "fill" not in plain.unet_calls  # 8 steps from strength 0.5
+    assert "hole" not in ed.edit(req.replace(hole_mask=mask)).extra
+    with pytest.raises(EditError, match="inpaint_hole must be true or false"):
+        req.replace(inpaint_hole="yes")

@@ -63,7 +63,8 @@ def cmd_move(args) -> None:
 
     image = load_image(args.image)
     _run(MoveRequest(image=image, mask=resolve_mask(args, image, required=True),
-                     hole_mask=load_mask(args.hole_mask) if args.hole_mask else None, **_fields(args)), args)
+                     hole_mask=load_mask(args.hole_mask) if args.hole_mask else None,
+                     inpaint_hole=not args.no_inpaint_hole, **_fields(args)), args)
 
 
 def cmd_paste(args) -> None:
@@ -104,6 +105,9 @@ def _add_move(sub) -> None:
     m.add_argument("--scale", type=float, default=None,
                    help=f"resize factor of the object (default {_default(MoveRequest, 'scale')})")
     m.add_argument("--hole-mask", help="optional PNG: the area whose look should fill the vacated place")
+    m.add_argument("--no-inpaint-hole", action="store_true",
+                   help="keep DiffEditor's own fill of the vacated place: no inpainting model repaints it (one does "
+                        "by default when there is one: --inpaint-model, or toy-inpaint beside toy)")
     _shared(m, "move")
     m.set_defaults(fn=cmd_move)
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from editing.context import EditContext
+from editing.fill import FillSettings, fill_hole
 from editing.geometry import mask_centre, place, resize_mask
 from editing.guidance import sampler
 from editing.guidance.energies import appearance_energies, move_energies, paste_energies
@@ -24,6 +26,7 @@ from editing.runtime import EditResult, Task, decode_image, decode_mask, registe
 from editing.sampling import Inversion
 from models.errors import EditError
 
+MOVE_SEAM, SEAM_AT = 5, 512  # the repainted hole reaches this many pixels (at a 512 px side) past what was left
 GUIDANCE_CELLS_PER_LATENT = 2  # features are compared on a grid of 2 cells per latent cell: the published 1/4 of
 # the image for SD-1.5's 8x VAE; kept per latent cell so the 3x3-cell windows mean the same on a 4x VAE (toy)
 
@@ -125,8 +128,36 @@ def run_move(ctx: EditContext, req: MoveRequest) -> EditResult:
 
     plan = Plan("move", z_T, energies, edit_region, sde_region, Replace())
     with open_image_prompt(ctx, req, [prep.work], notices) as image_prompt:
-        return finish(ctx, req, prep, inv, plan, notices, {"image": req.image},
-                       {"mask": req.mask, "hole_mask": req.hole_mask}, image_prompt=image_prompt)
+        result = finish(ctx, req, prep, inv, plan, notices, {"image": req.image},
+                        {"mask": req.mask, "hole_mask": req.hole_mask}, image_prompt=image_prompt)
+    if req.inpaint_hole and hole is None:
+        result = _inpaint_hole(ctx, req, prep, result, old_px & ~new_px, new_px)
+    return result
+
+
+def _inpaint_hole(ctx: EditContext, req: MoveRequest, prep: Prepared, result: EditResult, vacated: np.ndarray,
+                  placed: np.ndarray) -> EditResult:
+    """The area the object left (``vacated``, working-size pixels, widened by a seam) repainted as background by
+    an inpainting model, when there is one; the rest of ``result`` as it was."""
+    size = result.image.size
+    vacated, placed = _at(vacated, size), _at(placed, size)
+    if not vacated.any():
+        return result
+    r = max(1, round(MOVE_SEAM * max(size) / SEAM_AT))
+    hole = cv2.dilate(vacated.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
+    hole &= ~placed
+    filled = fill_hole(ctx, np.asarray(result.image.convert("RGB")), hole, placed, prep.work.size,
+                       FillSettings(prompt=req.prompt, seed=req.seed), blend_fallback=False)
+    if filled is None:
+        return result
+    return dataclasses.replace(result, image=Image.fromarray(filled.image),
+                               extra={**result.extra, "hole": filled.filler, "hole_px": int(hole.sum())})
+
+
+def _at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
 
 
 def run_appearance(ctx: EditContext, req: AppearanceRequest) -> EditResult:
