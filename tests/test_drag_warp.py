@@ -197,3 +197,23 @@ def test_the_shape_warp_reshapes_toy_shapes_as_the_points_ask():
         for case in tw.make_deform_cases(family, 4, tw.TUNE_SEED):
             row = measure_case(case, dw.preview(case.scene.image, case.mask, case.points, rigid=True))
             assert row["success"] and row["iou"] > 0.8, (family, row)
+
+
+def test_a_drag_that_squeezes_the_object_below_one_latent_cell_is_refused_by_the_warp_methods():
+    """A bar 12 px wide pulled across its width against a pin to 2 px is refused by name (one latent cell is 8 px
+    on SD at its size, 4 on toy's); to 8 px it runs. A thin object may stay thin; one pair never squeezes."""
+    bar = box(64, 64, 10, 50, 26, 38)  # 40 tall, 12 wide
+    pin, handle = ((26.0, 30.0), (26.0, 30.0)), (37.0, 30.0)
+    assert dw.squeezed_extent(bar, [(37.0, 30.0), (26.0, 30.0)], [(28.0, 30.0), (26.0, 30.0)])[1] < 4
+    with pytest.raises(EditError, match=r"squeezes the object to \d+ px across, less than one latent cell \(4 px"):
+        dw.check_not_squeezed(bar, [handle, pin[0]], [(28.0, 30.0), pin[1]], 4)
+    dw.check_not_squeezed(bar, [handle, pin[0]], [(34.0, 30.0), pin[1]], 4)
+    dw.check_not_squeezed(box(64, 64, 10, 50, 30, 32), [(31.0, 30.0), (30.0, 12.0)], [(31.0, 40.0), (30.0, 12.0)], 4)
+    dw.check_not_squeezed(bar, [handle], [(28.0, 30.0)], 4)
+    from editing.drag.methods import lookup
+    from editing.engine import Editor
+
+    for name in ("inpaint", "instant"):
+        req = lookup(name).request(scene(64, 64), ((handle, (27.0, 30.0)), pin), bar)
+        with pytest.raises(EditError, match="less than one latent cell"):
+            Editor("tiny").edit(req)

@@ -152,6 +152,9 @@ def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
         notices.append("The mask covers the whole picture, so all of it moves and only the edge it uncovers is "
                        "filled: paint just the object to move it alone.")
     with run.step("warp"):
+        cell = ctx.bundle.vae_scale_factor * image.width / work.width  # one latent cell, in the picture's pixels
+        drag_warp.check_not_squeezed(drag_warp.edit_region(image.size, mask, points), [h for h, _ in points],
+                                     [t for _, t in points], cell)
         w = warp_for_fill(image, mask, points, req.seam)
     recipe = ctx.recipe("inpaint", req.params(), images={"image": req.image}, masks={"mask": req.mask})
     targets = [tuple(t) for _, t in req.points]

@@ -114,6 +114,8 @@ def run_instant(ctx: EditContext, req: InstantDragRequest) -> EditResult:
     if mask is None:
         notices.append(NO_MASK_NOTICE)
     region_px = drag_warp.edit_region(image.size, mask, points)
+    drag_warp.check_not_squeezed(region_px, [h for h, _ in points], [t for _, t in points],
+                                 b.vae_scale_factor * image.width / work.width)
     inv = invert_and_record(ctx, [work], [req.prompt], req.n_steps, strength=req.inversion_strength, cache="instant")
     z_t = inv.z_t.to(b.device)
     lat_hw = tuple(z_t.shape[-2:])

@@ -306,6 +306,34 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask | enclosed
 
 
+def squeezed_extent(region: np.ndarray, handles, targets) -> tuple[float, float]:
+    """(before, after): the ``region``'s narrowest extent in pixels, √12 · σ along its minor principal axis (the
+    width of a uniform bar), and the same of its image under ``shape_map``'s deformation by handles → targets."""
+    ys, xs = np.nonzero(region)
+    v = np.stack([xs, ys], 1).astype(np.float64)[:: max(1, len(xs) // 20000)]
+    p, q = np.asarray(handles, np.float64).reshape(-1, 2), np.asarray(targets, np.float64).reshape(-1, 2)
+    axial = bool(np.any(np.all(p == q, axis=1)))
+
+    def narrowest(pts: np.ndarray) -> float:
+        if len(pts) < 3:
+            return 0.0
+        return float(math.sqrt(12.0 * max(0.0, np.linalg.eigvalsh(np.cov(pts.T))[0])))
+
+    return narrowest(v), narrowest(_mapped(v, p, q, axial))
+
+
+def check_not_squeezed(region: np.ndarray, handles, targets, cell: float) -> None:
+    """A deformation that squeezes the object narrower than one latent cell (``cell`` pixels: 8 for SD, 4 for the
+    toy model, in the picture's pixels) is refused: the model cannot draw it, and the object would vanish. An
+    object that was that narrow already may stay so."""
+    if len(handles) < 2 or not region.any():
+        return
+    before, after = squeezed_extent(region, handles, targets)
+    if after < cell <= before:
+        raise EditError(f"The drag squeezes the object to {after:.0f} px across, less than one latent cell ({cell:g} "
+                        "px for this model), where it would vanish: bring the points less close together.")
+
+
 def edge_px(size: tuple[int, int]) -> int:
     """How far (pixels) off a mask a handle may be and still be on it: 2 px at 64², 4 at 512², with the picture."""
     return max(2, round(max(size) / 128))
