@@ -76,6 +76,7 @@ def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
     """Held-out toy scenes (never trained on): drag the first shape's centroid 12–20 px to where the toy world
     could have placed it (clear of the other shapes: the toy model has never seen shapes touch, so a drag onto
     another shape asks it for something it cannot draw)."""
+    from editing.drag.methods import lookup
     from models.toy_world import apart, make_cases
 
     def fair(c) -> bool:
@@ -90,7 +91,9 @@ def write_examples(folder: Path = EXAMPLES_DIR, n: int = 4) -> list[Example]:
     for i, case in enumerate(cases):
         name = f"toy-{i + 1}"
         case.scene.image.save(folder / f"{name}.png")
-        Image.fromarray(case.mask.astype(np.uint8) * 255).save(folder / f"{name}-mask.png")
+        # what the example's method takes: the shape itself (Inpaint) or the area that may change (the others)
+        mask = case.shape.mask if lookup(methods[i % len(methods)]).mask == "object" else case.mask
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{name}-mask.png")
         meta = {"image": f"{name}.png", "mask": f"{name}-mask.png", "prompt": case.scene.caption,
                 "points": [[round(v, 1) for v in case.handle], [round(v, 1) for v in case.target]],
                 "method": methods[i % len(methods)], "model": "toy", "scene_seed": case.scene.seed}
