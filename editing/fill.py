@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from editing.context import EditContext
+from editing.geometry import mask_at
 from editing.images import pil_to_tensor, tensor_to_pil
 from editing.sampling import Hook, NoisePredictor, Schedule, StepState, add_noise, denoise
 
@@ -77,11 +78,6 @@ def _decoder(ctx: EditContext, bundle, fast: bool):
             "vae")
 
 
-def _resized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An H×W bool mask at ``size`` = (w, h), nearest neighbour."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-
 def fill_hole(ctx: EditContext, rgb: np.ndarray, hole: np.ndarray, objects: np.ndarray, work_size: tuple[int, int],
               settings: FillSettings, blend_fallback: bool = True) -> Filled | None:
     """``rgb`` (H×W×3 uint8) with ``hole`` (H×W bool) repainted as background, the model working at ``work_size``
@@ -101,7 +97,7 @@ def fill_hole(ctx: EditContext, rgb: np.ndarray, hole: np.ndarray, objects: np.n
         estimate = background_estimate(rgb, hole | objects)
     f = ib.vae_scale_factor
     est_work = pil_to_tensor(Image.fromarray(estimate).resize(work_size, Image.LANCZOS)).to(ib.device, ib.dtype)
-    hole_px = torch.from_numpy(_resized(hole, work_size))[None, None].to(ib.device, ib.dtype)
+    hole_px = torch.from_numpy(mask_at(hole, work_size))[None, None].to(ib.device, ib.dtype)
     latent_hw = (work_size[1] // f, work_size[0] // f)
     s = ib.vae.config.scaling_factor
     with run.step("encode"), torch.no_grad():

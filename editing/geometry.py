@@ -72,6 +72,13 @@ def mask_centre(mask: np.ndarray) -> tuple[float, float]:
     return (float(xs.min() + xs.max()) / 2, float(ys.min() + ys.max()) / 2)
 
 
+def mask_at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An H×W bool mask at ``size`` = (w, h), nearest neighbour (itself when it is that size already)."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+
+
 def place_object(image: Image.Image, mask: np.ndarray, scale: float, offset: tuple[float, float],
                  size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Where Move/Paste will put the object under ``mask`` of ``image``, both resized to ``size`` (w, h): its
@@ -80,8 +87,7 @@ def place_object(image: Image.Image, mask: np.ndarray, scale: float, offset: tup
     PIL/NumPy in and out, so the UI's live preview needs no torch: returns (H×W×3 float32 RGB in [0, 255],
     H×W bool of where the object lands).
     """
-    if mask.shape != (size[1], size[0]):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+    mask = mask_at(mask, size)
     rgb = torch.from_numpy(np.asarray(image.convert("RGB").resize(size), np.float32)).permute(2, 0, 1)[None]
     m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
     centre = mask_centre(mask)

@@ -45,6 +45,7 @@ from editing.context import EditContext
 from editing.drag import warp as drag_warp
 from editing.drag.common import PointPair, check_drag, check_prompt, points_from_json, points_json
 from editing.fill import FillSettings, fill_hole
+from editing.geometry import mask_at
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
 from models.errors import EditError
 
@@ -124,7 +125,7 @@ def preview(image: Image.Image, mask: np.ndarray | None, points, seam: int = INP
     if scale < 1.0:  # a big picture is previewed at PREVIEW_SIDE and resized back, as Instant's preview
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         work = img.resize(size, Image.BILINEAR)
-        mask = None if mask is None else _resized(np.asarray(mask, bool), size)
+        mask = None if mask is None else mask_at(np.asarray(mask, bool), size)
         pairs = [tuple(((p[0] + 0.5) * size[0] / img.width - 0.5, (p[1] + 0.5) * size[1] / img.height - 0.5)
                        for p in pair) for pair in pairs]
     w = warp_for_fill(work, None if mask is None else np.asarray(mask, bool), pairs, seam)
@@ -138,11 +139,6 @@ def preview(image: Image.Image, mask: np.ndarray | None, points, seam: int = INP
 
 
 # ---- the fill (editing.fill) and the task -----------------------------------------------------------------------
-def _resized(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An H×W bool mask at ``size`` = (w, h), nearest neighbour."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-
 def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
     """Pixel warp → fill mask → the hole repainted as background (``editing.fill``) → composite."""
     run = ctx.run

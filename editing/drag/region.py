@@ -43,6 +43,7 @@ from editing.drag.common import (
     points_from_json,
     points_json,
 )
+from editing.geometry import mask_at
 from editing.images import tensor_to_pil
 from editing.kv_bank import AtStep, BankControl, Remap, bank_attention, invert_and_record, while_recorded
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
@@ -269,19 +270,13 @@ class CopyRegions(Hook):
 
 
 # ---- the task ---------------------------------------------------------------------------------------------------
-def _scale_mask(m: np.ndarray, size) -> np.ndarray:
-    if m.shape == (size[1], size[0]):
-        return m
-    return np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-
-
 def run_region(ctx: EditContext, req: RegionDragRequest) -> EditResult:
     """Region drag: cached inversion + K/V of every layer → handle latents copied to targets → denoise → decode."""
     b, run = ctx.bundle, ctx.run
     work, (image, mask, _), notices = ctx.fit(req.image, req.mask, req.points)
     notices = list(req.notices) + notices
     sx, sy = image.width / req.image.width, image.height / req.image.height
-    pairs = [(_scale_mask(hm, image.size), _scale_mask(tm, image.size), None if off is None else (off[0] * sx, off[1] * sy))
+    pairs = [(mask_at(hm, image.size), mask_at(tm, image.size), None if off is None else (off[0] * sx, off[1] * sy))
              for hm, tm, off in req.pairs()]
     if mask is None:
         union = np.zeros((image.height, image.width), bool)

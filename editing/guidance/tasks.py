@@ -12,7 +12,7 @@ from PIL import Image
 
 from editing.context import EditContext
 from editing.fill import FillSettings, fill_hole
-from editing.geometry import mask_centre, place, resize_mask
+from editing.geometry import mask_at, mask_centre, place, resize_mask
 from editing.guidance import sampler
 from editing.guidance.energies import appearance_energies, move_energies, paste_energies
 from editing.guidance.image_prompt import open_image_prompt
@@ -49,9 +49,7 @@ class Prepared:
     def mask(self, m: np.ndarray | None) -> np.ndarray | None:
         if m is None:
             return None
-        if m.shape != (self.work.height, self.work.width):
-            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(self.work.size, Image.NEAREST)) > 127
-        return m
+        return mask_at(m, self.work.size)
 
     def px(self, p) -> tuple[float, float]:
         return (p[0] * self.scale[0], p[1] * self.scale[1])
@@ -140,7 +138,7 @@ def _inpaint_hole(ctx: EditContext, req: MoveRequest, prep: Prepared, result: Ed
     """The area the object left (``vacated``, working-size pixels, widened by a seam) repainted as background by
     an inpainting model, when there is one; the rest of ``result`` as it was."""
     size = result.image.size
-    vacated, placed = _at(vacated, size), _at(placed, size)
+    vacated, placed = mask_at(vacated, size), mask_at(placed, size)
     if not vacated.any():
         return result
     r = max(1, round(MOVE_SEAM * max(size) / SEAM_AT))
@@ -152,12 +150,6 @@ def _inpaint_hole(ctx: EditContext, req: MoveRequest, prep: Prepared, result: Ed
         return result
     return dataclasses.replace(result, image=Image.fromarray(filled.image),
                                extra={**result.extra, "hole": filled.filler, "hole_px": int(hole.sum())})
-
-
-def _at(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if mask.shape == (size[1], size[0]):
-        return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
 
 
 def run_appearance(ctx: EditContext, req: AppearanceRequest) -> EditResult:
