@@ -57,7 +57,10 @@ def shoot_tab(page, key: str, out: Path) -> Path:
         page.wait_for_function("() => document.querySelector('#gen-prompt textarea').value !== ''")
     page.click(run)
     wait_text(page, status, done)
-    page.wait_for_timeout(1000)  # the result's image element loads after the status line
+    # the result's image elements load after the status line: wait until every visible one has its pixels
+    page.wait_for_function("() => [...document.images].filter(i => i.offsetParent !== null)"
+                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+    page.wait_for_timeout(500)
     path = out / f"tab-{key}.png"
     page.screenshot(path=str(path), full_page=True)
     log.info("wrote %s", path)
