@@ -61,9 +61,9 @@ METHODS: dict[str, DragMethod] = {m.name: m for m in (
     DragMethod("instant", "Instant", "~0.3 s on toy, no training: one warp of the inverted latent, then denoising "
                "(FastDrag)", InstantDragRequest, INSTANT_FIELDS, aliases=("fastdrag",),
                preview=partial(warp.preview, rigid=bool(INSTANT_FIELDS["rigid"].default))),
-    DragMethod("inpaint", "Inpaint", "~0.3 s on toy, no training: the object warped in pixels, an inpainting model "
-               "fills what it uncovered (Inpaint4Drag)", InpaintDragRequest, INPAINT_FIELDS, aliases=("inpaint4drag",),
-               preview=inpaint.preview, mask="object"),
+    DragMethod("inpaint", "Inpaint", "~0.2 s on toy, no training: the object warped in pixels, an inpainting model "
+               "repaints what it uncovered (Inpaint4Drag; mask the object itself)", InpaintDragRequest, INPAINT_FIELDS,
+               aliases=("inpaint4drag",), preview=inpaint.preview, mask="object"),
     DragMethod("region", "Region", "~0.3 s on toy, no training: the masked content (or discs of `radius`) copied "
                "along the drag (RegionDrag)", RegionDragRequest, REGION_FIELDS, aliases=("regiondrag",),
                inputs=("handle_regions", "target_regions")),
