@@ -179,16 +179,21 @@ class Job:
     family: str = "move"  # which cases: tw.make_deform_cases(family, n, seed)[index]
 
 
+def case_mask(method: str, case: DeformCase) -> np.ndarray:
+    """The mask ``method`` gets: the shape's own for a method whose mask is the object (the Move tool, Inpaint, as
+    in Inpaint4Drag's own DragBench evaluation, whose masks are re-drawn around the objects; the app's one click
+    gives it, bench.click_masks), the editable area for the others."""
+    return case.shape.mask if table_for(method)[method].mask == "object" else case.mask
+
+
 def run_case(editor, method: str, case: Case | DeformCase, settings: dict) -> dict:
-    """Edit one case with one method and score it: a method whose mask is the object (the Move tool, Inpaint,
-    as in Inpaint4Drag's own DragBench evaluation, whose masks are re-drawn around the objects) gets the shape's own
-    mask, where the app's one click gives it (bench.click_masks); the others get the editable area.
+    """Edit one case with one method (with ``case_mask``) and score it.
 
     A method that refuses the case (an EditError, e.g. a pin it does not take) is scored on the input
     unchanged, as a failure, with ``refused`` set and the message kept: one refusal never stops the run."""
     if isinstance(case, Case):
         case = tw.as_deform_case(case)
-    mask = case.shape.mask if table_for(method)[method].mask == "object" else case.mask
+    mask = case_mask(method, case)
     try:
         img, calls, seconds = bm.run_method(method, editor, case.scene.image, case.points, mask, case.scene.caption,
                                             settings, table=table_for(method))

@@ -29,6 +29,7 @@ from editing.images import pil_to_tensor, tensor_to_pil
 from editing.sampling import Hook, NoisePredictor, Schedule, StepState, add_noise, denoise
 
 TELEA_RADIUS = 3  # px: the neighbourhood each filled pixel is estimated from
+SEAM_AT = 512  # a seam is given in pixels at this long side and scaled with the picture
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,15 @@ class Filled:
     image: np.ndarray  # H×W×3 uint8: the input with its hole repainted
     filler: str  # what painted it: the inpainting model's name, or "blended latents with <base>"
     decoder: str  # "vae" or "taesd"
+
+
+def widen(hole: np.ndarray, seam: float) -> np.ndarray:
+    """``hole`` (H×W bool) grown by a seam band of ``seam`` pixels at a ``SEAM_AT`` px long side (scaled with the
+    picture), so the repainted area reaches past the edge of what was left, where the old object's soft rim is."""
+    r = round(seam * max(hole.shape) / SEAM_AT)
+    if r <= 0 or not hole.any():
+        return hole
+    return cv2.dilate(hole.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
 
 
 def background_estimate(rgb: np.ndarray, unknown: np.ndarray) -> np.ndarray:

@@ -142,3 +142,14 @@ def test_the_background_estimate_fills_from_around_and_leaves_the_rest():
     assert np.abs(est[20:36, 24:40].astype(int) - bg[20:36, 24:40]).mean() < 6
     far = ~(cv2.dilate(unknown.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0)
     assert (est[far] == img[far]).all()
+
+
+def test_the_seam_band_scales_with_the_picture():
+    """widen: 5 px at a 512 px side, 1 px at 64, none below ~52 (shared by the inpaint drag and Move's hole)."""
+    from editing.fill import widen
+
+    for side, r in ((512, 5), (64, 1), (32, 0)):
+        hole = np.zeros((side, side), bool)
+        hole[side // 2, side // 2] = True
+        ys, _ = np.nonzero(widen(hole, 5))
+        assert ys.max() - side // 2 == r

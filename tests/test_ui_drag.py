@@ -33,6 +33,11 @@ def test_the_canvas_asks_for_what_the_method_takes():
     for m in ("Instant", "Region", "DragDiffusion", "GoodDrag", "DiffEditor", "DragonDiffusion"):
         assert canvas_label(m) == "Image: paint the area that may change"
     assert {n for n, m in toy_drag.METHODS.items() if m.mask == "object"} == {"inpaint", "move"}
+    from models.toy_world import HELDOUT_SEED, make_deform_cases
+
+    case = make_deform_cases("scale", 1, HELDOUT_SEED)[0]
+    assert toy_drag.case_mask("inpaint", case) is case.shape.mask and toy_drag.case_mask("default", case) is case.shape.mask
+    assert toy_drag.case_mask("instant", case) is case.mask and not np.array_equal(case.mask, case.shape.mask)
 
 
 def test_add_pair_move_delete():

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -44,12 +43,11 @@ from editing.checks import check_fields, field_table, num
 from editing.context import EditContext
 from editing.drag import warp as drag_warp
 from editing.drag.common import PointPair, check_drag, check_prompt, points_from_json, points_json
-from editing.fill import FillSettings, fill_hole
+from editing.fill import SEAM_AT, FillSettings, fill_hole, widen
 from editing.geometry import mask_at
 from editing.runtime import EditResult, Task, decode_image, decode_mask, register
 from models.errors import EditError
 
-SEAM_AT = 512  # the seam is given in pixels at this long side and scaled with the picture
 HATCH_PX = 6  # the preview's hatching period, pixels
 
 
@@ -99,17 +97,19 @@ class Warped:
     fill: np.ndarray  # H×W bool, what the inpainting paints (before rounding to latent cells)
 
 
-def warp_for_fill(image: Image.Image, mask: np.ndarray | None, points, seam: int) -> Warped:
-    """Step 1 and 2 in pixels: the warped picture, the object's new footprint and the area to fill."""
+def warp_for_fill(image: Image.Image, mask: np.ndarray | None, points, seam: int, cell: float | None = None
+                  ) -> Warped:
+    """Step 1 and 2 in pixels: the warped picture, the object's new footprint and the area to fill. With ``cell``
+    (one latent cell, in the picture's pixels), a deformation squeezing the object narrower than that is refused."""
     rgb = np.asarray(image.convert("RGB"))
     region = drag_warp.edit_region(image.size, mask, points)
-    warped, obj, hole = drag_warp.bidirectional_warp(rgb, region, [h for h, _ in points], [t for _, t in points])
+    handles, targets = [h for h, _ in points], [t for _, t in points]
+    if cell is not None:
+        drag_warp.check_not_squeezed(region, handles, targets, cell)
+    warped, obj, hole = drag_warp.bidirectional_warp(rgb, region, handles, targets)
     if not obj.any():
         raise EditError("The drag moves the whole object out of the picture: keep its targets inside the image.")
-    r = round(seam * max(image.size) / SEAM_AT)
-    if r > 0 and hole.any():
-        hole = cv2.dilate(hole.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
-    return Warped(warped, obj, hole & ~obj)
+    return Warped(warped, obj, widen(hole, seam) & ~obj)
 
 
 def preview(image: Image.Image, mask: np.ndarray | None, points, seam: int = INPAINT_FIELDS["seam"][2]
@@ -149,9 +149,7 @@ def run_inpaint(ctx: EditContext, req: InpaintDragRequest) -> EditResult:
                        "filled: paint just the object to move it alone.")
     with run.step("warp"):
         cell = ctx.bundle.vae_scale_factor * image.width / work.width  # one latent cell, in the picture's pixels
-        drag_warp.check_not_squeezed(drag_warp.edit_region(image.size, mask, points), [h for h, _ in points],
-                                     [t for _, t in points], cell)
-        w = warp_for_fill(image, mask, points, req.seam)
+        w = warp_for_fill(image, mask, points, req.seam, cell)
     recipe = ctx.recipe("inpaint", req.params(), images={"image": req.image}, masks={"mask": req.mask})
     targets = [tuple(t) for _, t in req.points]
     if not w.fill.any():

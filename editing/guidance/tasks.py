@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from editing.context import EditContext
-from editing.fill import FillSettings, fill_hole
+from editing.fill import FillSettings, fill_hole, widen
 from editing.geometry import mask_at, mask_centre, place, resize_mask
 from editing.guidance import sampler
 from editing.guidance.energies import appearance_energies, move_energies, paste_energies
@@ -26,7 +25,7 @@ from editing.runtime import EditResult, Task, decode_image, decode_mask, registe
 from editing.sampling import Inversion
 from models.errors import EditError
 
-MOVE_SEAM, SEAM_AT = 5, 512  # the repainted hole reaches this many pixels (at a 512 px side) past what was left
+MOVE_SEAM = 5  # the repainted hole reaches this many pixels (at a 512 px side) past what the object left
 GUIDANCE_CELLS_PER_LATENT = 2  # features are compared on a grid of 2 cells per latent cell: the published 1/4 of
 # the image for SD-1.5's 8x VAE; kept per latent cell so the 3x3-cell windows mean the same on a 4x VAE (toy)
 
@@ -141,9 +140,7 @@ def _inpaint_hole(ctx: EditContext, req: MoveRequest, prep: Prepared, result: Ed
     vacated, placed = mask_at(vacated, size), mask_at(placed, size)
     if not vacated.any():
         return result
-    r = max(1, round(MOVE_SEAM * max(size) / SEAM_AT))
-    hole = cv2.dilate(vacated.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
-    hole &= ~placed
+    hole = widen(vacated, MOVE_SEAM) & ~placed
     filled = fill_hole(ctx, np.asarray(result.image.convert("RGB")), hole, placed, prep.work.size,
                        FillSettings(prompt=req.prompt, seed=req.seed), blend_fallback=False)
     if filled is None:
